@@ -1,0 +1,82 @@
+//! The bus: in-process fan-out of committed transactions. Built on a bounded broadcast
+//! channel so a slow subscriber can never hold the chain back: when it falls more than the
+//! channel's capacity behind it is told it lagged, and the subscriber layer drops it and
+//! counts the drop.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::store::CommittedTx;
+
+/// One commit's worth of transactions, in chain order.
+pub type CommittedBatch = Arc<Vec<Arc<CommittedTx>>>;
+
+/// Fan-out of committed batches.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    tx: broadcast::Sender<CommittedBatch>,
+}
+
+/// Why a subscription ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionEnd {
+    /// The subscriber fell behind by more than the bus capacity.
+    Lagged,
+    /// The node is shutting down.
+    Closed,
+}
+
+impl SubscriptionEnd {
+    /// Metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SubscriptionEnd::Lagged => "lagged",
+            SubscriptionEnd::Closed => "closed",
+        }
+    }
+}
+
+/// A subscriber's end of the bus.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<CommittedBatch>,
+}
+
+impl Subscription {
+    /// Next batch, or why the subscription ended (a lagged subscriber is dropped, not resumed).
+    pub async fn next(&mut self) -> Result<CommittedBatch, SubscriptionEnd> {
+        match self.rx.recv().await {
+            Ok(b) => Ok(b),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "lagged").increment(1);
+                Err(SubscriptionEnd::Lagged)
+            }
+            Err(broadcast::error::RecvError::Closed) => Err(SubscriptionEnd::Closed),
+        }
+    }
+}
+
+impl Bus {
+    /// A bus that buffers `capacity` commits per subscriber.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Self { tx }
+    }
+
+    /// Publishes a batch; never waits for subscribers.
+    pub fn publish(&self, batch: CommittedBatch) {
+        // No receiver is not an error: nobody is listening right now.
+        let _ = self.tx.send(batch);
+    }
+
+    /// A new subscription starting at the next commit.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription { rx: self.tx.subscribe() }
+    }
+
+    /// Current number of subscribers.
+    pub fn subscribers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}

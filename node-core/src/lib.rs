@@ -1,0 +1,23 @@
+//! Kalima chain core: transactions and their canonical encoding, blocks, the global RFC 6962
+//! Merkle tree and its proofs, signed checkpoints, encrypted storage (SQLite/PostgreSQL),
+//! the sequencer with group commit, the memcache, the bus, devices and grants, and ingest:
+//! the narrow interface every front door writes through.
+
+pub mod block;
+pub mod bus;
+pub mod chain;
+pub mod checkpoint;
+pub mod error;
+pub mod ingest;
+pub mod keys;
+pub mod memcache;
+pub mod merkle;
+pub mod registry;
+pub mod store;
+pub mod tx;
+pub mod verify;
+
+pub use chain::{Chain, ChainConfig, Receipt};
+pub use error::{Error, Rejection, Result};
+pub use ingest::Ingest;
+pub use store::{CommittedTx, Store};

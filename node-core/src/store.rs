@@ -1,0 +1,541 @@
+//! Storage of the chain with sqlx: SQLite (WAL) embedded by default, PostgreSQL by URL.
+//! Migrations are embedded in the binary. Transactions are sealed with the data key ring
+//! before they reach the database; each commit writes many blocks in one database
+//! transaction (one fsync), and nothing here ever updates or deletes a chain row.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, QueryBuilder, Row, SqlitePool};
+
+use crate::block::BlockHeader;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::keys::DataKeys;
+use crate::merkle::Hash;
+use crate::tx::Transaction;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Rows per multi-row INSERT: well under both backends' bind-parameter limits.
+const INSERT_CHUNK: usize = 1000;
+
+/// A committed transaction with where it landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedTx {
+    /// The transaction.
+    pub tx: Transaction,
+    /// Its id (leaf hash).
+    pub id: Hash,
+    /// Height of the block holding it.
+    pub height: u64,
+}
+
+/// A block header and its hash as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRecord {
+    /// The header.
+    pub header: BlockHeader,
+    /// SHA-256 of the canonical header.
+    pub hash: Hash,
+}
+
+/// A block row exactly as stored, for verification.
+#[derive(Debug, Clone)]
+pub struct RawBlock {
+    /// Height column.
+    pub height: u64,
+    /// Hash column.
+    pub hash: Vec<u8>,
+    /// Canonical header bytes.
+    pub header: Vec<u8>,
+}
+
+/// A transaction row exactly as stored, for verification.
+#[derive(Debug, Clone)]
+pub struct RawTx {
+    /// Global sequence column.
+    pub global_seq: u64,
+    /// Height column.
+    pub height: u64,
+    /// Leaf hash column.
+    pub hash: Vec<u8>,
+    /// Data key id column.
+    pub key_id: u32,
+    /// Nonce and ciphertext of the canonical bytes.
+    pub sealed: Vec<u8>,
+}
+
+/// A transaction ready to be written: its canonical bytes were already computed to hash it.
+#[derive(Debug, Clone)]
+pub struct PendingTx {
+    /// The committed form (shared with memcache and bus after the write).
+    pub committed: Arc<CommittedTx>,
+    /// Canonical bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Which backend a URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite file.
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same sqlx code on whichever pool is configured (both arms compile separately).
+macro_rules! on_pool {
+    ($self:expr, |$pool:ident| $body:expr) => {
+        match &$self.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// The chain store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: Pool,
+    keys: Arc<DataKeys>,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_hash(v: &[u8]) -> Result<Hash> {
+    v.try_into().map_err(|_| Error::Crypto(format!("stored hash has {} bytes", v.len())))
+}
+
+fn aad(global_seq: u64, key_id: u32) -> [u8; 12] {
+    let mut a = [0u8; 12];
+    a[..8].copy_from_slice(&global_seq.to_be_bytes());
+    a[8..].copy_from_slice(&key_id.to_be_bytes());
+    a
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `url` and applies pending migrations.
+    pub async fn connect(url: &str, keys: Arc<DataKeys>) -> Result<Self> {
+        let pool = match backend_of(url)? {
+            Backend::Sqlite => {
+                let opts = SqliteConnectOptions::from_str(url)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    // FULL: a commit is on disk before we acknowledge it (invariant 1).
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+                    .pragma("cache_size", "-32768")
+                    .pragma("temp_store", "memory");
+                if let Some(parent) = std::path::Path::new(opts.get_filename()).parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+                SQLITE_MIGRATIONS.run(&pool).await?;
+                Pool::Sqlite(pool)
+            }
+            Backend::Postgres => {
+                let opts = PgConnectOptions::from_str(url)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(opts)
+                    .await?;
+                POSTGRES_MIGRATIONS.run(&pool).await?;
+                Pool::Postgres(pool)
+            }
+        };
+        Ok(Self { pool, keys })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// The data key ring.
+    pub fn keys(&self) -> &Arc<DataKeys> {
+        &self.keys
+    }
+
+    /// Closes the pool, waiting for in-flight queries.
+    pub async fn close(&self) {
+        on_pool!(self, |p| p.close().await)
+    }
+
+    /// Writes blocks and their transactions in one database transaction (one durable commit).
+    pub async fn append(&self, blocks: &[BlockRecord], txs: &[PendingTx]) -> Result<()> {
+        // Seal before opening the database transaction so the write lock is held briefly.
+        let mut sealed = Vec::with_capacity(txs.len());
+        for p in txs {
+            let seq = p.committed.tx.global_sequence;
+            let (key_id, s) = self.keys.seal(&p.bytes, &aad(seq, self.keys.active_id()))?;
+            sealed.push((key_id, s));
+        }
+        on_pool!(self, |pool| {
+            let mut dbtx = pool.begin().await?;
+            for chunk in blocks.chunks(INSERT_CHUNK) {
+                let mut qb = QueryBuilder::new(
+                    "INSERT INTO blocks (height, hash, header, timestamp_ms, tree_size, tx_count) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(to_i64(r.header.height))
+                        .push_bind(r.hash.to_vec())
+                        .push_bind(r.header.encode())
+                        .push_bind(r.header.timestamp_ms)
+                        .push_bind(to_i64(r.header.tree_size))
+                        .push_bind(i64::from(r.header.tx_count));
+                });
+                qb.build().execute(&mut *dbtx).await?;
+            }
+            for (chunk, sealed) in txs.chunks(INSERT_CHUNK).zip(sealed.chunks(INSERT_CHUNK)) {
+                let mut qb = QueryBuilder::new(
+                    "INSERT INTO txs (global_seq, height, hash, address, tx_key, seq, device_id, idem_key, key_id, sealed) ",
+                );
+                qb.push_values(chunk.iter().zip(sealed), |mut b, (p, (key_id, s))| {
+                    let c = &p.committed;
+                    let idem = (!c.tx.content.idempotency_key.is_empty())
+                        .then(|| c.tx.content.idempotency_key.clone());
+                    b.push_bind(to_i64(c.tx.global_sequence))
+                        .push_bind(to_i64(c.height))
+                        .push_bind(c.id.to_vec())
+                        .push_bind(c.tx.content.address.clone())
+                        .push_bind(c.tx.content.key.clone())
+                        .push_bind(to_i64(c.tx.sequence))
+                        .push_bind(c.tx.content.device_id.clone())
+                        .push_bind(idem)
+                        .push_bind(i64::from(*key_id))
+                        .push_bind(s.clone());
+                });
+                qb.build().execute(&mut *dbtx).await?;
+            }
+            dbtx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The highest block, if any.
+    pub async fn latest_block(&self) -> Result<Option<BlockRecord>> {
+        let row: Option<Vec<u8>> = on_pool!(self, |p| {
+            sqlx::query_scalar("SELECT header FROM blocks ORDER BY height DESC LIMIT 1")
+                .fetch_optional(p)
+                .await?
+        });
+        row.map(|h| record_of(&h)).transpose()
+    }
+
+    /// The block at `height`.
+    pub async fn block(&self, height: u64) -> Result<Option<BlockRecord>> {
+        let row: Option<Vec<u8>> = on_pool!(self, |p| {
+            sqlx::query_scalar("SELECT header FROM blocks WHERE height = $1")
+                .bind(to_i64(height))
+                .fetch_optional(p)
+                .await?
+        });
+        row.map(|h| record_of(&h)).transpose()
+    }
+
+    /// Up to `limit` blocks at or below `below_or_at`, newest first.
+    pub async fn blocks_desc(&self, below_or_at: u64, limit: u32) -> Result<Vec<BlockRecord>> {
+        let rows: Vec<Vec<u8>> = on_pool!(self, |p| {
+            sqlx::query_scalar("SELECT header FROM blocks WHERE height <= $1 ORDER BY height DESC LIMIT $2")
+                .bind(to_i64(below_or_at))
+                .bind(i64::from(limit))
+                .fetch_all(p)
+                .await?
+        });
+        rows.iter().map(|h| record_of(h)).collect()
+    }
+
+    /// Raw block rows with height in `[from, from + limit)`, for verification.
+    pub async fn raw_blocks(&self, from: u64, limit: u32) -> Result<Vec<RawBlock>> {
+        on_pool!(self, |p| {
+            let rows = sqlx::query("SELECT height, hash, header FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2")
+                .bind(to_i64(from))
+                .bind(i64::from(limit))
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(RawBlock {
+                        height: to_u64(r.try_get("height")?),
+                        hash: r.try_get("hash")?,
+                        header: r.try_get("header")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Raw transaction rows with global sequence in `[from, to)`, for verification.
+    pub async fn raw_txs(&self, from: u64, to: u64) -> Result<Vec<RawTx>> {
+        on_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT global_seq, height, hash, key_id, sealed FROM txs WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq",
+            )
+            .bind(to_i64(from))
+            .bind(to_i64(to))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(RawTx {
+                        global_seq: to_u64(r.try_get("global_seq")?),
+                        height: to_u64(r.try_get("height")?),
+                        hash: r.try_get("hash")?,
+                        key_id: u32::try_from(r.try_get::<i64, _>("key_id")?).unwrap_or(u32::MAX),
+                        sealed: r.try_get("sealed")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Decrypts and decodes a raw row, checking it against its stored hash.
+    pub fn open_raw(&self, raw: &RawTx) -> Result<CommittedTx> {
+        let bytes = self.keys.open(raw.key_id, &raw.sealed, &aad(raw.global_seq, raw.key_id))?;
+        let tx = Transaction::decode(&bytes)?;
+        let id = crate::merkle::leaf_hash(&bytes);
+        if id.as_slice() != raw.hash.as_slice() || tx.global_sequence != raw.global_seq {
+            return Err(Error::Corrupt { height: raw.height, reason: format!("transaction {} does not match its row", raw.global_seq) });
+        }
+        Ok(CommittedTx { tx, id, height: raw.height })
+    }
+
+    async fn select_txs(&self, where_sql: &str, binds: Binds<'_>) -> Result<Vec<CommittedTx>> {
+        let sql = format!("SELECT global_seq, height, hash, key_id, sealed FROM txs {where_sql}");
+        let raws: Vec<RawTx> = on_pool!(self, |p| {
+            let mut q = sqlx::query(&sql);
+            for b in binds.ints {
+                q = q.bind(*b);
+            }
+            for s in binds.strs {
+                q = q.bind(*s);
+            }
+            if let Some(h) = binds.blob {
+                q = q.bind(h.to_vec());
+            }
+            let rows = q.fetch_all(p).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok::<_, Error>(RawTx {
+                        global_seq: to_u64(r.try_get("global_seq")?),
+                        height: to_u64(r.try_get("height")?),
+                        hash: r.try_get("hash")?,
+                        key_id: u32::try_from(r.try_get::<i64, _>("key_id")?).unwrap_or(u32::MAX),
+                        sealed: r.try_get("sealed")?,
+                    })
+                })
+                .collect::<Result<_>>()?
+        });
+        raws.iter().map(|r| self.open_raw(r)).collect()
+    }
+
+    /// The transaction with id `id`.
+    pub async fn tx_by_id(&self, id: &Hash) -> Result<Option<CommittedTx>> {
+        let v = self.select_txs("WHERE hash = $1", Binds { blob: Some(id), ..Default::default() }).await?;
+        Ok(v.into_iter().next())
+    }
+
+    /// The transaction at global sequence `seq`.
+    pub async fn tx_by_sequence(&self, seq: u64) -> Result<Option<CommittedTx>> {
+        let v = self.select_txs("WHERE global_seq = $1", Binds { ints: &[to_i64(seq)], ..Default::default() }).await?;
+        Ok(v.into_iter().next())
+    }
+
+    /// Transactions with global sequence in `[from, to)`, ascending, at most `limit`.
+    pub async fn txs_between(&self, from: u64, to: u64, limit: u32) -> Result<Vec<CommittedTx>> {
+        self.select_txs(
+            "WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq LIMIT $3",
+            Binds { ints: &[to_i64(from), to_i64(to), i64::from(limit)], ..Default::default() },
+        )
+        .await
+    }
+
+    /// History of one address and key, newest first, strictly below `before` (global sequence).
+    pub async fn history(&self, address: &str, key: &str, before: u64, limit: u32) -> Result<Vec<CommittedTx>> {
+        self.select_txs(
+            "WHERE global_seq < $1 AND address = $3 AND tx_key = $4 ORDER BY global_seq DESC LIMIT $2",
+            Binds { ints: &[to_i64(before), i64::from(limit)], strs: &[address, key], ..Default::default() },
+        )
+        .await
+    }
+
+    /// Transactions of `address` with per-address sequence in `(after, before)`, ascending or
+    /// descending, at most `limit` (Kalima's `/cache/after` and `/cache/before`).
+    pub async fn address_range(&self, address: &str, after: u64, before: u64, limit: u32, descending: bool) -> Result<Vec<CommittedTx>> {
+        let order = if descending { "DESC" } else { "ASC" };
+        self.select_txs(
+            &format!("WHERE seq > $1 AND seq < $2 AND address = $4 ORDER BY seq {order} LIMIT $3"),
+            Binds { ints: &[to_i64(after), to_i64(before), i64::from(limit)], strs: &[address], ..Default::default() },
+        )
+        .await
+    }
+
+    /// Leaf hashes with global sequence in `[from, to)`, ascending.
+    pub async fn leaf_hashes(&self, from: u64, to: u64) -> Result<Vec<Hash>> {
+        let rows: Vec<Vec<u8>> = on_pool!(self, |p| {
+            sqlx::query_scalar("SELECT hash FROM txs WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq")
+                .bind(to_i64(from))
+                .bind(to_i64(to))
+                .fetch_all(p)
+                .await?
+        });
+        rows.iter().map(|h| to_hash(h)).collect()
+    }
+
+    /// The latest transaction of every (address, key), for restoring the memcache.
+    pub async fn latest_per_key(&self) -> Result<Vec<CommittedTx>> {
+        self.select_txs(
+            "WHERE global_seq IN (SELECT MAX(global_seq) FROM txs GROUP BY address, tx_key) ORDER BY global_seq",
+            Binds::default(),
+        )
+        .await
+    }
+
+    /// Highest per-address sequence of every address.
+    pub async fn address_sequences(&self) -> Result<Vec<(String, u64)>> {
+        on_pool!(self, |p| {
+            let rows = sqlx::query("SELECT address, MAX(seq) AS s FROM txs GROUP BY address").fetch_all(p).await?;
+            rows.iter().map(|r| Ok((r.try_get("address")?, to_u64(r.try_get("s")?)))).collect()
+        })
+    }
+
+    /// Every (device, idempotency key, transaction id) on the chain.
+    pub async fn idempotency_keys(&self) -> Result<Vec<(String, String, Hash)>> {
+        on_pool!(self, |p| {
+            let rows = sqlx::query("SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL")
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    let h: Vec<u8> = r.try_get("hash")?;
+                    Ok((r.try_get("device_id")?, r.try_get("idem_key")?, to_hash(&h)?))
+                })
+                .collect()
+        })
+    }
+
+    /// Number of transaction rows.
+    pub async fn tx_count(&self) -> Result<u64> {
+        let n: i64 = on_pool!(self, |p| sqlx::query_scalar("SELECT COUNT(*) FROM txs").fetch_one(p).await?);
+        Ok(to_u64(n))
+    }
+
+    /// Stores a signed checkpoint (ignored when one for the same tree size exists).
+    pub async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<()> {
+        on_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO checkpoints (tree_size, height, timestamp_ms, root, signer, signature) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tree_size) DO NOTHING",
+            )
+            .bind(to_i64(cp.tree_size))
+            .bind(to_i64(cp.height))
+            .bind(cp.timestamp_ms)
+            .bind(cp.root.to_vec())
+            .bind(cp.signer.clone())
+            .bind(cp.signature.to_vec())
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// The checkpoint with the largest tree size.
+    pub async fn latest_checkpoint(&self, chain: &str) -> Result<Option<Checkpoint>> {
+        self.checkpoint_where("ORDER BY tree_size DESC LIMIT 1", chain, None).await
+    }
+
+    /// All checkpoints in ascending tree size from `from`, at most `limit`.
+    pub async fn checkpoints_from(&self, chain: &str, from: u64, limit: u32) -> Result<Vec<Checkpoint>> {
+        let sql = "WHERE tree_size >= $1 ORDER BY tree_size LIMIT $2";
+        on_pool!(self, |p| {
+            let rows = sqlx::query(&format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"))
+                .bind(to_i64(from))
+                .bind(i64::from(limit))
+                .fetch_all(p)
+                .await?;
+            rows.iter().map(|r| checkpoint_of(chain, r)).collect()
+        })
+    }
+
+    async fn checkpoint_where(&self, sql: &str, chain: &str, bind: Option<i64>) -> Result<Option<Checkpoint>> {
+        on_pool!(self, |p| {
+            let q = format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}");
+            let mut q = sqlx::query(&q);
+            if let Some(b) = bind {
+                q = q.bind(b);
+            }
+            let row = q.fetch_optional(p).await?;
+            row.map(|r| checkpoint_of(chain, &r)).transpose()
+        })
+    }
+
+    /// Runs arbitrary SQL; only for tests that tamper with storage on purpose.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
+        on_pool!(self, |p| Ok(sqlx::raw_sql(sql).execute(p).await?.rows_affected()))
+    }
+}
+
+#[derive(Default)]
+struct Binds<'a> {
+    ints: &'a [i64],
+    strs: &'a [&'a str],
+    blob: Option<&'a Hash>,
+}
+
+fn record_of(header: &[u8]) -> Result<BlockRecord> {
+    let header = BlockHeader::decode(header)?;
+    let hash = header.hash();
+    Ok(BlockRecord { header, hash })
+}
+
+fn checkpoint_of<R: Row>(chain: &str, r: &R) -> Result<Checkpoint>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    i64: for<'d> sqlx::Decode<'d, R::Database> + sqlx::Type<R::Database>,
+    String: for<'d> sqlx::Decode<'d, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: for<'d> sqlx::Decode<'d, R::Database> + sqlx::Type<R::Database>,
+{
+    let root: Vec<u8> = r.try_get("root")?;
+    let sig: Vec<u8> = r.try_get("signature")?;
+    Ok(Checkpoint {
+        chain: chain.to_string(),
+        tree_size: to_u64(r.try_get("tree_size")?),
+        height: to_u64(r.try_get("height")?),
+        timestamp_ms: r.try_get("timestamp_ms")?,
+        root: to_hash(&root)?,
+        signer: r.try_get("signer")?,
+        signature: sig.as_slice().try_into().map_err(|_| Error::Crypto("stored signature is not 64 bytes".into()))?,
+    })
+}
+
+/// Which backend `url` names, or a clear error.
+pub fn backend_of(url: &str) -> Result<Backend> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(Error::Config(format!("[storage] url {url:?} must start with sqlite:// or postgres://")))
+    }
+}
