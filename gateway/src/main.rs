@@ -1,1 +1,231 @@
-fn main(){}
+//! The `kalima` binary.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kalima_core::keys::{DATA_KEYS_FILE, DataKeys};
+use kalima_gateway::config::{self, Config};
+use kalima_gateway::{bench, demo, node};
+
+/// Kalima node: collects, protects and serves industrial IoT data on a permissioned chain.
+#[derive(Debug, Parser)]
+#[command(name = "kalima", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a node: kalima.toml, node key, data keys and an admin token in DIR.
+    Init {
+        /// Data directory (default: $KALIMA_DIR or ./kalima-data).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Chain name signed into checkpoints.
+        #[arg(long, default_value = "kalima-dev")]
+        chain: String,
+    },
+    /// Run the node (initialises DIR first if it is empty).
+    Up {
+        /// Data directory (default: $KALIMA_DIR or ./kalima-data).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also run simulated sensors writing under /demo.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Verify the whole chain; exits non-zero and names the height on any fault.
+    Verify {
+        /// Data directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Data-key management.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Add a new data key and make it active; records under older keys stay readable.
+    /// Restart the node to start encrypting with it.
+    Rotate {
+        /// Data directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KALIMA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init { dir, chain } => {
+            let dir = config::data_dir(dir);
+            let done = node::init(&dir, &chain)?;
+            println!("Initialised a Kalima node in {}", done.dir.display());
+            println!(
+                "Admin token (also in {}): {}",
+                done.dir.join(config::ADMIN_TOKEN_FILE).display(),
+                done.admin_token
+            );
+            println!("Start it with: kalima up --dir {}", done.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up { dir, demo } => {
+            let dir = config::data_dir(dir);
+            if !node::is_initialized(&dir) {
+                let done = node::init(&dir, "kalima-dev")?;
+                tracing::info!(target: "node", dir = %dir.display(), token_file = %dir.join(config::ADMIN_TOKEN_FILE).display(), "Initialised a new node.");
+                let _ = done;
+            }
+            let cfg = Config::load(&dir)?;
+            tracing::info!(target: "node", version = env!("CARGO_PKG_VERSION"), dir = %dir.display(), "Starting Kalima node.");
+            let demo_cfg = cfg.demo.clone();
+            let mut running = node::start(&dir, cfg).await?;
+            if demo {
+                let chain = running.chain.clone();
+                let ingest = kalima_core::Ingest::new(chain.clone(), kalima_core::tx::MAX_BODY);
+                running.add_task(tokio::spawn(async move {
+                    if let Err(e) = demo::run(
+                        chain,
+                        ingest,
+                        demo_cfg.sensors,
+                        Duration::from_millis(demo_cfg.interval_ms.max(10)),
+                    )
+                    .await
+                    {
+                        tracing::error!(target: "demo", error = %e, "Demo stopped.");
+                    }
+                }));
+            }
+            println!(
+                "Kalima node listening on http://{} (Swagger UI: /docs, admin token: {})",
+                running.api_addr,
+                dir.join(config::ADMIN_TOKEN_FILE).display()
+            );
+            tokio::select! {
+                _ = node::shutdown_signal() => tracing::info!(target: "node", "Stopping."),
+                r = &mut running.server => {
+                    // The server stopping on its own is fatal: report it rather than linger.
+                    anyhow::bail!("API server stopped: {:?}", r);
+                }
+            }
+            running.stop().await?;
+            tracing::info!(target: "node", "Stopped.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { dir } => verify(config::data_dir(dir)).await,
+        Command::Keys {
+            action: KeysAction::Rotate { dir },
+        } => {
+            let dir = config::data_dir(dir);
+            let id =
+                DataKeys::rotate(&dir.join(DATA_KEYS_FILE)).context("rotating the data key")?;
+            println!(
+                "Data key {id} is now active; restart the node to encrypt new records with it. Older records stay readable."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what } => bench::run(what).await.map(|_| ExitCode::SUCCESS),
+        Command::Openapi => {
+            print!("{}", kalima_gateway::api::openapi_json());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn verify(dir: PathBuf) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(&dir)?;
+    let store = node::open_store(&dir, &cfg).await?;
+    let total = store
+        .latest_block()
+        .await?
+        .map(|b| b.header.height + 1)
+        .unwrap_or(0);
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} verifying [{bar:40}] {pos}/{len} blocks ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let res = kalima_core::verify::verify_chain(&store, &cfg.node.chain, |h| {
+        if let Some(b) = &bar {
+            b.set_position(h + 1);
+        }
+    })
+    .await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    match res {
+        Ok(r) => {
+            println!(
+                "chain OK: {} blocks, {} transactions, {} checkpoints, {:.1} MB in {:.2} s ({:.1} MB/s)",
+                r.blocks,
+                r.transactions,
+                r.checkpoints,
+                r.bytes as f64 / 1e6,
+                secs,
+                r.bytes as f64 / 1e6 / secs.max(1e-9)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(kalima_core::Error::Corrupt { height, reason }) => {
+            eprintln!("chain CORRUPT at height {height}: {reason}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e).context("verifying"),
+    }
+}

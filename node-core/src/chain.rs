@@ -20,7 +20,8 @@ use crate::error::{Error, Rejection, Result};
 use crate::keys::NodeKey;
 use crate::memcache::Memcache;
 use crate::merkle::{
-    CHUNK_SIZE, ConsistencyProof, Frontier, Hash, InclusionProof, MerkleError, MerkleTree, leaf_hash,
+    CHUNK_SIZE, ConsistencyProof, Frontier, Hash, InclusionProof, MerkleError, MerkleTree,
+    leaf_hash,
 };
 use crate::registry::{DEVICES_ADDRESS, NODE_DEVICE_ID, Registry, is_system_address};
 use crate::store::{BlockRecord, CommittedTx, PendingTx, Store};
@@ -101,6 +102,7 @@ struct Inner {
     idempotency: Mutex<HashMap<(String, String), Hash>>,
     queue: mpsc::Sender<Submission>,
     ready: std::sync::atomic::AtomicBool,
+    shutdown: tokio::sync::Notify,
 }
 
 /// Handle on the running chain; cheap to clone.
@@ -111,12 +113,17 @@ pub struct Chain {
 
 impl std::fmt::Debug for Chain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Chain").field("chain", &self.inner.config.chain).finish()
+        f.debug_struct("Chain")
+            .field("chain", &self.inner.config.chain)
+            .finish()
     }
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Sequencer-owned state: the uncommitted view used while building a commit.
@@ -151,7 +158,10 @@ impl Chain {
             let to = (from + 100_000).min(total);
             let hashes = store.leaf_hashes(from, to).await?;
             if hashes.len() as u64 != to - from {
-                return Err(Error::Corrupt { height: 0, reason: format!("transactions missing between sequence {from} and {to}") });
+                return Err(Error::Corrupt {
+                    height: 0,
+                    reason: format!("transactions missing between sequence {from} and {to}"),
+                });
             }
             for h in hashes {
                 tree.push(h);
@@ -178,7 +188,8 @@ impl Chain {
                 if b.header.tree_size != tree.len() || b.header.merkle_root != tree.root() {
                     return Err(Error::Corrupt {
                         height: b.header.height,
-                        reason: "stored transactions do not match the head block's Merkle root".into(),
+                        reason: "stored transactions do not match the head block's Merkle root"
+                            .into(),
                     });
                 }
                 Head { block: b }
@@ -212,16 +223,30 @@ impl Chain {
             idempotency: Mutex::new(idem),
             queue,
             ready: std::sync::atomic::AtomicBool::new(false),
+            shutdown: tokio::sync::Notify::new(),
         });
         let chain = Chain { inner };
 
-        let mut seq = Sequencer { chain: chain.clone(), rx, frontier, expiries: BinaryHeap::new() };
+        let mut seq = Sequencer {
+            chain: chain.clone(),
+            rx,
+            frontier,
+            expiries: BinaryHeap::new(),
+        };
         for c in chain.inner.memcache.snapshot() {
             seq.track_expiry(&c);
         }
         if genesis_needed {
-            seq.commit(vec![Submission { items: genesis, guard: None, reply: None, enqueued: Instant::now() }], true)
-                .await?;
+            seq.commit(
+                vec![Submission {
+                    items: genesis,
+                    guard: None,
+                    reply: None,
+                    enqueued: Instant::now(),
+                }],
+                true,
+            )
+            .await?;
         }
         metrics::gauge!("kalima_block_height").set(chain.head().block.header.height as f64);
         tracing::info!(
@@ -232,13 +257,28 @@ impl Chain {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Chain restored."
         );
-        chain.inner.ready.store(true, std::sync::atomic::Ordering::Release);
+        chain
+            .inner
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
         let task = tokio::spawn(seq.run());
         Ok((chain, task))
     }
 
+    /// Stops the sequencer after it has committed what is already queued.
+    pub fn shutdown(&self) {
+        self.inner
+            .ready
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.inner.shutdown.notify_one();
+    }
+
     /// Submits validated content and waits for the durable commit.
-    pub async fn submit(&self, items: Vec<TxContent>, guard: Option<Guard>) -> Result<Vec<Receipt>> {
+    pub async fn submit(
+        &self,
+        items: Vec<TxContent>,
+        guard: Option<Guard>,
+    ) -> Result<Vec<Receipt>> {
         let (tx, rx) = oneshot::channel();
         self.enqueue(items, guard, Some(tx)).await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
@@ -249,9 +289,23 @@ impl Chain {
         self.enqueue(items, None, None).await
     }
 
-    async fn enqueue(&self, items: Vec<TxContent>, guard: Option<Guard>, reply: Option<oneshot::Sender<Result<Vec<Receipt>>>>) -> Result<()> {
-        let sub = Submission { items, guard, reply, enqueued: Instant::now() };
-        self.inner.queue.send(sub).await.map_err(|_| Error::ShuttingDown)
+    async fn enqueue(
+        &self,
+        items: Vec<TxContent>,
+        guard: Option<Guard>,
+        reply: Option<oneshot::Sender<Result<Vec<Receipt>>>>,
+    ) -> Result<()> {
+        let sub = Submission {
+            items,
+            guard,
+            reply,
+            enqueued: Instant::now(),
+        };
+        self.inner
+            .queue
+            .send(sub)
+            .await
+            .map_err(|_| Error::ShuttingDown)
     }
 
     /// The memcache.
@@ -304,11 +358,18 @@ impl Chain {
         if key.is_empty() {
             return None;
         }
-        self.inner.idempotency.lock().get(&(device.to_string(), key.to_string())).copied()
+        self.inner
+            .idempotency
+            .lock()
+            .get(&(device.to_string(), key.to_string()))
+            .copied()
     }
 
     /// Runs a Merkle computation, fetching old leaf chunks from the store as it asks for them.
-    async fn with_leaves<T>(&self, f: impl Fn(&MerkleTree, &HashMap<u64, Vec<Hash>>) -> std::result::Result<T, MerkleError>) -> Result<T> {
+    async fn with_leaves<T>(
+        &self,
+        f: impl Fn(&MerkleTree, &HashMap<u64, Vec<Hash>>) -> std::result::Result<T, MerkleError>,
+    ) -> Result<T> {
         let mut chunks: HashMap<u64, Vec<Hash>> = HashMap::new();
         // Each round fetches one chunk; RFC 6962 proofs touch at most a few.
         for _ in 0..8 {
@@ -319,13 +380,22 @@ impl Chain {
             match res {
                 Err(MerkleError::MissingChunk(i)) if !chunks.contains_key(&i) => {
                     let from = i * CHUNK_SIZE;
-                    let leaves = self.inner.store.leaf_hashes(from, from + CHUNK_SIZE).await?;
+                    let leaves = self
+                        .inner
+                        .store
+                        .leaf_hashes(from, from + CHUNK_SIZE)
+                        .await?;
+                    // A tampered hash column would otherwise turn into a wrong proof.
+                    self.inner.tree.read().check_chunk(i, &leaves)?;
                     chunks.insert(i, leaves);
                 }
                 other => return Ok(other?),
             }
         }
-        Err(Error::Corrupt { height: 0, reason: "Merkle leaf chunks could not be loaded".into() })
+        Err(Error::Corrupt {
+            height: 0,
+            reason: "Merkle leaf chunks could not be loaded".into(),
+        })
     }
 
     /// Inclusion proof of the transaction at `index` in the tree of `size` (default: current).
@@ -334,9 +404,17 @@ impl Chain {
         let (path, root) = self
             .with_leaves(|t, c| Ok((t.inclusion_proof(index, size, c)?, t.root_at(size, c)?)))
             .await?;
-        let leaf = match self.inner.tree.read().leaf_in_memory(index) {
+        let in_memory = self.inner.tree.read().leaf_in_memory(index);
+        let leaf = match in_memory {
             Some(h) => h,
-            None => self.inner.store.leaf_hashes(index, index + 1).await?.into_iter().next().ok_or(MerkleError::MissingChunk(index / CHUNK_SIZE))?,
+            None => self
+                .inner
+                .store
+                .leaf_hashes(index, index + 1)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or(MerkleError::MissingChunk(index / CHUNK_SIZE))?,
         };
         Ok(InclusionProof {
             leaf_index: index,
@@ -349,8 +427,14 @@ impl Chain {
 
     /// Consistency proof between two tree sizes.
     pub async fn consistency_proof(&self, first: u64, second: u64) -> Result<ConsistencyProof> {
-        let proof = self.with_leaves(|t, c| t.consistency_proof(first, second, c)).await?;
-        Ok(ConsistencyProof { first, second, proof: proof.iter().map(hex::encode).collect() })
+        let proof = self
+            .with_leaves(|t, c| t.consistency_proof(first, second, c))
+            .await?;
+        Ok(ConsistencyProof {
+            first,
+            second,
+            proof: proof.iter().map(hex::encode).collect(),
+        })
     }
 
     /// Root of the tree at `size`.
@@ -366,7 +450,14 @@ impl Chain {
             let head = self.inner.head.read();
             (tree.len(), tree.root(), head.block.header.height)
         };
-        let cp = Checkpoint::sign(&self.inner.node_key, &self.inner.config.chain, size, root, height, now_ms());
+        let cp = Checkpoint::sign(
+            &self.inner.node_key,
+            &self.inner.config.chain,
+            size,
+            root,
+            height,
+            now_ms(),
+        );
         self.inner.store.insert_checkpoint(&cp).await?;
         metrics::counter!("kalima_checkpoints_total").increment(1);
         Ok(cp)
@@ -374,7 +465,10 @@ impl Chain {
 
     /// The latest stored checkpoint.
     pub async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>> {
-        self.inner.store.latest_checkpoint(&self.inner.config.chain).await
+        self.inner
+            .store
+            .latest_checkpoint(&self.inner.config.chain)
+            .await
     }
 
     /// Starts the periodic checkpoint task (no-op when disabled).
@@ -387,7 +481,12 @@ impl Chain {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let last = chain.latest_checkpoint().await.ok().flatten().map(|c| c.tree_size);
+                let last = chain
+                    .latest_checkpoint()
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|c| c.tree_size);
                 if last == Some(chain.tree_size()) {
                     continue;
                 }
@@ -415,12 +514,25 @@ impl Sequencer {
                 Some(t) => Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0)),
                 None => Duration::from_secs(3600),
             };
+            let inner = self.chain.inner.clone();
             let first = tokio::select! {
                 s = self.rx.recv() => match s {
                     Some(s) => Some(s),
                     None => return Ok(()),
                 },
                 _ = tokio::time::sleep(sleep) => None,
+                _ = inner.shutdown.notified() => {
+                    self.rx.close();
+                    let mut rest = Vec::new();
+                    while let Some(s) = self.rx.recv().await {
+                        rest.push(s);
+                    }
+                    if !rest.is_empty() {
+                        self.commit(rest, false).await?;
+                    }
+                    tracing::info!(target: "core::chain", "Sequencer stopped.");
+                    return Ok(());
+                }
             };
             let mut subs: Vec<Submission> = self.expired_deletes();
             let mut n: usize = subs.iter().map(|s| s.items.len()).sum();
@@ -451,7 +563,12 @@ impl Sequencer {
 
     fn track_expiry(&mut self, c: &CommittedTx) {
         if let Some(at) = c.tx.expires_at_ms() {
-            self.expiries.push(Reverse((at, c.tx.global_sequence, c.tx.content.address.clone(), c.tx.content.key.clone())));
+            self.expiries.push(Reverse((
+                at,
+                c.tx.global_sequence,
+                c.tx.content.address.clone(),
+                c.tx.content.key.clone(),
+            )));
         }
     }
 
@@ -463,14 +580,20 @@ impl Sequencer {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, seq, address, key))) = self.expiries.pop() else { break };
+            let Some(Reverse((_, seq, address, key))) = self.expiries.pop() else {
+                break;
+            };
             let current = self.chain.inner.memcache.get(&address, &key);
             if current.is_some_and(|c| c.tx.global_sequence == seq) {
                 items.push(TxContent {
                     device_id: NODE_DEVICE_ID.into(),
                     address,
                     key,
-                    props: [("reason".to_string(), "ttl".to_string()), ("expired".to_string(), seq.to_string())].into(),
+                    props: [
+                        ("reason".to_string(), "ttl".to_string()),
+                        ("expired".to_string(), seq.to_string()),
+                    ]
+                    .into(),
                     ..TxContent::default()
                 });
             }
@@ -479,7 +602,12 @@ impl Sequencer {
             return Vec::new();
         }
         metrics::counter!("kalima_ttl_deletes_total").increment(items.len() as u64);
-        vec![Submission { items, guard: None, reply: None, enqueued: Instant::now() }]
+        vec![Submission {
+            items,
+            guard: None,
+            reply: None,
+            enqueued: Instant::now(),
+        }]
     }
 
     async fn commit(&mut self, subs: Vec<Submission>, genesis: bool) -> Result<()> {
@@ -509,14 +637,26 @@ impl Sequencer {
                 if c.address == DEVICES_ADDRESS {
                     new_devices.insert(c.key.clone());
                 }
-                let a = addr_seq.entry(c.address.clone()).or_insert_with(|| inner.memcache.sequence(&c.address));
+                let a = addr_seq
+                    .entry(c.address.clone())
+                    .or_insert_with(|| inner.memcache.sequence(&c.address));
                 *a += 1;
                 let k = (c.address.clone(), c.key.clone());
                 let previous = match last_id.get(&k) {
                     Some(h) => *h,
-                    None => inner.memcache.last(&c.address, &c.key).map(|t| t.id).unwrap_or([0; 32]),
+                    None => inner
+                        .memcache
+                        .last(&c.address, &c.key)
+                        .map(|t| t.id)
+                        .unwrap_or([0; 32]),
                 };
-                let tx = Transaction { global_sequence: next_seq, sequence: *a, timestamp_ms, previous, content: c.clone() };
+                let tx = Transaction {
+                    global_sequence: next_seq,
+                    sequence: *a,
+                    timestamp_ms,
+                    previous,
+                    content: c.clone(),
+                };
                 next_seq += 1;
                 let bytes = tx.encode();
                 let id = leaf_hash(&bytes);
@@ -535,12 +675,18 @@ impl Sequencer {
         let mut blocks: Vec<BlockRecord> = Vec::new();
         let mut heights: Vec<u64> = Vec::with_capacity(building.len());
         let mut prev_hash = head.block.hash;
-        let mut height = if genesis { 0 } else { head.block.header.height + 1 };
+        let mut height = if genesis {
+            0
+        } else {
+            head.block.header.height + 1
+        };
         let mut i = 0;
         loop {
             let mut size = 0usize;
             let start = i;
-            while i < building.len() && (i == start || size + building[i].bytes.len() <= MAX_BLOCK_TX_BYTES) {
+            while i < building.len()
+                && (i == start || size + building[i].bytes.len() <= MAX_BLOCK_TX_BYTES)
+            {
                 size += building[i].bytes.len();
                 frontier.push(building[i].id);
                 heights.push(height);
@@ -567,7 +713,14 @@ impl Sequencer {
         let pending: Vec<PendingTx> = building
             .into_iter()
             .zip(heights)
-            .map(|(b, h)| PendingTx { committed: Arc::new(CommittedTx { tx: b.tx, id: b.id, height: h }), bytes: b.bytes })
+            .map(|(b, h)| PendingTx {
+                committed: Arc::new(CommittedTx {
+                    tx: b.tx,
+                    id: b.id,
+                    height: h,
+                }),
+                bytes: b.bytes,
+            })
             .collect();
 
         let write_started = Instant::now();
@@ -581,11 +734,13 @@ impl Sequencer {
             }
             return Err(e);
         }
-        metrics::histogram!("kalima_store_write_seconds").record(write_started.elapsed().as_secs_f64());
+        metrics::histogram!("kalima_store_write_seconds")
+            .record(write_started.elapsed().as_secs_f64());
 
         // Durable: publish the new state.
         self.frontier = frontier;
-        let committed: Vec<Arc<CommittedTx>> = pending.iter().map(|p| p.committed.clone()).collect();
+        let committed: Vec<Arc<CommittedTx>> =
+            pending.iter().map(|p| p.committed.clone()).collect();
         {
             let mut tree = inner.tree.write();
             for c in &committed {
@@ -597,14 +752,23 @@ impl Sequencer {
             }
         }
         inner.memcache.apply(committed.iter());
-        if committed.iter().any(|c| is_system_address(&c.tx.content.address)) {
+        if committed
+            .iter()
+            .any(|c| is_system_address(&c.tx.content.address))
+        {
             inner.registry.apply(&committed, &inner.memcache);
         }
         {
             let mut idem = inner.idempotency.lock();
             for c in &committed {
                 if !c.tx.content.idempotency_key.is_empty() {
-                    idem.insert((c.tx.content.device_id.clone(), c.tx.content.idempotency_key.clone()), c.id);
+                    idem.insert(
+                        (
+                            c.tx.content.device_id.clone(),
+                            c.tx.content.idempotency_key.clone(),
+                        ),
+                        c.id,
+                    );
                 }
             }
         }
@@ -613,11 +777,17 @@ impl Sequencer {
         }
         let done = Instant::now();
         for (sub, range) in accepted {
-            metrics::histogram!("kalima_commit_seconds").record(done.duration_since(sub.enqueued).as_secs_f64());
+            metrics::histogram!("kalima_commit_seconds")
+                .record(done.duration_since(sub.enqueued).as_secs_f64());
             if let Some(r) = sub.reply {
                 let receipts = committed[range]
                     .iter()
-                    .map(|c| Receipt { id: c.id, global_sequence: c.tx.global_sequence, sequence: c.tx.sequence, height: c.height })
+                    .map(|c| Receipt {
+                        id: c.id,
+                        global_sequence: c.tx.global_sequence,
+                        sequence: c.tx.sequence,
+                        height: c.height,
+                    })
                     .collect();
                 let _ = r.send(Ok(receipts));
             }
@@ -631,7 +801,12 @@ impl Sequencer {
     }
 
     /// Checks that must be atomic with the write: idempotency and registry guards.
-    fn check_submission(&self, sub: &Submission, new_idem: &HashSet<(String, String)>, new_devices: &HashSet<String>) -> std::result::Result<(), Rejection> {
+    fn check_submission(
+        &self,
+        sub: &Submission,
+        new_idem: &HashSet<(String, String)>,
+        new_devices: &HashSet<String>,
+    ) -> std::result::Result<(), Rejection> {
         let mut local: HashSet<(String, String)> = HashSet::new();
         for c in &sub.items {
             if c.idempotency_key.is_empty() {
@@ -643,14 +818,21 @@ impl Sequencer {
                 metrics::counter!("kalima_writes_rejected_total", "reason" => "duplicate_idempotency_key").increment(1);
                 return Err(Rejection::DuplicateIdempotencyKey {
                     key: c.idempotency_key.clone(),
-                    existing: existing.map(hex::encode).unwrap_or_else(|| "in the same commit".into()),
+                    existing: existing
+                        .map(hex::encode)
+                        .unwrap_or_else(|| "in the same commit".into()),
                 });
             }
         }
-        let registered = |id: &str| new_devices.contains(id) || self.chain.inner.registry.get(id).is_some();
+        let registered =
+            |id: &str| new_devices.contains(id) || self.chain.inner.registry.get(id).is_some();
         match &sub.guard {
-            Some(Guard::DeviceAbsent(id)) if registered(id) => Err(Rejection::DeviceExists(id.clone())),
-            Some(Guard::DevicePresent(id)) if !registered(id) => Err(Rejection::NoSuchDevice(id.clone())),
+            Some(Guard::DeviceAbsent(id)) if registered(id) => {
+                Err(Rejection::DeviceExists(id.clone()))
+            }
+            Some(Guard::DevicePresent(id)) if !registered(id) => {
+                Err(Rejection::NoSuchDevice(id.clone()))
+            }
             _ => Ok(()),
         }
     }

@@ -99,7 +99,11 @@ impl Device {
         if is_system_address(address) {
             return self.is_admin();
         }
-        self.is_admin() || self.grants.iter().any(|g| g.read && prefix_matches(&g.prefix, address))
+        self.is_admin()
+            || self
+                .grants
+                .iter()
+                .any(|g| g.read && prefix_matches(&g.prefix, address))
     }
 
     /// May this device write `address`? Nobody writes system addresses through ingest.
@@ -107,19 +111,28 @@ impl Device {
         if is_system_address(address) {
             return false;
         }
-        self.is_admin() || self.grants.iter().any(|g| g.write && prefix_matches(&g.prefix, address))
+        self.is_admin()
+            || self
+                .grants
+                .iter()
+                .any(|g| g.write && prefix_matches(&g.prefix, address))
     }
 
     /// May this device read everything under `prefix` (for stream filters)?
     pub fn can_read_prefix(&self, prefix: &str) -> bool {
         self.is_admin()
-            || self.grants.iter().any(|g| g.read && prefix_matches(&g.prefix, prefix))
+            || self
+                .grants
+                .iter()
+                .any(|g| g.read && prefix_matches(&g.prefix, prefix))
     }
 
     /// Checks the device's signature policy on `content`.
     pub fn check_signature(&self, content: &TxContent) -> Result<(), Rejection> {
         match (&self.public_key, &content.signature) {
-            (_, None) if self.record.require_signature => Err(Rejection::SignatureRequired(self.id.clone())),
+            (_, None) if self.record.require_signature => {
+                Err(Rejection::SignatureRequired(self.id.clone()))
+            }
             (None, None) => Ok(()),
             (Some(_), None) => Ok(()),
             (Some(pk), Some(_)) => {
@@ -153,7 +166,10 @@ pub fn new_token() -> String {
 pub fn validate_device_id(id: &str) -> Result<(), FieldError> {
     crate::tx::validate_key(id).map_err(|e| FieldError::new("id", e.reason))?;
     if id.contains('/') || id.len() > crate::tx::MAX_DEVICE_ID {
-        return Err(FieldError::new("id", "must not contain '/' and be at most 64 bytes"));
+        return Err(FieldError::new(
+            "id",
+            "must not contain '/' and be at most 64 bytes",
+        ));
     }
     if id.starts_with('_') {
         return Err(FieldError::new("id", "ids starting with '_' are reserved"));
@@ -194,7 +210,8 @@ impl Registry {
         for c in cache.values(DEVICES_ADDRESS) {
             let id = c.tx.content.key.clone();
             if let Some(dev) = build_device(&id, &c.tx.content.body, cache) {
-                st.by_token.insert(dev.record.token_sha256.clone(), id.clone());
+                st.by_token
+                    .insert(dev.record.token_sha256.clone(), id.clone());
                 st.devices.insert(id, Arc::new(dev));
             }
         }
@@ -220,12 +237,15 @@ impl Registry {
             if let Some(old) = st.devices.remove(&id) {
                 st.by_token.remove(&old.record.token_sha256);
             }
-            let Some(c) = cache.get(DEVICES_ADDRESS, &id) else { continue };
+            let Some(c) = cache.get(DEVICES_ADDRESS, &id) else {
+                continue;
+            };
             if c.tx.content.kind() == TxKind::Delete {
                 continue;
             }
             if let Some(dev) = build_device(&id, &c.tx.content.body, cache) {
-                st.by_token.insert(dev.record.token_sha256.clone(), id.clone());
+                st.by_token
+                    .insert(dev.record.token_sha256.clone(), id.clone());
                 st.devices.insert(id, Arc::new(dev));
             }
         }
@@ -278,10 +298,19 @@ fn build_device(id: &str, body: &[u8], cache: &Memcache) -> Option<Device> {
         .iter()
         .filter_map(|g| {
             let r: GrantRecord = serde_json::from_slice(&g.tx.content.body).ok()?;
-            Some(Grant { prefix: g.tx.content.key.clone(), read: r.read, write: r.write })
+            Some(Grant {
+                prefix: g.tx.content.key.clone(),
+                read: r.read,
+                write: r.write,
+            })
         })
         .collect();
-    Some(Device { id: id.to_string(), record, public_key, grants })
+    Some(Device {
+        id: id.to_string(),
+        record,
+        public_key,
+        grants,
+    })
 }
 
 #[cfg(test)]
@@ -291,7 +320,13 @@ mod tests {
     fn device(grants: Vec<Grant>) -> Device {
         Device {
             id: "d".into(),
-            record: DeviceRecord { token_sha256: String::new(), public_key: None, require_signature: false, admin: false, revoked: false },
+            record: DeviceRecord {
+                token_sha256: String::new(),
+                public_key: None,
+                require_signature: false,
+                admin: false,
+                revoked: false,
+            },
             public_key: None,
             grants,
         }
@@ -300,8 +335,16 @@ mod tests {
     #[test]
     fn grants_follow_prefixes() {
         let d = device(vec![
-            Grant { prefix: "/plant-1".into(), read: true, write: false },
-            Grant { prefix: "/plant-1/line-2".into(), read: false, write: true },
+            Grant {
+                prefix: "/plant-1".into(),
+                read: true,
+                write: false,
+            },
+            Grant {
+                prefix: "/plant-1/line-2".into(),
+                read: false,
+                write: true,
+            },
         ]);
         assert!(d.can_read("/plant-1/line-9"));
         assert!(!d.can_write("/plant-1/line-9"));

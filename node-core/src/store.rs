@@ -120,7 +120,8 @@ fn to_u64(v: i64) -> u64 {
 }
 
 fn to_hash(v: &[u8]) -> Result<Hash> {
-    v.try_into().map_err(|_| Error::Crypto(format!("stored hash has {} bytes", v.len())))
+    v.try_into()
+        .map_err(|_| Error::Crypto(format!("stored hash has {} bytes", v.len())))
 }
 
 fn aad(global_seq: u64, key_id: u32) -> [u8; 12] {
@@ -146,7 +147,10 @@ impl Store {
                 if let Some(parent) = std::path::Path::new(opts.get_filename()).parent() {
                     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
-                let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(opts)
+                    .await?;
                 SQLITE_MIGRATIONS.run(&pool).await?;
                 Pool::Sqlite(pool)
             }
@@ -257,11 +261,13 @@ impl Store {
     /// Up to `limit` blocks at or below `below_or_at`, newest first.
     pub async fn blocks_desc(&self, below_or_at: u64, limit: u32) -> Result<Vec<BlockRecord>> {
         let rows: Vec<Vec<u8>> = on_pool!(self, |p| {
-            sqlx::query_scalar("SELECT header FROM blocks WHERE height <= $1 ORDER BY height DESC LIMIT $2")
-                .bind(to_i64(below_or_at))
-                .bind(i64::from(limit))
-                .fetch_all(p)
-                .await?
+            sqlx::query_scalar(
+                "SELECT header FROM blocks WHERE height <= $1 ORDER BY height DESC LIMIT $2",
+            )
+            .bind(to_i64(below_or_at))
+            .bind(i64::from(limit))
+            .fetch_all(p)
+            .await?
         });
         rows.iter().map(|h| record_of(h)).collect()
     }
@@ -312,13 +318,22 @@ impl Store {
 
     /// Decrypts and decodes a raw row, checking it against its stored hash.
     pub fn open_raw(&self, raw: &RawTx) -> Result<CommittedTx> {
-        let bytes = self.keys.open(raw.key_id, &raw.sealed, &aad(raw.global_seq, raw.key_id))?;
+        let bytes = self
+            .keys
+            .open(raw.key_id, &raw.sealed, &aad(raw.global_seq, raw.key_id))?;
         let tx = Transaction::decode(&bytes)?;
         let id = crate::merkle::leaf_hash(&bytes);
         if id.as_slice() != raw.hash.as_slice() || tx.global_sequence != raw.global_seq {
-            return Err(Error::Corrupt { height: raw.height, reason: format!("transaction {} does not match its row", raw.global_seq) });
+            return Err(Error::Corrupt {
+                height: raw.height,
+                reason: format!("transaction {} does not match its row", raw.global_seq),
+            });
         }
-        Ok(CommittedTx { tx, id, height: raw.height })
+        Ok(CommittedTx {
+            tx,
+            id,
+            height: raw.height,
+        })
     }
 
     async fn select_txs(&self, where_sql: &str, binds: Binds<'_>) -> Result<Vec<CommittedTx>> {
@@ -352,13 +367,29 @@ impl Store {
 
     /// The transaction with id `id`.
     pub async fn tx_by_id(&self, id: &Hash) -> Result<Option<CommittedTx>> {
-        let v = self.select_txs("WHERE hash = $1", Binds { blob: Some(id), ..Default::default() }).await?;
+        let v = self
+            .select_txs(
+                "WHERE hash = $1",
+                Binds {
+                    blob: Some(id),
+                    ..Default::default()
+                },
+            )
+            .await?;
         Ok(v.into_iter().next())
     }
 
     /// The transaction at global sequence `seq`.
     pub async fn tx_by_sequence(&self, seq: u64) -> Result<Option<CommittedTx>> {
-        let v = self.select_txs("WHERE global_seq = $1", Binds { ints: &[to_i64(seq)], ..Default::default() }).await?;
+        let v = self
+            .select_txs(
+                "WHERE global_seq = $1",
+                Binds {
+                    ints: &[to_i64(seq)],
+                    ..Default::default()
+                },
+            )
+            .await?;
         Ok(v.into_iter().next())
     }
 
@@ -366,13 +397,22 @@ impl Store {
     pub async fn txs_between(&self, from: u64, to: u64, limit: u32) -> Result<Vec<CommittedTx>> {
         self.select_txs(
             "WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq LIMIT $3",
-            Binds { ints: &[to_i64(from), to_i64(to), i64::from(limit)], ..Default::default() },
+            Binds {
+                ints: &[to_i64(from), to_i64(to), i64::from(limit)],
+                ..Default::default()
+            },
         )
         .await
     }
 
     /// History of one address and key, newest first, strictly below `before` (global sequence).
-    pub async fn history(&self, address: &str, key: &str, before: u64, limit: u32) -> Result<Vec<CommittedTx>> {
+    pub async fn history(
+        &self,
+        address: &str,
+        key: &str,
+        before: u64,
+        limit: u32,
+    ) -> Result<Vec<CommittedTx>> {
         self.select_txs(
             "WHERE global_seq < $1 AND address = $3 AND tx_key = $4 ORDER BY global_seq DESC LIMIT $2",
             Binds { ints: &[to_i64(before), i64::from(limit)], strs: &[address, key], ..Default::default() },
@@ -382,11 +422,22 @@ impl Store {
 
     /// Transactions of `address` with per-address sequence in `(after, before)`, ascending or
     /// descending, at most `limit` (Kalima's `/cache/after` and `/cache/before`).
-    pub async fn address_range(&self, address: &str, after: u64, before: u64, limit: u32, descending: bool) -> Result<Vec<CommittedTx>> {
+    pub async fn address_range(
+        &self,
+        address: &str,
+        after: u64,
+        before: u64,
+        limit: u32,
+        descending: bool,
+    ) -> Result<Vec<CommittedTx>> {
         let order = if descending { "DESC" } else { "ASC" };
         self.select_txs(
             &format!("WHERE seq > $1 AND seq < $2 AND address = $4 ORDER BY seq {order} LIMIT $3"),
-            Binds { ints: &[to_i64(after), to_i64(before), i64::from(limit)], strs: &[address], ..Default::default() },
+            Binds {
+                ints: &[to_i64(after), to_i64(before), i64::from(limit)],
+                strs: &[address],
+                ..Default::default()
+            },
         )
         .await
     }
@@ -415,21 +466,30 @@ impl Store {
     /// Highest per-address sequence of every address.
     pub async fn address_sequences(&self) -> Result<Vec<(String, u64)>> {
         on_pool!(self, |p| {
-            let rows = sqlx::query("SELECT address, MAX(seq) AS s FROM txs GROUP BY address").fetch_all(p).await?;
-            rows.iter().map(|r| Ok((r.try_get("address")?, to_u64(r.try_get("s")?)))).collect()
+            let rows = sqlx::query("SELECT address, MAX(seq) AS s FROM txs GROUP BY address")
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("address")?, to_u64(r.try_get("s")?))))
+                .collect()
         })
     }
 
     /// Every (device, idempotency key, transaction id) on the chain.
     pub async fn idempotency_keys(&self) -> Result<Vec<(String, String, Hash)>> {
         on_pool!(self, |p| {
-            let rows = sqlx::query("SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL")
-                .fetch_all(p)
-                .await?;
+            let rows =
+                sqlx::query("SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL")
+                    .fetch_all(p)
+                    .await?;
             rows.iter()
                 .map(|r| {
                     let h: Vec<u8> = r.try_get("hash")?;
-                    Ok((r.try_get("device_id")?, r.try_get("idem_key")?, to_hash(&h)?))
+                    Ok((
+                        r.try_get("device_id")?,
+                        r.try_get("idem_key")?,
+                        to_hash(&h)?,
+                    ))
                 })
                 .collect()
         })
@@ -437,7 +497,9 @@ impl Store {
 
     /// Number of transaction rows.
     pub async fn tx_count(&self) -> Result<u64> {
-        let n: i64 = on_pool!(self, |p| sqlx::query_scalar("SELECT COUNT(*) FROM txs").fetch_one(p).await?);
+        let n: i64 = on_pool!(self, |p| sqlx::query_scalar("SELECT COUNT(*) FROM txs")
+            .fetch_one(p)
+            .await?);
         Ok(to_u64(n))
     }
 
@@ -461,11 +523,17 @@ impl Store {
 
     /// The checkpoint with the largest tree size.
     pub async fn latest_checkpoint(&self, chain: &str) -> Result<Option<Checkpoint>> {
-        self.checkpoint_where("ORDER BY tree_size DESC LIMIT 1", chain, None).await
+        self.checkpoint_where("ORDER BY tree_size DESC LIMIT 1", chain, None)
+            .await
     }
 
     /// All checkpoints in ascending tree size from `from`, at most `limit`.
-    pub async fn checkpoints_from(&self, chain: &str, from: u64, limit: u32) -> Result<Vec<Checkpoint>> {
+    pub async fn checkpoints_from(
+        &self,
+        chain: &str,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>> {
         let sql = "WHERE tree_size >= $1 ORDER BY tree_size LIMIT $2";
         on_pool!(self, |p| {
             let rows = sqlx::query(&format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"))
@@ -477,9 +545,16 @@ impl Store {
         })
     }
 
-    async fn checkpoint_where(&self, sql: &str, chain: &str, bind: Option<i64>) -> Result<Option<Checkpoint>> {
+    async fn checkpoint_where(
+        &self,
+        sql: &str,
+        chain: &str,
+        bind: Option<i64>,
+    ) -> Result<Option<Checkpoint>> {
         on_pool!(self, |p| {
-            let q = format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}");
+            let q = format!(
+                "SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"
+            );
             let mut q = sqlx::query(&q);
             if let Some(b) = bind {
                 q = q.bind(b);
@@ -492,7 +567,10 @@ impl Store {
     /// Runs arbitrary SQL; only for tests that tamper with storage on purpose.
     #[cfg(any(test, feature = "test-utils"))]
     pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
-        on_pool!(self, |p| Ok(sqlx::raw_sql(sql).execute(p).await?.rows_affected()))
+        on_pool!(self, |p| Ok(sqlx::raw_sql(sql)
+            .execute(p)
+            .await?
+            .rows_affected()))
     }
 }
 
@@ -525,7 +603,10 @@ where
         timestamp_ms: r.try_get("timestamp_ms")?,
         root: to_hash(&root)?,
         signer: r.try_get("signer")?,
-        signature: sig.as_slice().try_into().map_err(|_| Error::Crypto("stored signature is not 64 bytes".into()))?,
+        signature: sig
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Crypto("stored signature is not 64 bytes".into()))?,
     })
 }
 
@@ -536,6 +617,8 @@ pub fn backend_of(url: &str) -> Result<Backend> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Backend::Postgres)
     } else {
-        Err(Error::Config(format!("[storage] url {url:?} must start with sqlite:// or postgres://")))
+        Err(Error::Config(format!(
+            "[storage] url {url:?} must start with sqlite:// or postgres://"
+        )))
     }
 }

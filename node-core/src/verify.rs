@@ -28,11 +28,18 @@ pub struct VerifyReport {
 }
 
 fn corrupt(height: u64, reason: impl Into<String>) -> Error {
-    Error::Corrupt { height, reason: reason.into() }
+    Error::Corrupt {
+        height,
+        reason: reason.into(),
+    }
 }
 
 /// Verifies the whole chain in `store`; `progress(height)` is called after each page.
-pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
+pub async fn verify_chain(
+    store: &Store,
+    chain: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut frontier = Frontier::new();
     let mut prev_hash: Hash = [0; 32];
@@ -47,9 +54,13 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
         for raw in &blocks {
             let h = raw.height;
             if h != next_height {
-                return Err(corrupt(next_height, format!("block missing (next stored block is {h})")));
+                return Err(corrupt(
+                    next_height,
+                    format!("block missing (next stored block is {h})"),
+                ));
             }
-            let header = BlockHeader::decode(&raw.header).map_err(|e| corrupt(h, format!("header: {e}")))?;
+            let header =
+                BlockHeader::decode(&raw.header).map_err(|e| corrupt(h, format!("header: {e}")))?;
             let hash = header.hash();
             if header.height != h {
                 return Err(corrupt(h, format!("header says height {}", header.height)));
@@ -60,7 +71,13 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
             if header.prev_hash != prev_hash {
                 return Err(corrupt(h, "prev_hash does not link to the previous block"));
             }
-            if header.first_sequence() != frontier.len() + headers.iter().map(|x: &BlockHeader| u64::from(x.tx_count)).sum::<u64>() {
+            if header.first_sequence()
+                != frontier.len()
+                    + headers
+                        .iter()
+                        .map(|x: &BlockHeader| u64::from(x.tx_count))
+                        .sum::<u64>()
+            {
                 return Err(corrupt(h, "transaction count does not match the tree size"));
             }
             prev_hash = hash;
@@ -68,21 +85,39 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
             report.bytes += raw.header.len() as u64;
             headers.push(header);
         }
-        let (Some(first), Some(last)) = (headers.first(), headers.last()) else { break };
-        let txs = store.raw_txs(first.first_sequence(), last.tree_size).await?;
+        let (Some(first), Some(last)) = (headers.first(), headers.last()) else {
+            break;
+        };
+        let txs = store
+            .raw_txs(first.first_sequence(), last.tree_size)
+            .await?;
         let mut it = txs.iter();
         for header in &headers {
             for expected in header.first_sequence()..header.tree_size {
                 let Some(raw) = it.next() else {
-                    return Err(corrupt(header.height, format!("transaction {expected} is missing")));
+                    return Err(corrupt(
+                        header.height,
+                        format!("transaction {expected} is missing"),
+                    ));
                 };
                 if raw.global_seq != expected {
-                    return Err(corrupt(header.height, format!("transaction {expected} is missing")));
+                    return Err(corrupt(
+                        header.height,
+                        format!("transaction {expected} is missing"),
+                    ));
                 }
                 if raw.height != header.height {
-                    return Err(corrupt(header.height, format!("transaction {expected} is filed under height {}", raw.height)));
+                    return Err(corrupt(
+                        header.height,
+                        format!(
+                            "transaction {expected} is filed under height {}",
+                            raw.height
+                        ),
+                    ));
                 }
-                let c = store.open_raw(raw).map_err(|e| corrupt(header.height, format!("transaction {expected}: {e}")))?;
+                let c = store
+                    .open_raw(raw)
+                    .map_err(|e| corrupt(header.height, format!("transaction {expected}: {e}")))?;
                 frontier.push(c.id);
                 report.transactions += 1;
                 report.bytes += raw.sealed.len() as u64 + raw.hash.len() as u64;
@@ -92,7 +127,10 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
                     }
                     if cp.tree_size == frontier.len() {
                         if !cp.verify() || cp.root != frontier.root() {
-                            return Err(corrupt(cp.height, format!("checkpoint at tree size {} does not verify", cp.tree_size)));
+                            return Err(corrupt(
+                                cp.height,
+                                format!("checkpoint at tree size {} does not verify", cp.tree_size),
+                            ));
                         }
                         report.checkpoints += 1;
                     }
@@ -100,22 +138,40 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
                 }
             }
             if frontier.len() != header.tree_size || frontier.root() != header.merkle_root {
-                return Err(corrupt(header.height, "Merkle root does not match the transactions"));
+                return Err(corrupt(
+                    header.height,
+                    "Merkle root does not match the transactions",
+                ));
             }
             report.blocks += 1;
         }
         if it.next().is_some() {
-            return Err(corrupt(last.height, "transactions stored beyond the last block"));
+            return Err(corrupt(
+                last.height,
+                "transactions stored beyond the last block",
+            ));
         }
         progress(next_height.saturating_sub(1));
     }
     // Genesis-only checkpoints at size 0 are fine; any other leftover names a size never reached.
     if let Some(cp) = checkpoints.iter().find(|c| c.tree_size > 0) {
-        return Err(corrupt(cp.height, format!("checkpoint at tree size {} is beyond the chain", cp.tree_size)));
+        return Err(corrupt(
+            cp.height,
+            format!(
+                "checkpoint at tree size {} is beyond the chain",
+                cp.tree_size
+            ),
+        ));
     }
     let stored = store.tx_count().await?;
     if stored != frontier.len() {
-        return Err(corrupt(next_height.saturating_sub(1), format!("{} transactions stored outside any block", stored.saturating_sub(frontier.len()))));
+        return Err(corrupt(
+            next_height.saturating_sub(1),
+            format!(
+                "{} transactions stored outside any block",
+                stored.saturating_sub(frontier.len())
+            ),
+        ));
     }
     Ok(report)
 }

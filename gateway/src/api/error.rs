@@ -1,0 +1,134 @@
+//! The API's one error type: `{"error":{"code","message"}}` with an explicit status per
+//! cause; internal causes are logged, not returned.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kalima_core::{Error, Rejection};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Error body of every failing call.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Machine-readable code and human-readable message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code, e.g. `forbidden`, `invalid_key`, `too_large`.
+    pub code: String,
+    /// What was wrong, for the sender.
+    pub message: String,
+}
+
+/// An API failure.
+#[derive(Debug)]
+pub enum ApiError {
+    /// A write or read refused by the core's checks.
+    Rejected(Rejection),
+    /// Nothing at that id/address.
+    NotFound(String),
+    /// A malformed request that the core never saw.
+    BadRequest(&'static str, String),
+    /// The node cannot serve right now.
+    Unavailable(String),
+    /// A fault inside the node (logged).
+    Internal(String),
+}
+
+impl ApiError {
+    /// Status and code of this error.
+    pub fn status_code(&self) -> (StatusCode, &str) {
+        match self {
+            ApiError::Rejected(r) => (rejection_status(r), r.code()),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(code, _) => (StatusCode::BAD_REQUEST, code),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// The message for the sender.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::Rejected(r) => r.to_string(),
+            ApiError::NotFound(m) | ApiError::BadRequest(_, m) | ApiError::Unavailable(m) => {
+                m.clone()
+            }
+            ApiError::Internal(_) => "internal error; see the node's log".into(),
+        }
+    }
+}
+
+/// HTTP status of each rejection.
+pub fn rejection_status(r: &Rejection) -> StatusCode {
+    match r {
+        Rejection::UnknownDevice | Rejection::Revoked(_) => StatusCode::UNAUTHORIZED,
+        Rejection::Forbidden { .. } | Rejection::AdminOnly => StatusCode::FORBIDDEN,
+        Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::DuplicateIdempotencyKey { .. } | Rejection::DeviceExists(_) => {
+            StatusCode::CONFLICT
+        }
+        Rejection::NoSuchDevice(_) => StatusCode::NOT_FOUND,
+        Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        Rejection::Invalid(_)
+        | Rejection::Malformed(_)
+        | Rejection::BadSignature(_)
+        | Rejection::SignatureRequired(_)
+        | Rejection::BatchSize { .. } => StatusCode::BAD_REQUEST,
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        ApiError::Rejected(r)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Rejected(r) => ApiError::Rejected(r),
+            Error::ShuttingDown => ApiError::Unavailable("the node is shutting down".into()),
+            Error::CommitFailed(m) => {
+                ApiError::Unavailable(format!("the write was not stored: {m}"))
+            }
+            Error::Merkle(m) => ApiError::BadRequest("invalid_proof_request", m.to_string()),
+            other => ApiError::Internal(format!("{other:#}")),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let rej = Rejection::Malformed(r.body_text());
+        kalima_core::ingest::count_rejection("rest", &rej);
+        ApiError::Rejected(rej)
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::BadRequest("invalid_query", r.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_code();
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!(target: "api", cause = %cause, "Request failed.");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message: self.message(),
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}

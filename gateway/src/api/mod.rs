@@ -1,0 +1,181 @@
+//! The REST/OpenAPI server: resources under `/api/v1`, Kalima's own REST paths as a
+//! compatibility surface, operations endpoints, the OpenAPI document and Swagger UI.
+
+pub mod chain;
+pub mod compat;
+pub mod devices;
+pub mod error;
+pub mod extract;
+pub mod model;
+pub mod ops;
+pub mod stream;
+pub mod tx;
+pub mod values;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use kalima_core::{Chain, Ingest};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::config::Config;
+
+/// Metrics label of writes through this API.
+pub const INTERFACE: &str = "rest";
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The chain.
+    pub chain: Chain,
+    /// The write path.
+    pub ingest: Ingest,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// State over a running chain.
+    pub fn new(chain: Chain, config: Arc<Config>) -> Self {
+        let ingest = Ingest::new(chain.clone(), config.api.max_body_bytes);
+        AppState {
+            chain,
+            ingest,
+            config,
+            metrics: metrics_handle(),
+        }
+    }
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                        0.5, 1.0, 2.5,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Suffix("_transactions".into()),
+                        &[1.0, 10.0, 100.0, 1000.0, 10000.0],
+                    )
+                });
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(h) => h,
+                // Another recorder is installed (tests): render from a detached one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Device token from POST /api/v1/devices (admin token: DIR/admin.token)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document of `/api/v1`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Kalima node API",
+        description = "Write readings, read current values and history, follow live data, and get proofs from a Kalima node. Canonical encodings: openapi/ENCODING.md.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        tx::write_one, tx::write_batch, tx::move_key, tx::read_tx,
+        values::values, values::addresses, values::history,
+        chain::list_blocks, chain::block, chain::latest_checkpoint, chain::new_checkpoint, chain::consistency,
+        stream::sse, stream::ws,
+        devices::register, devices::list, devices::show, devices::revoke, devices::grant, devices::remove_grant,
+        ops::healthz, ops::readyz, ops::metrics_text,
+    ),
+    modifiers(&SecurityAddon),
+    tags(
+        (name = "transactions", description = "Writes (answered after the durable commit unless wait=false) and transactions with proofs"),
+        (name = "values", description = "Current values and history"),
+        (name = "chain", description = "Blocks, signed checkpoints and consistency proofs"),
+        (name = "streams", description = "Live committed data (SSE, WebSocket)"),
+        (name = "devices", description = "Devices, tokens and grants (admin)"),
+        (name = "operations", description = "Health, readiness, metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON (what is committed under `openapi/`).
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.to_pretty_json().unwrap_or_default() + "\n"
+}
+
+/// Every `/api/v1` resource.
+pub fn api_router() -> Router<AppState> {
+    Router::new()
+        .merge(tx::router())
+        .merge(values::router())
+        .merge(chain::router())
+        .merge(stream::router())
+        .merge(devices::router())
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let timeout = Duration::from_secs(state.config.api.request_timeout_secs);
+    let max_request = state.config.api.max_request_bytes;
+    let doc: utoipa::openapi::OpenApi =
+        serde_json::from_str(&openapi_json()).unwrap_or_else(|_| ApiDoc::openapi());
+    Router::new()
+        .nest("/api/v1", api_router().fallback(not_found))
+        .merge(ops::router())
+        .merge(compat::router())
+        .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", doc))
+        .fallback(compat::unknown_request)
+        .layer(DefaultBodyLimit::max(max_request))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let path = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            tracing::debug_span!(target: "api", "request", method = %req.method(), path = %path)
+        }))
+        .with_state(state)
+}
+
+async fn not_found() -> error::ApiError {
+    error::ApiError::NotFound("no such route; see /docs".into())
+}

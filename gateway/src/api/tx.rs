@@ -1,0 +1,268 @@
+//! `/api/v1/tx`: single and batch writes, moves, and reading a transaction with its bytes
+//! and inclusion proof.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use kalima_core::Rejection;
+use kalima_core::merkle::InclusionProof;
+use kalima_core::tx::{TxContent, validate_address, validate_key};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiQuery, Auth};
+use super::model::{Accepted, TxJson, TxReceipt, TxRequest, WaitParam};
+use super::{AppState, INTERFACE};
+
+/// Routes of this resource.
+pub fn router() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/tx", post(write_one))
+        .route("/tx/batch", post(write_batch))
+        .route("/tx/move", post(move_key))
+        .route("/tx/{id}", get(read_tx))
+}
+
+/// Many writes committed together.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to 10,000 writes; all are checked first and committed in one durable commit, or none is.
+    pub transactions: Vec<TxRequest>,
+}
+
+/// Receipts of a batch, in request order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchReceipt {
+    /// One receipt per write.
+    pub receipts: Vec<TxReceipt>,
+}
+
+/// Move a key's current value to another address.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// Where the value is now.
+    pub from_address: String,
+    /// Where it goes.
+    pub to_address: String,
+    /// The key.
+    pub key: String,
+}
+
+/// A transaction with its canonical bytes and inclusion proof.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TxWithProof {
+    /// The transaction.
+    pub transaction: TxJson,
+    /// Canonical bytes (base64); SHA-256(0x00 || bytes) is the leaf hash.
+    pub tx_bytes: String,
+    /// RFC 6962 inclusion proof in the current tree.
+    #[schema(value_type = Object)]
+    pub proof: InclusionProof,
+}
+
+async fn commit(
+    state: &AppState,
+    auth: &Auth,
+    items: Vec<TxContent>,
+    wait: bool,
+) -> Result<Response, ApiError> {
+    if wait {
+        let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
+        Ok((
+            StatusCode::OK,
+            Json(receipts.iter().map(TxReceipt::from).collect::<Vec<_>>()),
+        )
+            .into_response())
+    } else {
+        let n = items.len();
+        state.ingest.write_nowait(INTERFACE, &auth.0, items).await?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                status: "accepted".into(),
+                count: n,
+            }),
+        )
+            .into_response())
+    }
+}
+
+fn content(auth: &Auth, req: TxRequest) -> Result<TxContent, ApiError> {
+    req.into_content(&auth.0.id).map_err(|r| {
+        kalima_core::ingest::count_rejection(INTERFACE, &r);
+        ApiError::Rejected(r)
+    })
+}
+
+/// Write one value (or delete it with an empty body); answers after the durable commit.
+#[utoipa::path(post, path = "/api/v1/tx", tag = "transactions", params(WaitParam), request_body = TxRequest,
+    responses(
+        (status = 200, description = "Committed durably", body = TxReceipt),
+        (status = 202, description = "Queued (wait=false)", body = Accepted),
+        (status = 400, description = "Invalid address, key, field, signature or JSON", body = ErrorBody),
+        (status = 401, description = "Unknown or revoked device", body = ErrorBody),
+        (status = 403, description = "No write grant", body = ErrorBody),
+        (status = 409, description = "Idempotency key already used", body = ErrorBody),
+        (status = 413, description = "Body over 8 KB", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn write_one(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiQuery(w): ApiQuery<WaitParam>,
+    ApiJson(req): ApiJson<TxRequest>,
+) -> Result<Response, ApiError> {
+    let item = content(&auth, req)?;
+    let resp = commit(&state, &auth, vec![item], w.wait.unwrap_or(true)).await?;
+    Ok(single_receipt(resp).await)
+}
+
+/// The batch path answers a list; the single path answers its only element.
+async fn single_receipt(resp: Response) -> Response {
+    if resp.status() != StatusCode::OK {
+        return resp;
+    }
+    let bytes = match axum::body::to_bytes(resp.into_body(), 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    match serde_json::from_slice::<Vec<serde_json::Value>>(&bytes) {
+        Ok(mut v) if v.len() == 1 => Json(v.remove(0)).into_response(),
+        _ => ApiError::Internal("receipt count mismatch".into()).into_response(),
+    }
+}
+
+/// Write many values in one call and one durable commit (all or nothing).
+#[utoipa::path(post, path = "/api/v1/tx/batch", tag = "transactions", params(WaitParam), request_body = BatchRequest,
+    responses(
+        (status = 200, description = "All committed durably", body = BatchReceipt),
+        (status = 202, description = "Queued (wait=false)", body = Accepted),
+        (status = 400, description = "A write is invalid (nothing committed)", body = ErrorBody),
+        (status = 401, description = "Unknown or revoked device", body = ErrorBody),
+        (status = 403, description = "A write lacks a grant (nothing committed)", body = ErrorBody),
+        (status = 409, description = "An idempotency key was already used", body = ErrorBody),
+        (status = 413, description = "A body is over 8 KB", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn write_batch(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiQuery(w): ApiQuery<WaitParam>,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> Result<Response, ApiError> {
+    let items = req
+        .transactions
+        .into_iter()
+        .map(|r| content(&auth, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    if w.wait.unwrap_or(true) {
+        let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
+        Ok(Json(BatchReceipt {
+            receipts: receipts.iter().map(TxReceipt::from).collect(),
+        })
+        .into_response())
+    } else {
+        commit(&state, &auth, items, false).await
+    }
+}
+
+/// Move the current value of a key to another address: a delete at the source and a put at
+/// the destination, in one commit.
+#[utoipa::path(post, path = "/api/v1/tx/move", tag = "transactions", request_body = MoveRequest,
+    responses(
+        (status = 200, description = "Committed: the delete then the put", body = BatchReceipt),
+        (status = 400, description = "Invalid address or key", body = ErrorBody),
+        (status = 403, description = "No write grant on one of the addresses", body = ErrorBody),
+        (status = 404, description = "No value at the source", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn move_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(req): ApiJson<MoveRequest>,
+) -> Result<Json<BatchReceipt>, ApiError> {
+    let receipts = move_value(&state, &auth, &req.from_address, &req.to_address, &req.key).await?;
+    Ok(Json(BatchReceipt {
+        receipts: receipts.iter().map(TxReceipt::from).collect(),
+    }))
+}
+
+/// Shared by the REST and Kalima-compatible move.
+pub async fn move_value(
+    state: &AppState,
+    auth: &Auth,
+    from: &str,
+    to: &str,
+    key: &str,
+) -> Result<Vec<kalima_core::Receipt>, ApiError> {
+    for a in [from, to] {
+        validate_address(a).map_err(Rejection::from)?;
+    }
+    validate_key(key).map_err(Rejection::from)?;
+    auth.require_read(from)?;
+    let current = state
+        .chain
+        .memcache()
+        .get(from, key)
+        .ok_or_else(|| ApiError::NotFound(format!("no value at {from} key {key}")))?;
+    let c = &current.tx.content;
+    let delete = TxContent {
+        address: from.to_string(),
+        key: key.to_string(),
+        props: [("moved_to".to_string(), to.to_string())].into(),
+        ..TxContent::default()
+    };
+    let mut props = c.props.clone();
+    props.insert("moved_from".into(), from.to_string());
+    let put = TxContent {
+        address: to.to_string(),
+        key: key.to_string(),
+        body: c.body.clone(),
+        props,
+        ..TxContent::default()
+    };
+    Ok(state
+        .ingest
+        .write(INTERFACE, &auth.0, vec![delete, put])
+        .await?)
+}
+
+/// A transaction by id, with its canonical bytes and an inclusion proof in the current tree.
+#[utoipa::path(get, path = "/api/v1/tx/{id}", tag = "transactions",
+    params(("id" = String, Path, description = "Transaction id (64 hex digits)")),
+    responses(
+        (status = 200, body = TxWithProof),
+        (status = 400, description = "Not a transaction id", body = ErrorBody),
+        (status = 403, description = "No read grant on its address", body = ErrorBody),
+        (status = 404, description = "Unknown id", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn read_tx(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<TxWithProof>, ApiError> {
+    let mut h = [0u8; 32];
+    hex::decode_to_slice(&id, &mut h).map_err(|_| {
+        ApiError::BadRequest("invalid_id", "a transaction id is 64 hex digits".into())
+    })?;
+    let c = state
+        .chain
+        .store()
+        .tx_by_id(&h)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no transaction {id}")))?;
+    auth.require_read(&c.tx.content.address)?;
+    let proof = state
+        .chain
+        .inclusion_proof(c.tx.global_sequence, None)
+        .await?;
+    Ok(Json(TxWithProof {
+        transaction: TxJson::from(&c),
+        tx_bytes: B64.encode(c.tx.encode()),
+        proof,
+    }))
+}

@@ -1,0 +1,271 @@
+//! Configuration: one root `Config` loaded from `DIR/kalima.toml`, then overridden by
+//! `KALIMA_<SECTION>__<KEY>` environment variables, then validated with every error
+//! reported at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Name of the config file inside the data directory.
+pub const CONFIG_FILE: &str = "kalima.toml";
+/// Name of the admin token file inside the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Identity of the chain.
+    pub node: NodeSection,
+    /// REST/OpenAPI server.
+    pub api: ApiSection,
+    /// Where the chain is stored.
+    pub storage: StorageSection,
+    /// Sequencer and checkpoint tunables.
+    pub chain: ChainSection,
+    /// Simulated sensors of `kalima up --demo`.
+    pub demo: DemoSection,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Chain name, signed into every checkpoint.
+    pub chain: String,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            chain: "kalima-dev".into(),
+        }
+    }
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    /// Listen address of the REST server.
+    pub listen: String,
+    /// Largest transaction body accepted from clients, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest HTTP request body (batches), in bytes.
+    pub max_request_bytes: usize,
+    /// Requests taking longer are answered 408.
+    pub request_timeout_secs: u64,
+    /// Keep-alive comment interval on SSE streams.
+    pub stream_keepalive_secs: u64,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            max_body_bytes: kalima_core::tx::MAX_BODY,
+            max_request_bytes: 32 * 1024 * 1024,
+            request_timeout_secs: 30,
+            stream_keepalive_secs: 15,
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// `sqlite://PATH` or `postgres://...`; empty means `sqlite://DIR/kalima.db`.
+    pub url: String,
+}
+
+/// `[chain]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChainSection {
+    /// Seconds between automatic checkpoints; 0 disables them.
+    pub checkpoint_interval_secs: u64,
+    /// Most transactions per group commit.
+    pub max_commit_txs: usize,
+    /// Commits a live subscriber may fall behind before it is dropped.
+    pub bus_capacity: usize,
+}
+
+impl Default for ChainSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval_secs: 60,
+            max_commit_txs: 20_000,
+            bus_capacity: 1024,
+        }
+    }
+}
+
+/// `[demo]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoSection {
+    /// Simulated sensors.
+    pub sensors: usize,
+    /// Milliseconds between readings of each sensor.
+    pub interval_ms: u64,
+}
+
+impl Default for DemoSection {
+    fn default() -> Self {
+        Self {
+            sensors: 4,
+            interval_ms: 1000,
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Config {
+    /// Loads `DIR/kalima.toml` (if present) and the environment overrides, then validates.
+    pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
+        let file = dir.join(CONFIG_FILE);
+        let fig = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(&file))
+            .merge(
+                Env::prefixed("KALIMA_")
+                    .split("__")
+                    .ignore(&["dir", "bin", "log"]),
+            );
+        let mut cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigErrors(e.into_iter().map(|e| e.to_string()).collect()))?;
+        if cfg.storage.url.is_empty() {
+            cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reports every invalid value at once.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errs = Vec::new();
+        if self.api.listen.parse::<SocketAddr>().is_err() {
+            errs.push(format!(
+                "[api] listen = {:?} is not an IP:port address",
+                self.api.listen
+            ));
+        }
+        if self.api.max_body_bytes == 0 || self.api.max_body_bytes > kalima_core::tx::MAX_BODY {
+            errs.push(format!(
+                "[api] max_body_bytes must be 1..={}",
+                kalima_core::tx::MAX_BODY
+            ));
+        }
+        if let Err(e) = kalima_core::store::backend_of(&self.storage.url) {
+            errs.push(e.to_string());
+        }
+        if self.node.chain.is_empty() || self.node.chain.contains('\n') {
+            errs.push("[node] chain must be a non-empty single line".into());
+        }
+        if self.chain.max_commit_txs == 0 {
+            errs.push("[chain] max_commit_txs must be at least 1".into());
+        }
+        if self.chain.bus_capacity == 0 {
+            errs.push("[chain] bus_capacity must be at least 1".into());
+        }
+        if self.api.request_timeout_secs == 0 {
+            errs.push("[api] request_timeout_secs must be at least 1".into());
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+
+    /// The engine settings this config describes.
+    pub fn chain_config(&self) -> kalima_core::ChainConfig {
+        kalima_core::ChainConfig {
+            chain: self.node.chain.clone(),
+            max_commit_txs: self.chain.max_commit_txs,
+            queue_capacity: 4096,
+            bus_capacity: self.chain.bus_capacity,
+            checkpoint_interval: (self.chain.checkpoint_interval_secs > 0)
+                .then(|| std::time::Duration::from_secs(self.chain.checkpoint_interval_secs)),
+        }
+    }
+}
+
+/// The commented default config that `kalima init` writes.
+pub fn default_toml(chain: &str) -> String {
+    format!(
+        r#"# Kalima node configuration. Every key can be overridden by an environment variable
+# KALIMA_<SECTION>__<KEY>, e.g. KALIMA_API__LISTEN=127.0.0.1:18080.
+
+[node]
+# Chain name, signed into every checkpoint.
+chain = "{chain}"
+
+[api]
+# REST/OpenAPI server (Swagger UI at /docs).
+listen = "0.0.0.0:8080"
+# Largest transaction body accepted from clients (bytes, at most 8192).
+max_body_bytes = 8192
+# Largest HTTP request (batches), bytes.
+max_request_bytes = 33554432
+request_timeout_secs = 30
+stream_keepalive_secs = 15
+
+[storage]
+# sqlite://PATH (embedded, default: kalima.db in this directory) or postgres://USER:PASS@HOST/DB
+url = ""
+
+[chain]
+# Seconds between automatic signed checkpoints (0 disables them).
+checkpoint_interval_secs = 60
+# Most transactions per durable group commit.
+max_commit_txs = 20000
+# Commits a live subscriber may fall behind before it is dropped.
+bus_capacity = 1024
+
+[demo]
+# Simulated sensors started by `kalima up --demo`.
+sensors = 4
+interval_ms = 1000
+"#
+    )
+}
+
+/// Resolves the data directory (`--dir`, else `KALIMA_DIR`, else `./kalima-data`).
+pub fn data_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("KALIMA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("kalima-data"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_default_parses_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), default_toml("test")).unwrap();
+        let cfg = Config::load(dir.path()).unwrap();
+        assert_eq!(cfg.node.chain, "test");
+        assert!(cfg.storage.url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let mut cfg = Config::default();
+        cfg.api.listen = "nowhere".into();
+        cfg.storage.url = "mysql://x".into();
+        cfg.chain.max_commit_txs = 0;
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+        assert!(err.to_string().contains("[api] listen"));
+    }
+}

@@ -1,0 +1,8 @@
+//! The `kalima` node: CLI, configuration, REST/OpenAPI server and live streams, wired over
+//! the chain core.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod node;

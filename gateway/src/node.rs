@@ -1,0 +1,216 @@
+//! Setting up and running a node: `init` writes the data directory, `start` opens storage
+//! and the chain (creating genesis on first start), binds the API and serves until asked
+//! to stop, then drains the sequencer.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use kalima_core::keys::{DATA_KEYS_FILE, DataKeys, NODE_KEY_FILE, NodeKey, write_private};
+use kalima_core::registry::{
+    ADMIN_ID, DEVICES_ADDRESS, DeviceRecord, NODE_DEVICE_ID, new_token, token_digest,
+};
+use kalima_core::tx::TxContent;
+use kalima_core::{Chain, Store};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::api::{AppState, app};
+use crate::config::{ADMIN_TOKEN_FILE, CONFIG_FILE, Config, default_toml};
+
+/// What `init` created.
+#[derive(Debug)]
+pub struct Initialized {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// The admin token (also in `DIR/admin.token`).
+    pub admin_token: String,
+}
+
+/// True when `dir` already holds a node.
+pub fn is_initialized(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).exists() && dir.join(NODE_KEY_FILE).exists()
+}
+
+/// Writes `kalima.toml`, the node key, the data key ring and the admin token into `dir`.
+pub fn init(dir: &Path, chain: &str) -> anyhow::Result<Initialized> {
+    if is_initialized(dir) {
+        bail!(
+            "{} already holds a node (kalima.toml and node.key exist); use another --dir",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(CONFIG_FILE), default_toml(chain)).context("writing kalima.toml")?;
+    NodeKey::generate().save(&dir.join(NODE_KEY_FILE))?;
+    DataKeys::create(&dir.join(DATA_KEYS_FILE))?;
+    let admin_token = new_token();
+    write_private(
+        &dir.join(ADMIN_TOKEN_FILE),
+        format!("{admin_token}\n").as_bytes(),
+    )?;
+    Ok(Initialized {
+        dir: dir.to_path_buf(),
+        admin_token,
+    })
+}
+
+/// The admin token written by `init`.
+pub fn read_admin_token(dir: &Path) -> anyhow::Result<String> {
+    let p = dir.join(ADMIN_TOKEN_FILE);
+    Ok(std::fs::read_to_string(&p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .trim()
+        .to_string())
+}
+
+/// Opens the store of `dir` with its key ring.
+pub async fn open_store(dir: &Path, config: &Config) -> anyhow::Result<Store> {
+    let keys = DataKeys::load(&dir.join(DATA_KEYS_FILE))?;
+    Store::connect(&config.storage.url, Arc::new(keys))
+        .await
+        .with_context(|| format!("opening storage {}", redact(&config.storage.url)))
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+fn genesis(dir: &Path, chain: &str, node_id: &str) -> anyhow::Result<Vec<TxContent>> {
+    let token = read_admin_token(dir)?;
+    let admin = DeviceRecord {
+        token_sha256: token_digest(&token),
+        public_key: None,
+        require_signature: false,
+        admin: true,
+        revoked: false,
+    };
+    let info = serde_json::json!({ "chain": chain, "genesis_node": node_id, "version": env!("CARGO_PKG_VERSION") });
+    Ok(vec![
+        TxContent {
+            device_id: NODE_DEVICE_ID.into(),
+            address: "/_kalima/chain".into(),
+            key: "genesis".into(),
+            body: serde_json::to_vec(&info)?,
+            ..TxContent::default()
+        },
+        TxContent {
+            device_id: NODE_DEVICE_ID.into(),
+            address: DEVICES_ADDRESS.into(),
+            key: ADMIN_ID.into(),
+            body: serde_json::to_vec(&admin)?,
+            ..TxContent::default()
+        },
+    ])
+}
+
+/// A running node.
+pub struct Running {
+    /// The chain.
+    pub chain: Chain,
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    /// The HTTP server task; ends after `stop`.
+    pub server: JoinHandle<std::io::Result<()>>,
+    /// The sequencer task.
+    pub sequencer: JoinHandle<kalima_core::Result<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the API, drains the sequencer and closes storage.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.server.await;
+        self.chain.shutdown();
+        match self.sequencer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e).context("sequencer"),
+            Err(e) => bail!("sequencer task: {e}"),
+        }
+        self.chain.store().close().await;
+        Ok(())
+    }
+
+    /// Registers a background task to abort on stop.
+    pub fn add_task(&mut self, t: JoinHandle<()>) {
+        self.tasks.push(t);
+    }
+}
+
+/// Binds the API, opens the chain and starts serving.
+pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
+    let config = Arc::new(config);
+    // Bind first so a port conflict is reported before any state is touched.
+    let listener = TcpListener::bind(&config.api.listen).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {} ({e}): change [api] listen in kalima.toml or set KALIMA_API__LISTEN", config.api.listen)
+    })?;
+    let api_addr = listener.local_addr()?;
+    let node_key = NodeKey::load(&dir.join(NODE_KEY_FILE))?;
+    let store = open_store(dir, &config).await?;
+    let genesis = if store.latest_block().await?.is_none() {
+        genesis(dir, &config.node.chain, &node_key.public_hex())?
+    } else {
+        Vec::new()
+    };
+    let (chain, sequencer) = Chain::open(store, node_key, config.chain_config(), genesis)
+        .await
+        .context("restoring the chain")?;
+    let mut tasks = Vec::new();
+    if let Some(t) = chain.spawn_checkpoints() {
+        tasks.push(t);
+    }
+    let state = AppState::new(chain.clone(), config.clone());
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let router = app(state);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
+    Ok(Running {
+        chain,
+        api_addr,
+        server,
+        sequencer,
+        stop,
+        tasks,
+    })
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

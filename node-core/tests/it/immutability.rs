@@ -1,0 +1,59 @@
+//! Chain rows are append-only in the database itself: every UPDATE, DELETE (and TRUNCATE on
+//! PostgreSQL) on blocks, transactions and checkpoints fails, whatever code path issues it,
+//! and leaves the rows as they were.
+
+use kalima_core::store::Backend;
+
+use crate::common::{TestDb, backend_tests, put, submit_one};
+
+backend_tests!(chain_rows_cannot_be_rewritten);
+
+async fn chain_rows_cannot_be_rewritten(db: TestDb) {
+    let c = db.chain().await;
+    for i in 0..3 {
+        submit_one(&c.chain, put("admin", "/plant-1", "temp", format!("2{i}").as_bytes())).await;
+    }
+    c.chain.checkpoint_now().await.unwrap();
+    let store = c.chain.store().clone();
+
+    let snapshot = |s: kalima_core::Store| async move {
+        let blocks = s.raw_blocks(0, 1000).await.unwrap();
+        let txs = s.raw_txs(0, 1000).await.unwrap();
+        let cps = s.checkpoints_from(crate::common::CHAIN, 0, 1000).await.unwrap();
+        (
+            blocks.iter().map(|b| (b.height, b.hash.clone(), b.header.clone())).collect::<Vec<_>>(),
+            txs.iter().map(|t| (t.global_seq, t.height, t.hash.clone(), t.key_id, t.sealed.clone())).collect::<Vec<_>>(),
+            cps,
+        )
+    };
+    let before = snapshot(store.clone()).await;
+    assert!(!before.0.is_empty() && !before.1.is_empty() && !before.2.is_empty());
+
+    let mut statements = vec![
+        "UPDATE txs SET device_id = 'mallory'",
+        "UPDATE txs SET sealed = hash WHERE global_seq = 1",
+        "UPDATE txs SET global_seq = global_seq + 100 WHERE global_seq = 0",
+        "DELETE FROM txs WHERE global_seq = 1",
+        "DELETE FROM txs",
+        "UPDATE blocks SET hash = header",
+        "UPDATE blocks SET timestamp_ms = 0 WHERE height = 1",
+        "DELETE FROM blocks WHERE height = 2",
+        "DELETE FROM blocks",
+        "UPDATE checkpoints SET tree_size = 1",
+        "DELETE FROM checkpoints",
+    ];
+    if db.backend == Backend::Postgres {
+        statements.extend(["TRUNCATE txs", "TRUNCATE blocks", "TRUNCATE checkpoints"]);
+    }
+    for sql in statements {
+        let res = store.execute_raw(sql).await;
+        assert!(res.is_err(), "{:?}: `{sql}` must be refused, got {res:?}", db.backend);
+        let msg = format!("{:#}", res.unwrap_err());
+        assert!(msg.contains("immutable"), "{:?}: `{sql}` failed for another reason: {msg}", db.backend);
+    }
+    assert_eq!(snapshot(store.clone()).await, before, "nothing changed");
+
+    // Appending stays possible, and the untouched chain still verifies.
+    submit_one(&c.chain, put("admin", "/plant-1", "temp", b"30")).await;
+    kalima_core::verify::verify_chain(&store, crate::common::CHAIN, |_| {}).await.unwrap();
+}

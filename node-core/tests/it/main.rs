@@ -1,0 +1,5 @@
+//! Integration tests of kalima-core.
+#[test]
+fn feature_on() {
+    let _ = kalima_core::Store::execute_raw;
+}
