@@ -1,0 +1,1 @@
+//! Kalima REST compatibility surface.
