@@ -179,3 +179,22 @@ pub fn app(state: AppState) -> Router {
 async fn not_found() -> error::ApiError {
     error::ApiError::NotFound("no such route; see /docs".into())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The committed document must be what the code generates, so clients never read a
+    /// stale contract. Regenerate with `cargo run -p kalima-gateway -- openapi > openapi/openapi.json`.
+    #[test]
+    fn committed_openapi_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/openapi.json");
+        let generated = super::openapi_json();
+        if std::env::var_os("KALIMA_UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, &generated).expect("write openapi.json");
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "openapi/openapi.json differs from the code: run `cargo run -p kalima-gateway -- openapi > openapi/openapi.json` and commit it"
+        );
+    }
+}
