@@ -83,10 +83,7 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     let mut tmp = None;
     let mut running = None;
     let (base, token) = match &a.url {
-        Some(u) => (
-            u.trim_end_matches('/').to_string(),
-            a.token.clone().context("--token is required with --url")?,
-        ),
+        Some(u) => (u.trim_end_matches('/').to_string(), a.token.clone().context("--token is required with --url")?),
         None => {
             let dir = tempfile::tempdir().context("creating a temporary directory")?;
             node::init(dir.path(), "bench")?;
@@ -104,19 +101,12 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
             (base, token)
         }
     };
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(a.concurrency)
-        .tcp_nodelay(true)
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(a.concurrency).tcp_nodelay(true).build()?;
     let acks: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
 
     let sse_task = if a.sse {
-        let resp = client
-            .get(format!("{base}/api/v1/stream?address=/bench"))
-            .bearer_auth(&token)
-            .send()
-            .await?;
+        let resp = client.get(format!("{base}/api/v1/stream?address=/bench")).bearer_auth(&token).send().await?;
         if !resp.status().is_success() {
             bail!("SSE subscribe failed: {}", resp.status());
         }
@@ -152,9 +142,7 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         let token = token.clone();
         let acks = acks.clone();
         let (mode, batch, keys, sse) = (a.mode, a.batch_size.max(1), a.keys, a.sse);
-        let period = a
-            .rate
-            .map(|r| Duration::from_secs_f64(a.concurrency as f64 / r.max(1) as f64));
+        let period = a.rate.map(|r| Duration::from_secs_f64(a.concurrency as f64 / r.max(1) as f64));
         workers.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!());
             let (mut readings, mut errors) = (0u64, 0u64);
@@ -171,23 +159,13 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
                 let (url, body, n) = match mode {
                     Mode::Single => (format!("{base}/api/v1/tx"), reading(w, i, keys), 1),
                     Mode::Batch => {
-                        let txs: Vec<_> =
-                            (0..batch as u64).map(|j| reading(w, i + j, keys)).collect();
-                        (
-                            format!("{base}/api/v1/tx/batch"),
-                            json!({ "transactions": txs }),
-                            batch as u64,
-                        )
+                        let txs: Vec<_> = (0..batch as u64).map(|j| reading(w, i + j, keys)).collect();
+                        (format!("{base}/api/v1/tx/batch"), json!({ "transactions": txs }), batch as u64)
                     }
                 };
                 i += n;
                 let t0 = Instant::now();
-                let res = client
-                    .post(url)
-                    .bearer_auth(&token)
-                    .json(&body)
-                    .send()
-                    .await;
+                let res = client.post(url).bearer_auth(&token).json(&body).send().await;
                 let ok = match res {
                     Ok(r) if r.status().is_success() => {
                         let done = Instant::now();
@@ -235,15 +213,9 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     println!(
         "bench ingest: mode={:?} batch={} concurrency={} rate={} duration={:.1}s",
         a.mode,
-        if matches!(a.mode, Mode::Batch) {
-            a.batch_size
-        } else {
-            1
-        },
+        if matches!(a.mode, Mode::Batch) { a.batch_size } else { 1 },
         a.concurrency,
-        a.rate
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "max".into()),
+        a.rate.map(|r| r.to_string()).unwrap_or_else(|| "max".into()),
         secs
     );
     println!(

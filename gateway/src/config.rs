@@ -40,9 +40,7 @@ pub struct NodeSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        Self {
-            chain: "kalima-dev".into(),
-        }
+        Self { chain: "kalima-dev".into() }
     }
 }
 
@@ -96,11 +94,7 @@ pub struct ChainSection {
 
 impl Default for ChainSection {
     fn default() -> Self {
-        Self {
-            checkpoint_interval_secs: 60,
-            max_commit_txs: 20_000,
-            bus_capacity: 1024,
-        }
+        Self { checkpoint_interval_secs: 60, max_commit_txs: 20_000, bus_capacity: 1024 }
     }
 }
 
@@ -116,10 +110,7 @@ pub struct DemoSection {
 
 impl Default for DemoSection {
     fn default() -> Self {
-        Self {
-            sensors: 4,
-            interval_ms: 1000,
-        }
+        Self { sensors: 4, interval_ms: 1000 }
     }
 }
 
@@ -134,14 +125,9 @@ impl Config {
         let file = dir.join(CONFIG_FILE);
         let fig = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(&file))
-            .merge(
-                Env::prefixed("KALIMA_")
-                    .split("__")
-                    .ignore(&["dir", "bin", "log"]),
-            );
-        let mut cfg: Config = fig
-            .extract()
-            .map_err(|e| ConfigErrors(e.into_iter().map(|e| e.to_string()).collect()))?;
+            .merge(Env::prefixed("KALIMA_").split("__").ignore(&["dir", "bin", "log"]));
+        let mut cfg: Config =
+            fig.extract().map_err(|e| ConfigErrors(e.into_iter().map(|e| e.to_string()).collect()))?;
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
         }
@@ -153,16 +139,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errs = Vec::new();
         if self.api.listen.parse::<SocketAddr>().is_err() {
-            errs.push(format!(
-                "[api] listen = {:?} is not an IP:port address",
-                self.api.listen
-            ));
+            errs.push(format!("[api] listen = {:?} is not an IP:port address", self.api.listen));
         }
         if self.api.max_body_bytes == 0 || self.api.max_body_bytes > kalima_core::tx::MAX_BODY {
-            errs.push(format!(
-                "[api] max_body_bytes must be 1..={}",
-                kalima_core::tx::MAX_BODY
-            ));
+            errs.push(format!("[api] max_body_bytes must be 1..={}", kalima_core::tx::MAX_BODY));
         }
         if let Err(e) = kalima_core::store::backend_of(&self.storage.url) {
             errs.push(e.to_string());
@@ -179,11 +159,7 @@ impl Config {
         if self.api.request_timeout_secs == 0 {
             errs.push("[api] request_timeout_secs must be at least 1".into());
         }
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errs))
-        }
+        if errs.is_empty() { Ok(()) } else { Err(ConfigErrors(errs)) }
     }
 
     /// The engine settings this config describes.
@@ -241,8 +217,7 @@ interval_ms = 1000
 
 /// Resolves the data directory (`--dir`, else `KALIMA_DIR`, else `./kalima-data`).
 pub fn data_dir(arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| std::env::var_os("KALIMA_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("kalima-data"))
+    arg.or_else(|| std::env::var_os("KALIMA_DIR").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("kalima-data"))
 }
 
 #[cfg(test)]

@@ -73,19 +73,13 @@ enum KeysAction {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KALIMA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -130,13 +124,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let chain = running.chain.clone();
                 let ingest = kalima_core::Ingest::new(chain.clone(), kalima_core::tx::MAX_BODY);
                 running.add_task(tokio::spawn(async move {
-                    if let Err(e) = demo::run(
-                        chain,
-                        ingest,
-                        demo_cfg.sensors,
-                        Duration::from_millis(demo_cfg.interval_ms.max(10)),
-                    )
-                    .await
+                    if let Err(e) =
+                        demo::run(chain, ingest, demo_cfg.sensors, Duration::from_millis(demo_cfg.interval_ms.max(10)))
+                            .await
                     {
                         tracing::error!(target: "demo", error = %e, "Demo stopped.");
                     }
@@ -159,12 +149,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { dir } => verify(config::data_dir(dir)).await,
-        Command::Keys {
-            action: KeysAction::Rotate { dir },
-        } => {
+        Command::Keys { action: KeysAction::Rotate { dir } } => {
             let dir = config::data_dir(dir);
-            let id =
-                DataKeys::rotate(&dir.join(DATA_KEYS_FILE)).context("rotating the data key")?;
+            let id = DataKeys::rotate(&dir.join(DATA_KEYS_FILE)).context("rotating the data key")?;
             println!(
                 "Data key {id} is now active; restart the node to encrypt new records with it. Older records stay readable."
             );
@@ -181,11 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn verify(dir: PathBuf) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(&dir)?;
     let store = node::open_store(&dir, &cfg).await?;
-    let total = store
-        .latest_block()
-        .await?
-        .map(|b| b.header.height + 1)
-        .unwrap_or(0);
+    let total = store.latest_block().await?.map(|b| b.header.height + 1).unwrap_or(0);
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(

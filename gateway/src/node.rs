@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use kalima_core::keys::{DATA_KEYS_FILE, DataKeys, NODE_KEY_FILE, NodeKey, write_private};
-use kalima_core::registry::{
-    ADMIN_ID, DEVICES_ADDRESS, DeviceRecord, NODE_DEVICE_ID, new_token, token_digest,
-};
+use kalima_core::registry::{ADMIN_ID, DEVICES_ADDRESS, DeviceRecord, NODE_DEVICE_ID, new_token, token_digest};
 use kalima_core::tx::TxContent;
 use kalima_core::{Chain, Store};
 use tokio::net::TcpListener;
@@ -36,33 +34,21 @@ pub fn is_initialized(dir: &Path) -> bool {
 /// Writes `kalima.toml`, the node key, the data key ring and the admin token into `dir`.
 pub fn init(dir: &Path, chain: &str) -> anyhow::Result<Initialized> {
     if is_initialized(dir) {
-        bail!(
-            "{} already holds a node (kalima.toml and node.key exist); use another --dir",
-            dir.display()
-        );
+        bail!("{} already holds a node (kalima.toml and node.key exist); use another --dir", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join(CONFIG_FILE), default_toml(chain)).context("writing kalima.toml")?;
     NodeKey::generate().save(&dir.join(NODE_KEY_FILE))?;
     DataKeys::create(&dir.join(DATA_KEYS_FILE))?;
     let admin_token = new_token();
-    write_private(
-        &dir.join(ADMIN_TOKEN_FILE),
-        format!("{admin_token}\n").as_bytes(),
-    )?;
-    Ok(Initialized {
-        dir: dir.to_path_buf(),
-        admin_token,
-    })
+    write_private(&dir.join(ADMIN_TOKEN_FILE), format!("{admin_token}\n").as_bytes())?;
+    Ok(Initialized { dir: dir.to_path_buf(), admin_token })
 }
 
 /// The admin token written by `init`.
 pub fn read_admin_token(dir: &Path) -> anyhow::Result<String> {
     let p = dir.join(ADMIN_TOKEN_FILE);
-    Ok(std::fs::read_to_string(&p)
-        .with_context(|| format!("reading {}", p.display()))?
-        .trim()
-        .to_string())
+    Ok(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
 }
 
 /// Opens the store of `dir` with its key ring.
@@ -155,7 +141,10 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
     // Bind first so a port conflict is reported before any state is touched.
     let listener = TcpListener::bind(&config.api.listen).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {} ({e}): change [api] listen in kalima.toml or set KALIMA_API__LISTEN", config.api.listen)
+        anyhow::anyhow!(
+            "cannot listen on {} ({e}): change [api] listen in kalima.toml or set KALIMA_API__LISTEN",
+            config.api.listen
+        )
     })?;
     let api_addr = listener.local_addr()?;
     let node_key = NodeKey::load(&dir.join(NODE_KEY_FILE))?;
@@ -165,9 +154,8 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     } else {
         Vec::new()
     };
-    let (chain, sequencer) = Chain::open(store, node_key, config.chain_config(), genesis)
-        .await
-        .context("restoring the chain")?;
+    let (chain, sequencer) =
+        Chain::open(store, node_key, config.chain_config(), genesis).await.context("restoring the chain")?;
     let mut tasks = Vec::new();
     if let Some(t) = chain.spawn_checkpoints() {
         tasks.push(t);
@@ -183,14 +171,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running {
-        chain,
-        api_addr,
-        server,
-        sequencer,
-        stop,
-        tasks,
-    })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

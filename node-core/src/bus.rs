@@ -49,8 +49,7 @@ impl Subscription {
         match self.rx.recv().await {
             Ok(b) => Ok(b),
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "lagged")
-                    .increment(1);
+                metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "lagged").increment(1);
                 Err(SubscriptionEnd::Lagged)
             }
             Err(broadcast::error::RecvError::Closed) => Err(SubscriptionEnd::Closed),
@@ -73,9 +72,7 @@ impl Bus {
 
     /// A new subscription starting at the next commit.
     pub fn subscribe(&self) -> Subscription {
-        Subscription {
-            rx: self.tx.subscribe(),
-        }
+        Subscription { rx: self.tx.subscribe() }
     }
 
     /// Current number of subscribers.

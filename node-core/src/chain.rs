@@ -19,10 +19,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Rejection, Result};
 use crate::keys::NodeKey;
 use crate::memcache::Memcache;
-use crate::merkle::{
-    CHUNK_SIZE, ConsistencyProof, Frontier, Hash, InclusionProof, MerkleError, MerkleTree,
-    leaf_hash,
-};
+use crate::merkle::{CHUNK_SIZE, ConsistencyProof, Frontier, Hash, InclusionProof, MerkleError, MerkleTree, leaf_hash};
 use crate::registry::{DEVICES_ADDRESS, NODE_DEVICE_ID, Registry, is_system_address};
 use crate::store::{BlockRecord, CommittedTx, PendingTx, Store};
 use crate::tx::{Transaction, TxContent};
@@ -113,17 +110,12 @@ pub struct Chain {
 
 impl std::fmt::Debug for Chain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Chain")
-            .field("chain", &self.inner.config.chain)
-            .finish()
+        f.debug_struct("Chain").field("chain", &self.inner.config.chain).finish()
     }
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Sequencer-owned state: the uncommitted view used while building a commit.
@@ -188,8 +180,7 @@ impl Chain {
                 if b.header.tree_size != tree.len() || b.header.merkle_root != tree.root() {
                     return Err(Error::Corrupt {
                         height: b.header.height,
-                        reason: "stored transactions do not match the head block's Merkle root"
-                            .into(),
+                        reason: "stored transactions do not match the head block's Merkle root".into(),
                     });
                 }
                 Head { block: b }
@@ -227,26 +218,13 @@ impl Chain {
         });
         let chain = Chain { inner };
 
-        let mut seq = Sequencer {
-            chain: chain.clone(),
-            rx,
-            frontier,
-            expiries: BinaryHeap::new(),
-        };
+        let mut seq = Sequencer { chain: chain.clone(), rx, frontier, expiries: BinaryHeap::new() };
         for c in chain.inner.memcache.snapshot() {
             seq.track_expiry(&c);
         }
         if genesis_needed {
-            seq.commit(
-                vec![Submission {
-                    items: genesis,
-                    guard: None,
-                    reply: None,
-                    enqueued: Instant::now(),
-                }],
-                true,
-            )
-            .await?;
+            seq.commit(vec![Submission { items: genesis, guard: None, reply: None, enqueued: Instant::now() }], true)
+                .await?;
         }
         metrics::gauge!("kalima_block_height").set(chain.head().block.header.height as f64);
         tracing::info!(
@@ -257,28 +235,19 @@ impl Chain {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Chain restored."
         );
-        chain
-            .inner
-            .ready
-            .store(true, std::sync::atomic::Ordering::Release);
+        chain.inner.ready.store(true, std::sync::atomic::Ordering::Release);
         let task = tokio::spawn(seq.run());
         Ok((chain, task))
     }
 
     /// Stops the sequencer after it has committed what is already queued.
     pub fn shutdown(&self) {
-        self.inner
-            .ready
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.inner.ready.store(false, std::sync::atomic::Ordering::Release);
         self.inner.shutdown.notify_one();
     }
 
     /// Submits validated content and waits for the durable commit.
-    pub async fn submit(
-        &self,
-        items: Vec<TxContent>,
-        guard: Option<Guard>,
-    ) -> Result<Vec<Receipt>> {
+    pub async fn submit(&self, items: Vec<TxContent>, guard: Option<Guard>) -> Result<Vec<Receipt>> {
         let (tx, rx) = oneshot::channel();
         self.enqueue(items, guard, Some(tx)).await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
@@ -295,17 +264,8 @@ impl Chain {
         guard: Option<Guard>,
         reply: Option<oneshot::Sender<Result<Vec<Receipt>>>>,
     ) -> Result<()> {
-        let sub = Submission {
-            items,
-            guard,
-            reply,
-            enqueued: Instant::now(),
-        };
-        self.inner
-            .queue
-            .send(sub)
-            .await
-            .map_err(|_| Error::ShuttingDown)
+        let sub = Submission { items, guard, reply, enqueued: Instant::now() };
+        self.inner.queue.send(sub).await.map_err(|_| Error::ShuttingDown)
     }
 
     /// The memcache.
@@ -358,11 +318,7 @@ impl Chain {
         if key.is_empty() {
             return None;
         }
-        self.inner
-            .idempotency
-            .lock()
-            .get(&(device.to_string(), key.to_string()))
-            .copied()
+        self.inner.idempotency.lock().get(&(device.to_string(), key.to_string())).copied()
     }
 
     /// Runs a Merkle computation, fetching old leaf chunks from the store as it asks for them.
@@ -380,11 +336,7 @@ impl Chain {
             match res {
                 Err(MerkleError::MissingChunk(i)) if !chunks.contains_key(&i) => {
                     let from = i * CHUNK_SIZE;
-                    let leaves = self
-                        .inner
-                        .store
-                        .leaf_hashes(from, from + CHUNK_SIZE)
-                        .await?;
+                    let leaves = self.inner.store.leaf_hashes(from, from + CHUNK_SIZE).await?;
                     // A tampered hash column would otherwise turn into a wrong proof.
                     self.inner.tree.read().check_chunk(i, &leaves)?;
                     chunks.insert(i, leaves);
@@ -392,18 +344,14 @@ impl Chain {
                 other => return Ok(other?),
             }
         }
-        Err(Error::Corrupt {
-            height: 0,
-            reason: "Merkle leaf chunks could not be loaded".into(),
-        })
+        Err(Error::Corrupt { height: 0, reason: "Merkle leaf chunks could not be loaded".into() })
     }
 
     /// Inclusion proof of the transaction at `index` in the tree of `size` (default: current).
     pub async fn inclusion_proof(&self, index: u64, size: Option<u64>) -> Result<InclusionProof> {
         let size = size.unwrap_or_else(|| self.tree_size());
-        let (path, root) = self
-            .with_leaves(|t, c| Ok((t.inclusion_proof(index, size, c)?, t.root_at(size, c)?)))
-            .await?;
+        let (path, root) =
+            self.with_leaves(|t, c| Ok((t.inclusion_proof(index, size, c)?, t.root_at(size, c)?))).await?;
         let in_memory = self.inner.tree.read().leaf_in_memory(index);
         let leaf = match in_memory {
             Some(h) => h,
@@ -427,14 +375,8 @@ impl Chain {
 
     /// Consistency proof between two tree sizes.
     pub async fn consistency_proof(&self, first: u64, second: u64) -> Result<ConsistencyProof> {
-        let proof = self
-            .with_leaves(|t, c| t.consistency_proof(first, second, c))
-            .await?;
-        Ok(ConsistencyProof {
-            first,
-            second,
-            proof: proof.iter().map(hex::encode).collect(),
-        })
+        let proof = self.with_leaves(|t, c| t.consistency_proof(first, second, c)).await?;
+        Ok(ConsistencyProof { first, second, proof: proof.iter().map(hex::encode).collect() })
     }
 
     /// Root of the tree at `size`.
@@ -450,14 +392,7 @@ impl Chain {
             let head = self.inner.head.read();
             (tree.len(), tree.root(), head.block.header.height)
         };
-        let cp = Checkpoint::sign(
-            &self.inner.node_key,
-            &self.inner.config.chain,
-            size,
-            root,
-            height,
-            now_ms(),
-        );
+        let cp = Checkpoint::sign(&self.inner.node_key, &self.inner.config.chain, size, root, height, now_ms());
         self.inner.store.insert_checkpoint(&cp).await?;
         metrics::counter!("kalima_checkpoints_total").increment(1);
         Ok(cp)
@@ -465,10 +400,7 @@ impl Chain {
 
     /// The latest stored checkpoint.
     pub async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>> {
-        self.inner
-            .store
-            .latest_checkpoint(&self.inner.config.chain)
-            .await
+        self.inner.store.latest_checkpoint(&self.inner.config.chain).await
     }
 
     /// Starts the periodic checkpoint task (no-op when disabled).
@@ -481,12 +413,7 @@ impl Chain {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let last = chain
-                    .latest_checkpoint()
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|c| c.tree_size);
+                let last = chain.latest_checkpoint().await.ok().flatten().map(|c| c.tree_size);
                 if last == Some(chain.tree_size()) {
                     continue;
                 }
@@ -589,11 +516,7 @@ impl Sequencer {
                     device_id: NODE_DEVICE_ID.into(),
                     address,
                     key,
-                    props: [
-                        ("reason".to_string(), "ttl".to_string()),
-                        ("expired".to_string(), seq.to_string()),
-                    ]
-                    .into(),
+                    props: [("reason".to_string(), "ttl".to_string()), ("expired".to_string(), seq.to_string())].into(),
                     ..TxContent::default()
                 });
             }
@@ -602,12 +525,7 @@ impl Sequencer {
             return Vec::new();
         }
         metrics::counter!("kalima_ttl_deletes_total").increment(items.len() as u64);
-        vec![Submission {
-            items,
-            guard: None,
-            reply: None,
-            enqueued: Instant::now(),
-        }]
+        vec![Submission { items, guard: None, reply: None, enqueued: Instant::now() }]
     }
 
     async fn commit(&mut self, subs: Vec<Submission>, genesis: bool) -> Result<()> {
@@ -637,26 +555,15 @@ impl Sequencer {
                 if c.address == DEVICES_ADDRESS {
                     new_devices.insert(c.key.clone());
                 }
-                let a = addr_seq
-                    .entry(c.address.clone())
-                    .or_insert_with(|| inner.memcache.sequence(&c.address));
+                let a = addr_seq.entry(c.address.clone()).or_insert_with(|| inner.memcache.sequence(&c.address));
                 *a += 1;
                 let k = (c.address.clone(), c.key.clone());
                 let previous = match last_id.get(&k) {
                     Some(h) => *h,
-                    None => inner
-                        .memcache
-                        .last(&c.address, &c.key)
-                        .map(|t| t.id)
-                        .unwrap_or([0; 32]),
+                    None => inner.memcache.last(&c.address, &c.key).map(|t| t.id).unwrap_or([0; 32]),
                 };
-                let tx = Transaction {
-                    global_sequence: next_seq,
-                    sequence: *a,
-                    timestamp_ms,
-                    previous,
-                    content: c.clone(),
-                };
+                let tx =
+                    Transaction { global_sequence: next_seq, sequence: *a, timestamp_ms, previous, content: c.clone() };
                 next_seq += 1;
                 let bytes = tx.encode();
                 let id = leaf_hash(&bytes);
@@ -675,18 +582,12 @@ impl Sequencer {
         let mut blocks: Vec<BlockRecord> = Vec::new();
         let mut heights: Vec<u64> = Vec::with_capacity(building.len());
         let mut prev_hash = head.block.hash;
-        let mut height = if genesis {
-            0
-        } else {
-            head.block.header.height + 1
-        };
+        let mut height = if genesis { 0 } else { head.block.header.height + 1 };
         let mut i = 0;
         loop {
             let mut size = 0usize;
             let start = i;
-            while i < building.len()
-                && (i == start || size + building[i].bytes.len() <= MAX_BLOCK_TX_BYTES)
-            {
+            while i < building.len() && (i == start || size + building[i].bytes.len() <= MAX_BLOCK_TX_BYTES) {
                 size += building[i].bytes.len();
                 frontier.push(building[i].id);
                 heights.push(height);
@@ -714,11 +615,7 @@ impl Sequencer {
             .into_iter()
             .zip(heights)
             .map(|(b, h)| PendingTx {
-                committed: Arc::new(CommittedTx {
-                    tx: b.tx,
-                    id: b.id,
-                    height: h,
-                }),
+                committed: Arc::new(CommittedTx { tx: b.tx, id: b.id, height: h }),
                 bytes: b.bytes,
             })
             .collect();
@@ -734,13 +631,11 @@ impl Sequencer {
             }
             return Err(e);
         }
-        metrics::histogram!("kalima_store_write_seconds")
-            .record(write_started.elapsed().as_secs_f64());
+        metrics::histogram!("kalima_store_write_seconds").record(write_started.elapsed().as_secs_f64());
 
         // Durable: publish the new state.
         self.frontier = frontier;
-        let committed: Vec<Arc<CommittedTx>> =
-            pending.iter().map(|p| p.committed.clone()).collect();
+        let committed: Vec<Arc<CommittedTx>> = pending.iter().map(|p| p.committed.clone()).collect();
         {
             let mut tree = inner.tree.write();
             for c in &committed {
@@ -752,23 +647,14 @@ impl Sequencer {
             }
         }
         inner.memcache.apply(committed.iter());
-        if committed
-            .iter()
-            .any(|c| is_system_address(&c.tx.content.address))
-        {
+        if committed.iter().any(|c| is_system_address(&c.tx.content.address)) {
             inner.registry.apply(&committed, &inner.memcache);
         }
         {
             let mut idem = inner.idempotency.lock();
             for c in &committed {
                 if !c.tx.content.idempotency_key.is_empty() {
-                    idem.insert(
-                        (
-                            c.tx.content.device_id.clone(),
-                            c.tx.content.idempotency_key.clone(),
-                        ),
-                        c.id,
-                    );
+                    idem.insert((c.tx.content.device_id.clone(), c.tx.content.idempotency_key.clone()), c.id);
                 }
             }
         }
@@ -777,8 +663,7 @@ impl Sequencer {
         }
         let done = Instant::now();
         for (sub, range) in accepted {
-            metrics::histogram!("kalima_commit_seconds")
-                .record(done.duration_since(sub.enqueued).as_secs_f64());
+            metrics::histogram!("kalima_commit_seconds").record(done.duration_since(sub.enqueued).as_secs_f64());
             if let Some(r) = sub.reply {
                 let receipts = committed[range]
                     .iter()
@@ -818,21 +703,14 @@ impl Sequencer {
                 metrics::counter!("kalima_writes_rejected_total", "reason" => "duplicate_idempotency_key").increment(1);
                 return Err(Rejection::DuplicateIdempotencyKey {
                     key: c.idempotency_key.clone(),
-                    existing: existing
-                        .map(hex::encode)
-                        .unwrap_or_else(|| "in the same commit".into()),
+                    existing: existing.map(hex::encode).unwrap_or_else(|| "in the same commit".into()),
                 });
             }
         }
-        let registered =
-            |id: &str| new_devices.contains(id) || self.chain.inner.registry.get(id).is_some();
+        let registered = |id: &str| new_devices.contains(id) || self.chain.inner.registry.get(id).is_some();
         match &sub.guard {
-            Some(Guard::DeviceAbsent(id)) if registered(id) => {
-                Err(Rejection::DeviceExists(id.clone()))
-            }
-            Some(Guard::DevicePresent(id)) if !registered(id) => {
-                Err(Rejection::NoSuchDevice(id.clone()))
-            }
+            Some(Guard::DeviceAbsent(id)) if registered(id) => Err(Rejection::DeviceExists(id.clone())),
+            Some(Guard::DevicePresent(id)) if !registered(id) => Err(Rejection::NoSuchDevice(id.clone())),
             _ => Ok(()),
         }
     }

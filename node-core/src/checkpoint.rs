@@ -56,28 +56,12 @@ pub struct SignatureJson {
 
 impl Checkpoint {
     /// The text that is signed, one field per line.
-    pub fn signed_text(
-        chain: &str,
-        tree_size: u64,
-        root: &Hash,
-        height: u64,
-        timestamp_ms: i64,
-    ) -> String {
-        format!(
-            "kalima-checkpoint-v1\n{chain}\n{tree_size}\n{}\n{height}\n{timestamp_ms}\n",
-            hex::encode(root)
-        )
+    pub fn signed_text(chain: &str, tree_size: u64, root: &Hash, height: u64, timestamp_ms: i64) -> String {
+        format!("kalima-checkpoint-v1\n{chain}\n{tree_size}\n{}\n{height}\n{timestamp_ms}\n", hex::encode(root))
     }
 
     /// Signs a tree head.
-    pub fn sign(
-        key: &NodeKey,
-        chain: &str,
-        tree_size: u64,
-        root: Hash,
-        height: u64,
-        timestamp_ms: i64,
-    ) -> Self {
+    pub fn sign(key: &NodeKey, chain: &str, tree_size: u64, root: Hash, height: u64, timestamp_ms: i64) -> Self {
         let text = Self::signed_text(chain, tree_size, &root, height, timestamp_ms);
         Checkpoint {
             chain: chain.to_string(),
@@ -99,15 +83,8 @@ impl Checkpoint {
         let Ok(key) = VerifyingKey::from_bytes(&pk) else {
             return false;
         };
-        let text = Self::signed_text(
-            &self.chain,
-            self.tree_size,
-            &self.root,
-            self.height,
-            self.timestamp_ms,
-        );
-        key.verify(text.as_bytes(), &Signature::from_bytes(&self.signature))
-            .is_ok()
+        let text = Self::signed_text(&self.chain, self.tree_size, &self.root, self.height, self.timestamp_ms);
+        key.verify(text.as_bytes(), &Signature::from_bytes(&self.signature)).is_ok()
     }
 
     /// The API's JSON form.
@@ -118,17 +95,8 @@ impl Checkpoint {
             height: self.height,
             timestamp_ms: self.timestamp_ms,
             root: hex::encode(self.root),
-            signed_text: Self::signed_text(
-                &self.chain,
-                self.tree_size,
-                &self.root,
-                self.height,
-                self.timestamp_ms,
-            ),
-            signatures: vec![SignatureJson {
-                signer: self.signer.clone(),
-                signature: hex::encode(self.signature),
-            }],
+            signed_text: Self::signed_text(&self.chain, self.tree_size, &self.root, self.height, self.timestamp_ms),
+            signatures: vec![SignatureJson { signer: self.signer.clone(), signature: hex::encode(self.signature) }],
         }
     }
 }

@@ -61,10 +61,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.display().to_string(),
-            source,
-        }
+        Error::Io { path: path.display().to_string(), source }
     }
 }
 

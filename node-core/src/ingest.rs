@@ -42,11 +42,7 @@ impl Ingest {
     }
 
     /// The device presenting `token` (unknown and revoked devices are refused and counted).
-    pub fn authenticate(
-        &self,
-        interface: &'static str,
-        token: Option<&str>,
-    ) -> Result<Arc<Device>, Rejection> {
+    pub fn authenticate(&self, interface: &'static str, token: Option<&str>) -> Result<Arc<Device>, Rejection> {
         let res = match token {
             Some(t) if !t.is_empty() => self.chain.registry().authenticate(t),
             _ => Err(Rejection::UnknownDevice),
@@ -69,17 +65,11 @@ impl Ingest {
             });
         }
         if content.body.len() > self.max_body {
-            return Err(Rejection::TooLarge {
-                size: content.body.len(),
-                limit: self.max_body,
-            });
+            return Err(Rejection::TooLarge { size: content.body.len(), limit: self.max_body });
         }
         content.validate(self.max_body)?;
         device.check_signature(content)?;
-        if let Some(existing) = self
-            .chain
-            .idempotency_hit(&device.id, &content.idempotency_key)
-        {
+        if let Some(existing) = self.chain.idempotency_hit(&device.id, &content.idempotency_key) {
             return Err(Rejection::DuplicateIdempotencyKey {
                 key: content.idempotency_key.clone(),
                 existing: hex::encode(existing),
@@ -96,10 +86,7 @@ impl Ingest {
     ) -> Result<Vec<TxContent>, Rejection> {
         let res = (|| {
             if items.is_empty() || items.len() > MAX_BATCH {
-                return Err(Rejection::BatchSize {
-                    got: items.len(),
-                    max: MAX_BATCH,
-                });
+                return Err(Rejection::BatchSize { got: items.len(), max: MAX_BATCH });
             }
             for c in &mut items {
                 // The device is who authenticated, whatever the request claimed.
@@ -115,18 +102,12 @@ impl Ingest {
     }
 
     /// Checks and commits `items` as one unit; answers after the durable commit.
-    pub async fn write(
-        &self,
-        interface: &'static str,
-        device: &Device,
-        items: Vec<TxContent>,
-    ) -> Result<Vec<Receipt>> {
+    pub async fn write(&self, interface: &'static str, device: &Device, items: Vec<TxContent>) -> Result<Vec<Receipt>> {
         let items = self.prepare(interface, device, items)?;
         let n = items.len() as u64;
         let res = self.chain.submit(items, None).await;
         match &res {
-            Ok(_) => metrics::counter!("kalima_writes_accepted_total", "interface" => interface)
-                .increment(n),
+            Ok(_) => metrics::counter!("kalima_writes_accepted_total", "interface" => interface).increment(n),
             Err(Error::Rejected(r)) => count_rejection(interface, r),
             Err(_) => {}
         }
@@ -134,12 +115,7 @@ impl Ingest {
     }
 
     /// Checks `items` and queues them without waiting for the commit.
-    pub async fn write_nowait(
-        &self,
-        interface: &'static str,
-        device: &Device,
-        items: Vec<TxContent>,
-    ) -> Result<()> {
+    pub async fn write_nowait(&self, interface: &'static str, device: &Device, items: Vec<TxContent>) -> Result<()> {
         let items = self.prepare(interface, device, items)?;
         let n = items.len() as u64;
         self.chain.submit_nowait(items).await?;

@@ -44,9 +44,8 @@ impl NodeKey {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut seed = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut seed).map_err(|e| {
-            Error::Config(format!("{}: not a 64-hex-digit key: {e}", path.display()))
-        })?;
+        hex::decode_to_slice(text.trim(), &mut seed)
+            .map_err(|e| Error::Config(format!("{}: not a 64-hex-digit key: {e}", path.display())))?;
         Ok(Self::from_seed(seed))
     }
 
@@ -90,10 +89,7 @@ pub struct DataKeys {
 
 impl std::fmt::Debug for DataKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataKeys")
-            .field("active", &self.active)
-            .field("ids", &self.ids())
-            .finish()
+        f.debug_struct("DataKeys").field("active", &self.active).field("ids", &self.ids()).finish()
     }
 }
 
@@ -113,8 +109,8 @@ impl DataKeys {
     /// Loads the ring written by [`DataKeys::create`] / [`DataKeys::rotate`].
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: KeyRingFile = serde_json::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let file: KeyRingFile =
+            serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Self::from_file(Some(path.to_path_buf()), file)
     }
 
@@ -129,34 +125,23 @@ impl DataKeys {
         let mut ciphers = BTreeMap::new();
         for (id, hexkey) in &file.keys {
             let mut k = [0u8; 32];
-            hex::decode_to_slice(hexkey, &mut k)
-                .map_err(|e| Error::Config(format!("data key {id}: {e}")))?;
-            let cipher = Aes256Gcm::new_from_slice(&k)
-                .map_err(|e| Error::Config(format!("data key {id}: {e}")))?;
+            hex::decode_to_slice(hexkey, &mut k).map_err(|e| Error::Config(format!("data key {id}: {e}")))?;
+            let cipher = Aes256Gcm::new_from_slice(&k).map_err(|e| Error::Config(format!("data key {id}: {e}")))?;
             ciphers.insert(*id, cipher);
         }
         if !ciphers.contains_key(&file.active) {
-            return Err(Error::Config(format!(
-                "active data key {} is not in the ring",
-                file.active
-            )));
+            return Err(Error::Config(format!("active data key {} is not in the ring", file.active)));
         }
         let mut nonce_prefix = [0u8; 4];
         rand::rngs::OsRng.fill_bytes(&mut nonce_prefix);
-        Ok(Self {
-            path,
-            active: file.active,
-            ciphers,
-            nonce_prefix,
-            counter: AtomicU64::new(0),
-        })
+        Ok(Self { path, active: file.active, ciphers, nonce_prefix, counter: AtomicU64::new(0) })
     }
 
     /// Adds a new key, makes it active and saves the ring; returns the new id.
     pub fn rotate(path: &Path) -> Result<u32> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut file: KeyRingFile = serde_json::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut file: KeyRingFile =
+            serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let id = file.keys.keys().next_back().copied().unwrap_or(0) + 1;
         file.keys.insert(id, random_key_hex());
         file.active = id;
@@ -182,10 +167,7 @@ impl DataKeys {
     /// Encrypts `plain` under the active key; `aad` binds it to its place in the chain.
     /// Returns (key id, nonce || ciphertext).
     pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let cipher = self
-            .ciphers
-            .get(&self.active)
-            .ok_or(Error::UnknownDataKey(self.active))?;
+        let cipher = self.ciphers.get(&self.active).ok_or(Error::UnknownDataKey(self.active))?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..4].copy_from_slice(&self.nonce_prefix);
         nonce[4..].copy_from_slice(&self.counter.fetch_add(1, Ordering::Relaxed).to_be_bytes());
@@ -200,10 +182,7 @@ impl DataKeys {
 
     /// Decrypts a record sealed by [`DataKeys::seal`]; fails if any byte was altered.
     pub fn open(&self, key_id: u32, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-        let cipher = self
-            .ciphers
-            .get(&key_id)
-            .ok_or(Error::UnknownDataKey(key_id))?;
+        let cipher = self.ciphers.get(&key_id).ok_or(Error::UnknownDataKey(key_id))?;
         if sealed.len() < NONCE_LEN {
             return Err(Error::Crypto("sealed record shorter than its nonce".into()));
         }
@@ -263,10 +242,7 @@ mod tests {
     fn tampering_is_detected() {
         let ring = DataKeys::ephemeral();
         let (id, mut sealed) = ring.seal(b"reading", b"pos").unwrap();
-        assert!(
-            ring.open(id, &sealed, b"other").is_err(),
-            "aad must bind the record"
-        );
+        assert!(ring.open(id, &sealed, b"other").is_err(), "aad must bind the record");
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
         assert!(ring.open(id, &sealed, b"pos").is_err());

@@ -53,62 +53,39 @@ impl Memcache {
 
     /// Current value of one key.
     pub fn get(&self, address: &str, key: &str) -> Option<Arc<CommittedTx>> {
-        self.inner
-            .read()
-            .get(address)
-            .and_then(|e| e.values.get(key).cloned())
+        self.inner.read().get(address).and_then(|e| e.values.get(key).cloned())
     }
 
     /// Last transaction (put or delete) of one key.
     pub fn last(&self, address: &str, key: &str) -> Option<Arc<CommittedTx>> {
-        self.inner
-            .read()
-            .get(address)
-            .and_then(|e| e.last.get(key).cloned())
+        self.inner.read().get(address).and_then(|e| e.last.get(key).cloned())
     }
 
     /// Current values of an address, by key.
     pub fn values(&self, address: &str) -> Vec<Arc<CommittedTx>> {
-        self.inner
-            .read()
-            .get(address)
-            .map(|e| e.values.values().cloned().collect())
-            .unwrap_or_default()
+        self.inner.read().get(address).map(|e| e.values.values().cloned().collect()).unwrap_or_default()
     }
 
     /// Keys holding a value at an address.
     pub fn keys(&self, address: &str) -> Vec<String> {
-        self.inner
-            .read()
-            .get(address)
-            .map(|e| e.values.keys().cloned().collect())
-            .unwrap_or_default()
+        self.inner.read().get(address).map(|e| e.values.keys().cloned().collect()).unwrap_or_default()
     }
 
     /// Highest per-address sequence (0 when the address was never written).
     pub fn sequence(&self, address: &str) -> u64 {
-        self.inner
-            .read()
-            .get(address)
-            .map(|e| e.sequence)
-            .unwrap_or(0)
+        self.inner.read().get(address).map(|e| e.sequence).unwrap_or(0)
     }
 
     /// Addresses under `prefix` that hold at least one value.
     pub fn addresses(&self, prefix: &str) -> Vec<String> {
         let map = self.inner.read();
-        map.iter()
-            .filter(|(a, e)| !e.values.is_empty() && prefix_matches(prefix, a))
-            .map(|(a, _)| a.clone())
-            .collect()
+        map.iter().filter(|(a, e)| !e.values.is_empty() && prefix_matches(prefix, a)).map(|(a, _)| a.clone()).collect()
     }
 
     /// Every live value, in address then key order (for verification against the chain).
     pub fn snapshot(&self) -> Vec<Arc<CommittedTx>> {
         let map = self.inner.read();
-        map.values()
-            .flat_map(|e| e.values.values().cloned())
-            .collect()
+        map.values().flat_map(|e| e.values.values().cloned()).collect()
     }
 
     /// Number of live values.

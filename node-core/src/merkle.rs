@@ -35,21 +35,12 @@ const NODE_PREFIX: u8 = 0x01;
 
 /// RFC 6962 leaf hash: SHA-256(0x00 || data).
 pub fn leaf_hash(data: &[u8]) -> Hash {
-    Sha256::new()
-        .chain_update([LEAF_PREFIX])
-        .chain_update(data)
-        .finalize()
-        .into()
+    Sha256::new().chain_update([LEAF_PREFIX]).chain_update(data).finalize().into()
 }
 
 /// RFC 6962 interior node hash: SHA-256(0x01 || left || right).
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    Sha256::new()
-        .chain_update([NODE_PREFIX])
-        .chain_update(left)
-        .chain_update(right)
-        .finalize()
-        .into()
+    Sha256::new().chain_update([NODE_PREFIX]).chain_update(left).chain_update(right).finalize().into()
 }
 
 /// Root of the empty tree: SHA-256 of the empty string.
@@ -69,10 +60,7 @@ pub enum MerkleError {
     #[error("leaf hashes of chunk {0} are needed but were not supplied")]
     MissingChunk(u64),
     /// A supplied chunk does not hold exactly `CHUNK_SIZE` leaf hashes.
-    #[error(
-        "chunk {index} was supplied with {len} leaf hashes instead of {}",
-        CHUNK_SIZE
-    )]
+    #[error("chunk {index} was supplied with {len} leaf hashes instead of {}", CHUNK_SIZE)]
     MalformedChunk {
         /// Chunk index.
         index: u64,
@@ -295,12 +283,7 @@ impl MerkleTree {
     }
 
     /// RFC 6962 audit path of leaf `index` in the tree of the first `size` leaves.
-    pub fn inclusion_proof(
-        &self,
-        index: u64,
-        size: u64,
-        leaves: &dyn LeafSource,
-    ) -> Result<Vec<Hash>, MerkleError> {
+    pub fn inclusion_proof(&self, index: u64, size: u64, leaves: &dyn LeafSource) -> Result<Vec<Hash>, MerkleError> {
         self.check_size(size)?;
         if index >= size {
             return Err(MerkleError::IndexOutOfRange { index, size });
@@ -377,27 +360,13 @@ impl MerkleTree {
             .and_then(|i| self.levels.first()?.get(i))
             .ok_or(MerkleError::NoSuchChunk(index))?;
         if leaves.len() as u64 != CHUNK_SIZE {
-            return Err(MerkleError::MalformedChunk {
-                index,
-                len: leaves.len(),
-            });
+            return Err(MerkleError::MalformedChunk { index, len: leaves.len() });
         }
-        if slice_root(leaves) == *expected {
-            Ok(())
-        } else {
-            Err(MerkleError::ChunkMismatch(index))
-        }
+        if slice_root(leaves) == *expected { Ok(()) } else { Err(MerkleError::ChunkMismatch(index)) }
     }
 
     fn check_size(&self, size: u64) -> Result<(), MerkleError> {
-        if size > self.len {
-            Err(MerkleError::SizeOutOfRange {
-                size,
-                len: self.len,
-            })
-        } else {
-            Ok(())
-        }
+        if size > self.len { Err(MerkleError::SizeOutOfRange { size, len: self.len }) } else { Ok(()) }
     }
 
     /// MTH(D[start:end]) for `start < end <= len`.
@@ -405,12 +374,7 @@ impl MerkleTree {
     /// RFC 6962 recursions only ask for perfect aligned subtrees and right-edge
     /// subtrees; perfect ones of chunk size or more are looked up, the rest are
     /// split until they fit in one chunk and are hashed from its leaves.
-    fn subtree_root(
-        &self,
-        start: u64,
-        end: u64,
-        leaves: &dyn LeafSource,
-    ) -> Result<Hash, MerkleError> {
+    fn subtree_root(&self, start: u64, end: u64, leaves: &dyn LeafSource) -> Result<Hash, MerkleError> {
         let size = end - start;
         if size >= CHUNK_SIZE && size.is_power_of_two() && start.is_multiple_of(size) {
             let height = size.trailing_zeros();
@@ -419,10 +383,7 @@ impl MerkleTree {
                 .ok()
                 .and_then(|i| self.levels.get(level)?.get(i))
                 .copied()
-                .ok_or(MerkleError::SizeOutOfRange {
-                    size: end,
-                    len: self.len,
-                });
+                .ok_or(MerkleError::SizeOutOfRange { size: end, len: self.len });
         }
         let chunk = chunk_of(start);
         if chunk == chunk_of(end - 1) {
@@ -430,13 +391,7 @@ impl MerkleTree {
             // Both offsets are below CHUNK_SIZE, so the casts are lossless.
             let lo = (start % CHUNK_SIZE) as usize;
             let hi = lo + size as usize;
-            return hashes
-                .get(lo..hi)
-                .map(slice_root)
-                .ok_or(MerkleError::SizeOutOfRange {
-                    size: end,
-                    len: self.len,
-                });
+            return hashes.get(lo..hi).map(slice_root).ok_or(MerkleError::SizeOutOfRange { size: end, len: self.len });
         }
         let mid = start + split_point(size);
         let left = self.subtree_root(start, mid, leaves)?;
@@ -444,22 +399,13 @@ impl MerkleTree {
         Ok(node_hash(&left, &right))
     }
 
-    fn chunk_leaves<'a>(
-        &'a self,
-        chunk: u64,
-        leaves: &'a dyn LeafSource,
-    ) -> Result<&'a [Hash], MerkleError> {
+    fn chunk_leaves<'a>(&'a self, chunk: u64, leaves: &'a dyn LeafSource) -> Result<&'a [Hash], MerkleError> {
         if chunk == chunk_of(self.len) {
             return Ok(&self.tail);
         }
-        let hashes = leaves
-            .chunk(chunk)
-            .ok_or(MerkleError::MissingChunk(chunk))?;
+        let hashes = leaves.chunk(chunk).ok_or(MerkleError::MissingChunk(chunk))?;
         if hashes.len() as u64 != CHUNK_SIZE {
-            return Err(MerkleError::MalformedChunk {
-                index: chunk,
-                len: hashes.len(),
-            });
+            return Err(MerkleError::MalformedChunk { index: chunk, len: hashes.len() });
         }
         Ok(hashes)
     }
@@ -494,13 +440,7 @@ pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, path: &[Hash], root:
 }
 
 /// Verifies an RFC 6962 consistency proof (RFC 9162 section 2.1.4.2).
-pub fn verify_consistency(
-    first: u64,
-    second: u64,
-    first_root: &Hash,
-    second_root: &Hash,
-    proof: &[Hash],
-) -> bool {
+pub fn verify_consistency(first: u64, second: u64, first_root: &Hash, second_root: &Hash, proof: &[Hash]) -> bool {
     if first == 0 || first > second {
         return false;
     }
@@ -637,11 +577,9 @@ impl InclusionProof {
 
     /// Parses the hex and runs [`verify_inclusion`]; false on bad hex.
     pub fn verify(&self) -> bool {
-        let (Some(leaf), Some(path), Some(root)) = (
-            parse_hash(&self.leaf_hash),
-            parse_hashes(&self.audit_path),
-            parse_hash(&self.root),
-        ) else {
+        let (Some(leaf), Some(path), Some(root)) =
+            (parse_hash(&self.leaf_hash), parse_hashes(&self.audit_path), parse_hash(&self.root))
+        else {
             return false;
         };
         verify_inclusion(&leaf, self.leaf_index, self.tree_size, &path, &root)
@@ -662,18 +600,13 @@ pub struct ConsistencyProof {
 impl ConsistencyProof {
     /// Builds the JSON shape from binary hashes.
     pub fn new(first: u64, second: u64, proof: &[Hash]) -> Self {
-        Self {
-            first,
-            second,
-            proof: proof.iter().map(hex::encode).collect(),
-        }
+        Self { first, second, proof: proof.iter().map(hex::encode).collect() }
     }
 
     /// Parses the hex and runs [`verify_consistency`] against the two roots; false on bad hex.
     pub fn verify(&self, first_root: &Hash, second_root: &Hash) -> bool {
-        parse_hashes(&self.proof).is_some_and(|proof| {
-            verify_consistency(self.first, self.second, first_root, second_root, &proof)
-        })
+        parse_hashes(&self.proof)
+            .is_some_and(|proof| verify_consistency(self.first, self.second, first_root, second_root, &proof))
     }
 }
 
@@ -771,11 +704,7 @@ mod tests {
             return usize::from(!whole);
         }
         let k = split_point(n);
-        if m <= k {
-            ref_proof_len(m, k, whole) + 1
-        } else {
-            ref_proof_len(m - k, n - k, false) + 1
-        }
+        if m <= k { ref_proof_len(m, k, whole) + 1 } else { ref_proof_len(m - k, n - k, false) + 1 }
     }
 
     fn leaves_from_seed(seed: u64, n: u64) -> Vec<Hash> {
@@ -798,11 +727,7 @@ mod tests {
 
     /// Every complete chunk, as the database would hold it.
     fn db_of(leaves: &[Hash]) -> HashMap<u64, Vec<Hash>> {
-        leaves
-            .chunks_exact(CHUNK_SIZE as usize)
-            .enumerate()
-            .map(|(i, c)| (i as u64, c.to_vec()))
-            .collect()
+        leaves.chunks_exact(CHUNK_SIZE as usize).enumerate().map(|(i, c)| (i as u64, c.to_vec())).collect()
     }
 
     fn flipped(proof: &[Hash], at: usize) -> Vec<Hash> {
@@ -814,19 +739,10 @@ mod tests {
     // --- Known answers: transparency-dev/merkle proof/verify_test.go. ---
 
     fn kat_leaves() -> Vec<Hash> {
-        [
-            "",
-            "00",
-            "10",
-            "2021",
-            "3031",
-            "40414243",
-            "5051525354555657",
-            "606162636465666768696a6b6c6d6e6f",
-        ]
-        .iter()
-        .map(|d| leaf_hash(&hex::decode(d).expect("hex leaf data")))
-        .collect()
+        ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
+            .iter()
+            .map(|d| leaf_hash(&hex::decode(d).expect("hex leaf data")))
+            .collect()
     }
 
     const KAT_ROOTS: [&str; 8] = [
@@ -842,10 +758,7 @@ mod tests {
 
     #[test]
     fn known_hashes_and_roots() {
-        assert_eq!(
-            empty_root(),
-            h("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        );
+        assert_eq!(empty_root(), h("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"));
         assert_eq!(MerkleTree::new().root(), empty_root());
         assert_eq!(Frontier::new().root(), empty_root());
         let leaves = kat_leaves();
@@ -889,11 +802,7 @@ mod tests {
                     "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
                 ]),
             ),
-            (
-                2,
-                3,
-                hs(&["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"]),
-            ),
+            (2, 3, hs(&["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"])),
             (
                 1,
                 5,
@@ -905,9 +814,7 @@ mod tests {
             ),
         ];
         for (index, size, want) in vectors {
-            let got = tree
-                .inclusion_proof(index, size, &NoLeaves)
-                .expect("in-memory proof");
+            let got = tree.inclusion_proof(index, size, &NoLeaves).expect("in-memory proof");
             assert_eq!(got, want, "inclusion proof of {index} in {size}");
             let root = h(KAT_ROOTS[size as usize - 1]);
             let leaf = leaves[index as usize];
@@ -916,13 +823,7 @@ mod tests {
             assert!(json.verify());
             assert!(!verify_inclusion(&leaf, index, size, &want, &empty_root()));
             for at in 0..want.len() {
-                assert!(!verify_inclusion(
-                    &leaf,
-                    index,
-                    size,
-                    &flipped(&want, at),
-                    &root
-                ));
+                assert!(!verify_inclusion(&leaf, index, size, &flipped(&want, at), &root));
             }
         }
     }
@@ -969,9 +870,7 @@ mod tests {
             ),
         ];
         for (first, second, want) in vectors {
-            let got = tree
-                .consistency_proof(first, second, &NoLeaves)
-                .expect("in-memory proof");
+            let got = tree.consistency_proof(first, second, &NoLeaves).expect("in-memory proof");
             assert_eq!(got, want, "consistency proof {first} -> {second}");
             let r1 = h(KAT_ROOTS[first as usize - 1]);
             let r2 = h(KAT_ROOTS[second as usize - 1]);
@@ -981,13 +880,7 @@ mod tests {
                 assert!(!verify_consistency(first, second, &r2, &r1, &want));
                 assert!(!verify_consistency(first, second, &r1, &r2, &[]));
                 for at in 0..want.len() {
-                    assert!(!verify_consistency(
-                        first,
-                        second,
-                        &r1,
-                        &r2,
-                        &flipped(&want, at)
-                    ));
+                    assert!(!verify_consistency(first, second, &r1, &r2, &flipped(&want, at)));
                 }
             }
         }
@@ -1023,21 +916,12 @@ mod tests {
         let tree = build(&leaves);
         let db = db_of(&leaves);
 
-        assert_eq!(
-            tree.inclusion_proof(10, 1000, &NoLeaves),
-            Err(MerkleError::MissingChunk(0))
-        );
+        assert_eq!(tree.inclusion_proof(10, 1000, &NoLeaves), Err(MerkleError::MissingChunk(0)));
         let mut one = HashMap::new();
         one.insert(0, db[&0].clone());
-        assert_eq!(
-            tree.inclusion_proof(10, 1000, &one),
-            Ok(ref_path(10, &leaves))
-        );
+        assert_eq!(tree.inclusion_proof(10, 1000, &one), Ok(ref_path(10, &leaves)));
 
-        assert_eq!(
-            tree.root_at(300, &NoLeaves),
-            Err(MerkleError::MissingChunk(1))
-        );
+        assert_eq!(tree.root_at(300, &NoLeaves), Err(MerkleError::MissingChunk(1)));
         let (root, fetched) = with_fetch(&db, &tree, |src| tree.root_at(300, src));
         assert_eq!(root, ref_mth(&leaves[..300]));
         assert_eq!(fetched, vec![1]);
@@ -1048,14 +932,8 @@ mod tests {
 
         // Everything at the current size beyond whole chunks is in memory.
         assert_eq!(tree.root_at(1000, &NoLeaves), Ok(ref_mth(&leaves)));
-        assert_eq!(
-            tree.inclusion_proof(900, 1000, &NoLeaves),
-            Ok(ref_path(900, &leaves))
-        );
-        assert_eq!(
-            tree.consistency_proof(768, 1000, &NoLeaves),
-            Ok(ref_proof(768, &leaves))
-        );
+        assert_eq!(tree.inclusion_proof(900, 1000, &NoLeaves), Ok(ref_path(900, &leaves)));
+        assert_eq!(tree.consistency_proof(768, 1000, &NoLeaves), Ok(ref_proof(768, &leaves)));
         assert_eq!(tree.root_at(512, &NoLeaves), Ok(ref_mth(&leaves[..512])));
     }
 
@@ -1065,27 +943,12 @@ mod tests {
         let tree = build(&leaves);
         let mut short = HashMap::new();
         short.insert(0, leaves[..255].to_vec());
-        assert_eq!(
-            tree.inclusion_proof(3, 600, &short),
-            Err(MerkleError::MalformedChunk { index: 0, len: 255 })
-        );
-        assert_eq!(
-            tree.check_chunk(0, &leaves[..255]),
-            Err(MerkleError::MalformedChunk { index: 0, len: 255 })
-        );
+        assert_eq!(tree.inclusion_proof(3, 600, &short), Err(MerkleError::MalformedChunk { index: 0, len: 255 }));
+        assert_eq!(tree.check_chunk(0, &leaves[..255]), Err(MerkleError::MalformedChunk { index: 0, len: 255 }));
         assert_eq!(tree.check_chunk(1, &leaves[256..512]), Ok(()));
-        assert_eq!(
-            tree.check_chunk(1, &leaves[0..256]),
-            Err(MerkleError::ChunkMismatch(1))
-        );
-        assert_eq!(
-            tree.check_chunk(2, &leaves[0..256]),
-            Err(MerkleError::NoSuchChunk(2))
-        );
-        assert_eq!(
-            tree.check_chunk(u64::MAX, &leaves[0..256]),
-            Err(MerkleError::NoSuchChunk(u64::MAX))
-        );
+        assert_eq!(tree.check_chunk(1, &leaves[0..256]), Err(MerkleError::ChunkMismatch(1)));
+        assert_eq!(tree.check_chunk(2, &leaves[0..256]), Err(MerkleError::NoSuchChunk(2)));
+        assert_eq!(tree.check_chunk(u64::MAX, &leaves[0..256]), Err(MerkleError::NoSuchChunk(u64::MAX)));
     }
 
     #[test]
@@ -1098,30 +961,15 @@ mod tests {
         assert_eq!(tree.inclusion_proof(0, 301, &NoLeaves), Err(size_err(301)));
         assert_eq!(
             tree.inclusion_proof(u64::MAX, 300, &NoLeaves),
-            Err(MerkleError::IndexOutOfRange {
-                index: u64::MAX,
-                size: 300
-            })
+            Err(MerkleError::IndexOutOfRange { index: u64::MAX, size: 300 })
         );
-        assert_eq!(
-            tree.inclusion_proof(0, 0, &NoLeaves),
-            Err(MerkleError::IndexOutOfRange { index: 0, size: 0 })
-        );
-        assert_eq!(
-            tree.consistency_proof(1, u64::MAX, &NoLeaves),
-            Err(size_err(u64::MAX))
-        );
+        assert_eq!(tree.inclusion_proof(0, 0, &NoLeaves), Err(MerkleError::IndexOutOfRange { index: 0, size: 0 }));
+        assert_eq!(tree.consistency_proof(1, u64::MAX, &NoLeaves), Err(size_err(u64::MAX)));
         assert_eq!(
             tree.consistency_proof(200, 100, &NoLeaves),
-            Err(MerkleError::SizesReversed {
-                first: 200,
-                second: 100
-            })
+            Err(MerkleError::SizesReversed { first: 200, second: 100 })
         );
-        assert_eq!(
-            tree.consistency_proof(0, 100, &NoLeaves),
-            Err(MerkleError::EmptyFirstTree)
-        );
+        assert_eq!(tree.consistency_proof(0, 100, &NoLeaves), Err(MerkleError::EmptyFirstTree));
         assert_eq!(tree.consistency_proof(300, 300, &NoLeaves), Ok(vec![]));
         assert_eq!(tree.consistency_proof(100, 100, &NoLeaves), Ok(vec![]));
         assert_eq!(
@@ -1137,13 +985,7 @@ mod tests {
         assert!(!verify_consistency(5, 4, &any, &any, &[any]));
         assert!(!verify_consistency(3, 3, &any, &any, &[any]));
         assert!(!verify_consistency(1, u64::MAX, &any, &any, &[any; 70]));
-        assert!(!verify_consistency(
-            u64::MAX - 1,
-            u64::MAX,
-            &any,
-            &any,
-            &[any; 70]
-        ));
+        assert!(!verify_consistency(u64::MAX - 1, u64::MAX, &any, &any, &[any; 70]));
     }
 
     #[test]
@@ -1177,11 +1019,7 @@ mod tests {
         }
         let db = db_of(&leaves);
         for size in 0..=leaves.len() {
-            assert_eq!(
-                tree.root_at(size as u64, &db),
-                Ok(ref_mth(&leaves[..size])),
-                "historic root at {size}"
-            );
+            assert_eq!(tree.root_at(size as u64, &db), Ok(ref_mth(&leaves[..size])), "historic root at {size}");
         }
     }
 
@@ -1189,18 +1027,13 @@ mod tests {
     fn json_shapes() {
         let leaves = kat_leaves();
         let tree = build(&leaves);
-        let path = tree
-            .inclusion_proof(5, 8, &NoLeaves)
-            .expect("in-memory proof");
+        let path = tree.inclusion_proof(5, 8, &NoLeaves).expect("in-memory proof");
         let proof = InclusionProof::new(5, 8, &leaves[5], &path, &tree.root());
         let json = serde_json::to_value(&proof).expect("serialise");
         assert_eq!(json["leaf_index"], 5);
         assert_eq!(json["tree_size"], 8);
         assert_eq!(json["root"], KAT_ROOTS[7]);
-        assert_eq!(
-            json["audit_path"][0],
-            "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"
-        );
+        assert_eq!(json["audit_path"][0], "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b");
         let back: InclusionProof = serde_json::from_value(json).expect("deserialise");
         assert_eq!(back, proof);
         assert!(back.verify());
@@ -1215,13 +1048,7 @@ mod tests {
         bad.leaf_index = 4;
         assert!(!bad.verify());
 
-        let cons = ConsistencyProof::new(
-            6,
-            8,
-            &tree
-                .consistency_proof(6, 8, &NoLeaves)
-                .expect("in-memory proof"),
-        );
+        let cons = ConsistencyProof::new(6, 8, &tree.consistency_proof(6, 8, &NoLeaves).expect("in-memory proof"));
         let json = serde_json::to_string(&cons).expect("serialise");
         assert!(json.starts_with(r#"{"first":6,"second":8,"proof":["0ebc5d34"#));
         let back: ConsistencyProof = serde_json::from_str(&json).expect("deserialise");

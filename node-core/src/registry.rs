@@ -99,11 +99,7 @@ impl Device {
         if is_system_address(address) {
             return self.is_admin();
         }
-        self.is_admin()
-            || self
-                .grants
-                .iter()
-                .any(|g| g.read && prefix_matches(&g.prefix, address))
+        self.is_admin() || self.grants.iter().any(|g| g.read && prefix_matches(&g.prefix, address))
     }
 
     /// May this device write `address`? Nobody writes system addresses through ingest.
@@ -111,28 +107,18 @@ impl Device {
         if is_system_address(address) {
             return false;
         }
-        self.is_admin()
-            || self
-                .grants
-                .iter()
-                .any(|g| g.write && prefix_matches(&g.prefix, address))
+        self.is_admin() || self.grants.iter().any(|g| g.write && prefix_matches(&g.prefix, address))
     }
 
     /// May this device read everything under `prefix` (for stream filters)?
     pub fn can_read_prefix(&self, prefix: &str) -> bool {
-        self.is_admin()
-            || self
-                .grants
-                .iter()
-                .any(|g| g.read && prefix_matches(&g.prefix, prefix))
+        self.is_admin() || self.grants.iter().any(|g| g.read && prefix_matches(&g.prefix, prefix))
     }
 
     /// Checks the device's signature policy on `content`.
     pub fn check_signature(&self, content: &TxContent) -> Result<(), Rejection> {
         match (&self.public_key, &content.signature) {
-            (_, None) if self.record.require_signature => {
-                Err(Rejection::SignatureRequired(self.id.clone()))
-            }
+            (_, None) if self.record.require_signature => Err(Rejection::SignatureRequired(self.id.clone())),
             (None, None) => Ok(()),
             (Some(_), None) => Ok(()),
             (Some(pk), Some(_)) => {
@@ -166,10 +152,7 @@ pub fn new_token() -> String {
 pub fn validate_device_id(id: &str) -> Result<(), FieldError> {
     crate::tx::validate_key(id).map_err(|e| FieldError::new("id", e.reason))?;
     if id.contains('/') || id.len() > crate::tx::MAX_DEVICE_ID {
-        return Err(FieldError::new(
-            "id",
-            "must not contain '/' and be at most 64 bytes",
-        ));
+        return Err(FieldError::new("id", "must not contain '/' and be at most 64 bytes"));
     }
     if id.starts_with('_') {
         return Err(FieldError::new("id", "ids starting with '_' are reserved"));
@@ -210,8 +193,7 @@ impl Registry {
         for c in cache.values(DEVICES_ADDRESS) {
             let id = c.tx.content.key.clone();
             if let Some(dev) = build_device(&id, &c.tx.content.body, cache) {
-                st.by_token
-                    .insert(dev.record.token_sha256.clone(), id.clone());
+                st.by_token.insert(dev.record.token_sha256.clone(), id.clone());
                 st.devices.insert(id, Arc::new(dev));
             }
         }
@@ -244,8 +226,7 @@ impl Registry {
                 continue;
             }
             if let Some(dev) = build_device(&id, &c.tx.content.body, cache) {
-                st.by_token
-                    .insert(dev.record.token_sha256.clone(), id.clone());
+                st.by_token.insert(dev.record.token_sha256.clone(), id.clone());
                 st.devices.insert(id, Arc::new(dev));
             }
         }
@@ -298,19 +279,10 @@ fn build_device(id: &str, body: &[u8], cache: &Memcache) -> Option<Device> {
         .iter()
         .filter_map(|g| {
             let r: GrantRecord = serde_json::from_slice(&g.tx.content.body).ok()?;
-            Some(Grant {
-                prefix: g.tx.content.key.clone(),
-                read: r.read,
-                write: r.write,
-            })
+            Some(Grant { prefix: g.tx.content.key.clone(), read: r.read, write: r.write })
         })
         .collect();
-    Some(Device {
-        id: id.to_string(),
-        record,
-        public_key,
-        grants,
-    })
+    Some(Device { id: id.to_string(), record, public_key, grants })
 }
 
 #[cfg(test)]
@@ -335,16 +307,8 @@ mod tests {
     #[test]
     fn grants_follow_prefixes() {
         let d = device(vec![
-            Grant {
-                prefix: "/plant-1".into(),
-                read: true,
-                write: false,
-            },
-            Grant {
-                prefix: "/plant-1/line-2".into(),
-                read: false,
-                write: true,
-            },
+            Grant { prefix: "/plant-1".into(), read: true, write: false },
+            Grant { prefix: "/plant-1/line-2".into(), read: false, write: true },
         ]);
         assert!(d.can_read("/plant-1/line-9"));
         assert!(!d.can_write("/plant-1/line-9"));

@@ -120,8 +120,7 @@ fn to_u64(v: i64) -> u64 {
 }
 
 fn to_hash(v: &[u8]) -> Result<Hash> {
-    v.try_into()
-        .map_err(|_| Error::Crypto(format!("stored hash has {} bytes", v.len())))
+    v.try_into().map_err(|_| Error::Crypto(format!("stored hash has {} bytes", v.len())))
 }
 
 fn aad(global_seq: u64, key_id: u32) -> [u8; 12] {
@@ -147,10 +146,7 @@ impl Store {
                 if let Some(parent) = std::path::Path::new(opts.get_filename()).parent() {
                     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(4)
-                    .connect_with(opts)
-                    .await?;
+                let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
                 SQLITE_MIGRATIONS.run(&pool).await?;
                 Pool::Sqlite(pool)
             }
@@ -198,9 +194,8 @@ impl Store {
         on_pool!(self, |pool| {
             let mut dbtx = pool.begin().await?;
             for chunk in blocks.chunks(INSERT_CHUNK) {
-                let mut qb = QueryBuilder::new(
-                    "INSERT INTO blocks (height, hash, header, timestamp_ms, tree_size, tx_count) ",
-                );
+                let mut qb =
+                    QueryBuilder::new("INSERT INTO blocks (height, hash, header, timestamp_ms, tree_size, tx_count) ");
                 qb.push_values(chunk, |mut b, r| {
                     b.push_bind(to_i64(r.header.height))
                         .push_bind(r.hash.to_vec())
@@ -217,8 +212,7 @@ impl Store {
                 );
                 qb.push_values(chunk.iter().zip(sealed), |mut b, (p, (key_id, s))| {
                     let c = &p.committed;
-                    let idem = (!c.tx.content.idempotency_key.is_empty())
-                        .then(|| c.tx.content.idempotency_key.clone());
+                    let idem = (!c.tx.content.idempotency_key.is_empty()).then(|| c.tx.content.idempotency_key.clone());
                     b.push_bind(to_i64(c.tx.global_sequence))
                         .push_bind(to_i64(c.height))
                         .push_bind(c.id.to_vec())
@@ -240,9 +234,7 @@ impl Store {
     /// The highest block, if any.
     pub async fn latest_block(&self) -> Result<Option<BlockRecord>> {
         let row: Option<Vec<u8>> = on_pool!(self, |p| {
-            sqlx::query_scalar("SELECT header FROM blocks ORDER BY height DESC LIMIT 1")
-                .fetch_optional(p)
-                .await?
+            sqlx::query_scalar("SELECT header FROM blocks ORDER BY height DESC LIMIT 1").fetch_optional(p).await?
         });
         row.map(|h| record_of(&h)).transpose()
     }
@@ -261,13 +253,11 @@ impl Store {
     /// Up to `limit` blocks at or below `below_or_at`, newest first.
     pub async fn blocks_desc(&self, below_or_at: u64, limit: u32) -> Result<Vec<BlockRecord>> {
         let rows: Vec<Vec<u8>> = on_pool!(self, |p| {
-            sqlx::query_scalar(
-                "SELECT header FROM blocks WHERE height <= $1 ORDER BY height DESC LIMIT $2",
-            )
-            .bind(to_i64(below_or_at))
-            .bind(i64::from(limit))
-            .fetch_all(p)
-            .await?
+            sqlx::query_scalar("SELECT header FROM blocks WHERE height <= $1 ORDER BY height DESC LIMIT $2")
+                .bind(to_i64(below_or_at))
+                .bind(i64::from(limit))
+                .fetch_all(p)
+                .await?
         });
         rows.iter().map(|h| record_of(h)).collect()
     }
@@ -275,11 +265,12 @@ impl Store {
     /// Raw block rows with height in `[from, from + limit)`, for verification.
     pub async fn raw_blocks(&self, from: u64, limit: u32) -> Result<Vec<RawBlock>> {
         on_pool!(self, |p| {
-            let rows = sqlx::query("SELECT height, hash, header FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2")
-                .bind(to_i64(from))
-                .bind(i64::from(limit))
-                .fetch_all(p)
-                .await?;
+            let rows =
+                sqlx::query("SELECT height, hash, header FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2")
+                    .bind(to_i64(from))
+                    .bind(i64::from(limit))
+                    .fetch_all(p)
+                    .await?;
             rows.iter()
                 .map(|r| {
                     Ok(RawBlock {
@@ -318,9 +309,7 @@ impl Store {
 
     /// Decrypts and decodes a raw row, checking it against its stored hash.
     pub fn open_raw(&self, raw: &RawTx) -> Result<CommittedTx> {
-        let bytes = self
-            .keys
-            .open(raw.key_id, &raw.sealed, &aad(raw.global_seq, raw.key_id))?;
+        let bytes = self.keys.open(raw.key_id, &raw.sealed, &aad(raw.global_seq, raw.key_id))?;
         let tx = Transaction::decode(&bytes)?;
         let id = crate::merkle::leaf_hash(&bytes);
         if id.as_slice() != raw.hash.as_slice() || tx.global_sequence != raw.global_seq {
@@ -329,11 +318,7 @@ impl Store {
                 reason: format!("transaction {} does not match its row", raw.global_seq),
             });
         }
-        Ok(CommittedTx {
-            tx,
-            id,
-            height: raw.height,
-        })
+        Ok(CommittedTx { tx, id, height: raw.height })
     }
 
     async fn select_txs(&self, where_sql: &str, binds: Binds<'_>) -> Result<Vec<CommittedTx>> {
@@ -367,29 +352,13 @@ impl Store {
 
     /// The transaction with id `id`.
     pub async fn tx_by_id(&self, id: &Hash) -> Result<Option<CommittedTx>> {
-        let v = self
-            .select_txs(
-                "WHERE hash = $1",
-                Binds {
-                    blob: Some(id),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        let v = self.select_txs("WHERE hash = $1", Binds { blob: Some(id), ..Default::default() }).await?;
         Ok(v.into_iter().next())
     }
 
     /// The transaction at global sequence `seq`.
     pub async fn tx_by_sequence(&self, seq: u64) -> Result<Option<CommittedTx>> {
-        let v = self
-            .select_txs(
-                "WHERE global_seq = $1",
-                Binds {
-                    ints: &[to_i64(seq)],
-                    ..Default::default()
-                },
-            )
-            .await?;
+        let v = self.select_txs("WHERE global_seq = $1", Binds { ints: &[to_i64(seq)], ..Default::default() }).await?;
         Ok(v.into_iter().next())
     }
 
@@ -397,22 +366,13 @@ impl Store {
     pub async fn txs_between(&self, from: u64, to: u64, limit: u32) -> Result<Vec<CommittedTx>> {
         self.select_txs(
             "WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq LIMIT $3",
-            Binds {
-                ints: &[to_i64(from), to_i64(to), i64::from(limit)],
-                ..Default::default()
-            },
+            Binds { ints: &[to_i64(from), to_i64(to), i64::from(limit)], ..Default::default() },
         )
         .await
     }
 
     /// History of one address and key, newest first, strictly below `before` (global sequence).
-    pub async fn history(
-        &self,
-        address: &str,
-        key: &str,
-        before: u64,
-        limit: u32,
-    ) -> Result<Vec<CommittedTx>> {
+    pub async fn history(&self, address: &str, key: &str, before: u64, limit: u32) -> Result<Vec<CommittedTx>> {
         self.select_txs(
             "WHERE global_seq < $1 AND address = $3 AND tx_key = $4 ORDER BY global_seq DESC LIMIT $2",
             Binds { ints: &[to_i64(before), i64::from(limit)], strs: &[address, key], ..Default::default() },
@@ -433,11 +393,7 @@ impl Store {
         let order = if descending { "DESC" } else { "ASC" };
         self.select_txs(
             &format!("WHERE seq > $1 AND seq < $2 AND address = $4 ORDER BY seq {order} LIMIT $3"),
-            Binds {
-                ints: &[to_i64(after), to_i64(before), i64::from(limit)],
-                strs: &[address],
-                ..Default::default()
-            },
+            Binds { ints: &[to_i64(after), to_i64(before), i64::from(limit)], strs: &[address], ..Default::default() },
         )
         .await
     }
@@ -466,30 +422,21 @@ impl Store {
     /// Highest per-address sequence of every address.
     pub async fn address_sequences(&self) -> Result<Vec<(String, u64)>> {
         on_pool!(self, |p| {
-            let rows = sqlx::query("SELECT address, MAX(seq) AS s FROM txs GROUP BY address")
-                .fetch_all(p)
-                .await?;
-            rows.iter()
-                .map(|r| Ok((r.try_get("address")?, to_u64(r.try_get("s")?))))
-                .collect()
+            let rows = sqlx::query("SELECT address, MAX(seq) AS s FROM txs GROUP BY address").fetch_all(p).await?;
+            rows.iter().map(|r| Ok((r.try_get("address")?, to_u64(r.try_get("s")?)))).collect()
         })
     }
 
     /// Every (device, idempotency key, transaction id) on the chain.
     pub async fn idempotency_keys(&self) -> Result<Vec<(String, String, Hash)>> {
         on_pool!(self, |p| {
-            let rows =
-                sqlx::query("SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL")
-                    .fetch_all(p)
-                    .await?;
+            let rows = sqlx::query("SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL")
+                .fetch_all(p)
+                .await?;
             rows.iter()
                 .map(|r| {
                     let h: Vec<u8> = r.try_get("hash")?;
-                    Ok((
-                        r.try_get("device_id")?,
-                        r.try_get("idem_key")?,
-                        to_hash(&h)?,
-                    ))
+                    Ok((r.try_get("device_id")?, r.try_get("idem_key")?, to_hash(&h)?))
                 })
                 .collect()
         })
@@ -497,9 +444,7 @@ impl Store {
 
     /// Number of transaction rows.
     pub async fn tx_count(&self) -> Result<u64> {
-        let n: i64 = on_pool!(self, |p| sqlx::query_scalar("SELECT COUNT(*) FROM txs")
-            .fetch_one(p)
-            .await?);
+        let n: i64 = on_pool!(self, |p| sqlx::query_scalar("SELECT COUNT(*) FROM txs").fetch_one(p).await?);
         Ok(to_u64(n))
     }
 
@@ -523,38 +468,27 @@ impl Store {
 
     /// The checkpoint with the largest tree size.
     pub async fn latest_checkpoint(&self, chain: &str) -> Result<Option<Checkpoint>> {
-        self.checkpoint_where("ORDER BY tree_size DESC LIMIT 1", chain, None)
-            .await
+        self.checkpoint_where("ORDER BY tree_size DESC LIMIT 1", chain, None).await
     }
 
     /// All checkpoints in ascending tree size from `from`, at most `limit`.
-    pub async fn checkpoints_from(
-        &self,
-        chain: &str,
-        from: u64,
-        limit: u32,
-    ) -> Result<Vec<Checkpoint>> {
+    pub async fn checkpoints_from(&self, chain: &str, from: u64, limit: u32) -> Result<Vec<Checkpoint>> {
         let sql = "WHERE tree_size >= $1 ORDER BY tree_size LIMIT $2";
         on_pool!(self, |p| {
-            let rows = sqlx::query(&format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"))
-                .bind(to_i64(from))
-                .bind(i64::from(limit))
-                .fetch_all(p)
-                .await?;
+            let rows = sqlx::query(&format!(
+                "SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"
+            ))
+            .bind(to_i64(from))
+            .bind(i64::from(limit))
+            .fetch_all(p)
+            .await?;
             rows.iter().map(|r| checkpoint_of(chain, r)).collect()
         })
     }
 
-    async fn checkpoint_where(
-        &self,
-        sql: &str,
-        chain: &str,
-        bind: Option<i64>,
-    ) -> Result<Option<Checkpoint>> {
+    async fn checkpoint_where(&self, sql: &str, chain: &str, bind: Option<i64>) -> Result<Option<Checkpoint>> {
         on_pool!(self, |p| {
-            let q = format!(
-                "SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"
-            );
+            let q = format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}");
             let mut q = sqlx::query(&q);
             if let Some(b) = bind {
                 q = q.bind(b);
@@ -567,10 +501,7 @@ impl Store {
     /// Runs arbitrary SQL; only for tests that tamper with storage on purpose.
     #[cfg(any(test, feature = "test-utils"))]
     pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
-        on_pool!(self, |p| Ok(sqlx::raw_sql(sql)
-            .execute(p)
-            .await?
-            .rows_affected()))
+        on_pool!(self, |p| Ok(sqlx::raw_sql(sql).execute(p).await?.rows_affected()))
     }
 }
 
@@ -603,10 +534,7 @@ where
         timestamp_ms: r.try_get("timestamp_ms")?,
         root: to_hash(&root)?,
         signer: r.try_get("signer")?,
-        signature: sig
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Crypto("stored signature is not 64 bytes".into()))?,
+        signature: sig.as_slice().try_into().map_err(|_| Error::Crypto("stored signature is not 64 bytes".into()))?,
     })
 }
 
@@ -617,8 +545,6 @@ pub fn backend_of(url: &str) -> Result<Backend> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Backend::Postgres)
     } else {
-        Err(Error::Config(format!(
-            "[storage] url {url:?} must start with sqlite:// or postgres://"
-        )))
+        Err(Error::Config(format!("[storage] url {url:?} must start with sqlite:// or postgres://")))
     }
 }

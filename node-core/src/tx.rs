@@ -72,10 +72,7 @@ pub struct FieldError {
 impl FieldError {
     /// A field error with its reason.
     pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
+        Self { field, reason: reason.into() }
     }
 }
 
@@ -90,10 +87,7 @@ pub fn validate_key(key: &str) -> Result<(), FieldError> {
         return Err(FieldError::new("key", "must not be empty"));
     }
     if key.len() > MAX_KEY {
-        return Err(FieldError::new(
-            "key",
-            format!("longer than {MAX_KEY} bytes"),
-        ));
+        return Err(FieldError::new("key", format!("longer than {MAX_KEY} bytes")));
     }
     if let Some(c) = key.chars().find(|c| !key_char_ok(*c)) {
         return Err(FieldError::new(
@@ -116,10 +110,7 @@ pub fn validate_prefix(prefix: &str) -> Result<(), FieldError> {
 
 fn validate_path(field: &'static str, path: &str, allow_root: bool) -> Result<(), FieldError> {
     if path.len() > MAX_ADDRESS {
-        return Err(FieldError::new(
-            field,
-            format!("longer than {MAX_ADDRESS} bytes"),
-        ));
+        return Err(FieldError::new(field, format!("longer than {MAX_ADDRESS} bytes")));
     }
     let Some(rest) = path.strip_prefix('/') else {
         return Err(FieldError::new(field, "must start with '/'"));
@@ -128,24 +119,15 @@ fn validate_path(field: &'static str, path: &str, allow_root: bool) -> Result<()
         return if allow_root {
             Ok(())
         } else {
-            Err(FieldError::new(
-                field,
-                "must name at least one segment, e.g. /plant-1",
-            ))
+            Err(FieldError::new(field, "must name at least one segment, e.g. /plant-1"))
         };
     }
     for seg in rest.split('/') {
         if seg.is_empty() {
-            return Err(FieldError::new(
-                field,
-                "has an empty segment ('//' or a trailing '/')",
-            ));
+            return Err(FieldError::new(field, "has an empty segment ('//' or a trailing '/')"));
         }
         if let Some(c) = seg.chars().find(|c| *c == '/' || !key_char_ok(*c)) {
-            return Err(FieldError::new(
-                field,
-                format!("character {c:?} is not allowed"),
-            ));
+            return Err(FieldError::new(field, format!("character {c:?} is not allowed")));
         }
     }
     Ok(())
@@ -189,11 +171,7 @@ pub struct TxContent {
 impl TxContent {
     /// Put when the body is non-empty, delete otherwise (Kalima's rule).
     pub fn kind(&self) -> TxKind {
-        if self.body.is_empty() {
-            TxKind::Delete
-        } else {
-            TxKind::Put
-        }
+        if self.body.is_empty() { TxKind::Delete } else { TxKind::Put }
     }
 
     /// Validates every client-supplied field, naming the first one that is wrong.
@@ -203,49 +181,28 @@ impl TxContent {
         if self.body.len() > max_body {
             return Err(FieldError::new(
                 "body",
-                format!(
-                    "{} bytes is over the {max_body}-byte limit",
-                    self.body.len()
-                ),
+                format!("{} bytes is over the {max_body}-byte limit", self.body.len()),
             ));
         }
         if self.props.len() > MAX_PROPS {
-            return Err(FieldError::new(
-                "props",
-                format!("more than {MAX_PROPS} entries"),
-            ));
+            return Err(FieldError::new("props", format!("more than {MAX_PROPS} entries")));
         }
         for (k, v) in &self.props {
             if k.is_empty() || k.len() > MAX_PROP_NAME {
-                return Err(FieldError::new(
-                    "props",
-                    format!("name {k:?} must be 1..={MAX_PROP_NAME} bytes"),
-                ));
+                return Err(FieldError::new("props", format!("name {k:?} must be 1..={MAX_PROP_NAME} bytes")));
             }
             if v.len() > MAX_PROP_VALUE {
-                return Err(FieldError::new(
-                    "props",
-                    format!("value of {k:?} is over {MAX_PROP_VALUE} bytes"),
-                ));
+                return Err(FieldError::new("props", format!("value of {k:?} is over {MAX_PROP_VALUE} bytes")));
             }
         }
         if self.ttl_secs > MAX_TTL_SECS {
-            return Err(FieldError::new(
-                "ttl",
-                format!("over {MAX_TTL_SECS} seconds"),
-            ));
+            return Err(FieldError::new("ttl", format!("over {MAX_TTL_SECS} seconds")));
         }
         if self.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
-            return Err(FieldError::new(
-                "idempotency_key",
-                format!("longer than {MAX_IDEMPOTENCY_KEY} bytes"),
-            ));
+            return Err(FieldError::new("idempotency_key", format!("longer than {MAX_IDEMPOTENCY_KEY} bytes")));
         }
         if self.device_id.is_empty() || self.device_id.len() > MAX_DEVICE_ID {
-            return Err(FieldError::new(
-                "device_id",
-                format!("must be 1..={MAX_DEVICE_ID} bytes"),
-            ));
+            return Err(FieldError::new("device_id", format!("must be 1..={MAX_DEVICE_ID} bytes")));
         }
         Ok(())
     }
@@ -261,9 +218,7 @@ impl TxContent {
     /// Verifies the signature against `key`; false when absent or wrong.
     pub fn verify_signature(&self, key: &VerifyingKey) -> bool {
         match &self.signature {
-            Some(sig) => key
-                .verify(&self.signing_bytes(), &Signature::from_bytes(sig))
-                .is_ok(),
+            Some(sig) => key.verify(&self.signing_bytes(), &Signature::from_bytes(sig)).is_ok(),
             None => false,
         }
     }
@@ -332,9 +287,7 @@ impl Transaction {
         let mut r = Reader::new(bytes);
         let version = r.u8()?;
         if version != TX_VERSION {
-            return Err(DecodeError(format!(
-                "unknown transaction version {version}"
-            )));
+            return Err(DecodeError(format!("unknown transaction version {version}")));
         }
         let global_sequence = r.u64()?;
         let sequence = r.u64()?;
@@ -371,27 +324,12 @@ impl Transaction {
             f => return Err(DecodeError(format!("bad signature flag {f}"))),
         };
         r.finish()?;
-        let content = TxContent {
-            device_id,
-            address,
-            key,
-            body,
-            props,
-            ttl_secs,
-            client_time_ms,
-            idempotency_key,
-            signature,
-        };
+        let content =
+            TxContent { device_id, address, key, body, props, ttl_secs, client_time_ms, idempotency_key, signature };
         if content.kind() != kind {
             return Err(DecodeError("kind does not match body".into()));
         }
-        Ok(Transaction {
-            global_sequence,
-            sequence,
-            timestamp_ms,
-            previous,
-            content,
-        })
+        Ok(Transaction { global_sequence, sequence, timestamp_ms, previous, content })
     }
 
     /// The transaction id: its RFC 6962 leaf hash.
@@ -401,10 +339,8 @@ impl Transaction {
 
     /// When the node must delete this value, if it has a TTL and is a put.
     pub fn expires_at_ms(&self) -> Option<i64> {
-        (self.content.ttl_secs > 0 && self.content.kind() == TxKind::Put).then(|| {
-            self.timestamp_ms
-                .saturating_add(i64::from(self.content.ttl_secs) * 1000)
-        })
+        (self.content.ttl_secs > 0 && self.content.kind() == TxKind::Put)
+            .then(|| self.timestamp_ms.saturating_add(i64::from(self.content.ttl_secs) * 1000))
     }
 }
 
@@ -499,10 +435,7 @@ impl<'a> Reader<'a> {
         if self.pos == self.buf.len() {
             Ok(())
         } else {
-            Err(DecodeError(format!(
-                "{} trailing bytes",
-                self.buf.len() - self.pos
-            )))
+            Err(DecodeError(format!("{} trailing bytes", self.buf.len() - self.pos)))
         }
     }
 }
@@ -570,10 +503,7 @@ mod tests {
         longer.push(0);
         assert!(Transaction::decode(&longer).is_err());
         for n in 0..bytes.len() {
-            assert!(
-                Transaction::decode(&bytes[..n]).is_err(),
-                "prefix of {n} bytes parsed"
-            );
+            assert!(Transaction::decode(&bytes[..n]).is_err(), "prefix of {n} bytes parsed");
         }
     }
 
@@ -598,35 +528,29 @@ mod tests {
             "[a-z0-9 :.@+_/-]{1,20}",
             proptest::collection::vec(any::<u8>(), 0..300),
             proptest::collection::btree_map("[a-z]{1,8}", "[ -~]{0,20}", 0..5),
-            (
-                any::<u32>(),
-                proptest::option::of(any::<i64>()),
-                "[a-z0-9]{0,12}",
-            ),
+            (any::<u32>(), proptest::option::of(any::<i64>()), "[a-z0-9]{0,12}"),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 64..=64)),
         )
-            .prop_map(|(g, s, t, p, d, a, k, body, props, (ttl, ct, idem), sig)| {
-                Transaction {
-                    global_sequence: g,
-                    sequence: s,
-                    timestamp_ms: t,
-                    previous: p,
-                    content: TxContent {
-                        device_id: d,
-                        address: a,
-                        key: k,
-                        body,
-                        props,
-                        ttl_secs: ttl,
-                        client_time_ms: ct,
-                        idempotency_key: idem,
-                        signature: sig.map(|v| {
-                            let mut a = [0u8; 64];
-                            a.copy_from_slice(&v);
-                            a
-                        }),
-                    },
-                }
+            .prop_map(|(g, s, t, p, d, a, k, body, props, (ttl, ct, idem), sig)| Transaction {
+                global_sequence: g,
+                sequence: s,
+                timestamp_ms: t,
+                previous: p,
+                content: TxContent {
+                    device_id: d,
+                    address: a,
+                    key: k,
+                    body,
+                    props,
+                    ttl_secs: ttl,
+                    client_time_ms: ct,
+                    idempotency_key: idem,
+                    signature: sig.map(|v| {
+                        let mut a = [0u8; 64];
+                        a.copy_from_slice(&v);
+                        a
+                    }),
+                },
             })
     }
 

@@ -9,7 +9,7 @@ use subtle::ConstantTimeEq;
 use crate::block::BlockHeader;
 use crate::error::{Error, Result};
 use crate::merkle::{Frontier, Hash};
-use crate::store::Store;
+use crate::store::{RawTx, Store};
 
 /// Blocks read per round trip.
 const PAGE_BLOCKS: u32 = 2000;
@@ -28,18 +28,30 @@ pub struct VerifyReport {
 }
 
 fn corrupt(height: u64, reason: impl Into<String>) -> Error {
-    Error::Corrupt {
-        height,
-        reason: reason.into(),
+    Error::Corrupt { height, reason: reason.into() }
+}
+
+/// Decrypts, decodes and hashes rows on every core; results keep the rows' order.
+fn open_parallel(store: &Store, txs: &[RawTx]) -> Vec<Result<Hash>> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if threads == 1 || txs.len() < 256 {
+        return txs.iter().map(|r| store.open_raw(r).map(|c| c.id)).collect();
     }
+    let per = txs.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = txs
+            .chunks(per)
+            .map(|chunk| s.spawn(move || chunk.iter().map(|r| store.open_raw(r).map(|c| c.id)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(Error::Crypto("verification thread panicked".into()))]))
+            .collect()
+    })
 }
 
 /// Verifies the whole chain in `store`; `progress(height)` is called after each page.
-pub async fn verify_chain(
-    store: &Store,
-    chain: &str,
-    mut progress: impl FnMut(u64),
-) -> Result<VerifyReport> {
+pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut frontier = Frontier::new();
     let mut prev_hash: Hash = [0; 32];
@@ -54,13 +66,9 @@ pub async fn verify_chain(
         for raw in &blocks {
             let h = raw.height;
             if h != next_height {
-                return Err(corrupt(
-                    next_height,
-                    format!("block missing (next stored block is {h})"),
-                ));
+                return Err(corrupt(next_height, format!("block missing (next stored block is {h})")));
             }
-            let header =
-                BlockHeader::decode(&raw.header).map_err(|e| corrupt(h, format!("header: {e}")))?;
+            let header = BlockHeader::decode(&raw.header).map_err(|e| corrupt(h, format!("header: {e}")))?;
             let hash = header.hash();
             if header.height != h {
                 return Err(corrupt(h, format!("header says height {}", header.height)));
@@ -72,11 +80,7 @@ pub async fn verify_chain(
                 return Err(corrupt(h, "prev_hash does not link to the previous block"));
             }
             if header.first_sequence()
-                != frontier.len()
-                    + headers
-                        .iter()
-                        .map(|x: &BlockHeader| u64::from(x.tx_count))
-                        .sum::<u64>()
+                != frontier.len() + headers.iter().map(|x: &BlockHeader| u64::from(x.tx_count)).sum::<u64>()
             {
                 return Err(corrupt(h, "transaction count does not match the tree size"));
             }
@@ -88,37 +92,26 @@ pub async fn verify_chain(
         let (Some(first), Some(last)) = (headers.first(), headers.last()) else {
             break;
         };
-        let txs = store
-            .raw_txs(first.first_sequence(), last.tree_size)
-            .await?;
-        let mut it = txs.iter();
+        let txs = store.raw_txs(first.first_sequence(), last.tree_size).await?;
+        // Decryption and hashing dominate; spread them over the cores, then check in order.
+        let opened = open_parallel(store, &txs);
+        let mut it = txs.iter().zip(opened);
         for header in &headers {
             for expected in header.first_sequence()..header.tree_size {
-                let Some(raw) = it.next() else {
-                    return Err(corrupt(
-                        header.height,
-                        format!("transaction {expected} is missing"),
-                    ));
+                let Some((raw, opened)) = it.next() else {
+                    return Err(corrupt(header.height, format!("transaction {expected} is missing")));
                 };
                 if raw.global_seq != expected {
-                    return Err(corrupt(
-                        header.height,
-                        format!("transaction {expected} is missing"),
-                    ));
+                    return Err(corrupt(header.height, format!("transaction {expected} is missing")));
                 }
                 if raw.height != header.height {
                     return Err(corrupt(
                         header.height,
-                        format!(
-                            "transaction {expected} is filed under height {}",
-                            raw.height
-                        ),
+                        format!("transaction {expected} is filed under height {}", raw.height),
                     ));
                 }
-                let c = store
-                    .open_raw(raw)
-                    .map_err(|e| corrupt(header.height, format!("transaction {expected}: {e}")))?;
-                frontier.push(c.id);
+                let id = opened.map_err(|e| corrupt(header.height, format!("transaction {expected}: {e}")))?;
+                frontier.push(id);
                 report.transactions += 1;
                 report.bytes += raw.sealed.len() as u64 + raw.hash.len() as u64;
                 while let Some(cp) = checkpoints.front() {
@@ -138,39 +131,24 @@ pub async fn verify_chain(
                 }
             }
             if frontier.len() != header.tree_size || frontier.root() != header.merkle_root {
-                return Err(corrupt(
-                    header.height,
-                    "Merkle root does not match the transactions",
-                ));
+                return Err(corrupt(header.height, "Merkle root does not match the transactions"));
             }
             report.blocks += 1;
         }
         if it.next().is_some() {
-            return Err(corrupt(
-                last.height,
-                "transactions stored beyond the last block",
-            ));
+            return Err(corrupt(last.height, "transactions stored beyond the last block"));
         }
         progress(next_height.saturating_sub(1));
     }
     // Genesis-only checkpoints at size 0 are fine; any other leftover names a size never reached.
     if let Some(cp) = checkpoints.iter().find(|c| c.tree_size > 0) {
-        return Err(corrupt(
-            cp.height,
-            format!(
-                "checkpoint at tree size {} is beyond the chain",
-                cp.tree_size
-            ),
-        ));
+        return Err(corrupt(cp.height, format!("checkpoint at tree size {} is beyond the chain", cp.tree_size)));
     }
     let stored = store.tx_count().await?;
     if stored != frontier.len() {
         return Err(corrupt(
             next_height.saturating_sub(1),
-            format!(
-                "{} transactions stored outside any block",
-                stored.saturating_sub(frontier.len())
-            ),
+            format!("{} transactions stored outside any block", stored.saturating_sub(frontier.len())),
         ));
     }
     Ok(report)

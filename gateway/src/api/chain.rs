@@ -96,21 +96,13 @@ pub async fn list_blocks(
 ) -> Result<Json<BlocksPage>, ApiError> {
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "invalid_query",
-            "limit must be 1..=1000".into(),
-        ));
+        return Err(ApiError::BadRequest("invalid_query", "limit must be 1..=1000".into()));
     }
     let top = q.before.unwrap_or(u64::MAX >> 1);
     let blocks = state.chain.store().blocks_desc(top, limit).await?;
-    let next_before = blocks
-        .last()
-        .filter(|b| blocks.len() == limit as usize && b.header.height > 0)
-        .map(|b| b.header.height - 1);
-    Ok(Json(BlocksPage {
-        blocks: blocks.iter().map(BlockJson::from).collect(),
-        next_before,
-    }))
+    let next_before =
+        blocks.last().filter(|b| blocks.len() == limit as usize && b.header.height > 0).map(|b| b.header.height - 1);
+    Ok(Json(BlocksPage { blocks: blocks.iter().map(BlockJson::from).collect(), next_before }))
 }
 
 /// A block with the ids of its transactions.
@@ -136,39 +128,22 @@ pub async fn block(
         .block(height)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no block at height {height}")))?;
-    let ids = state
-        .chain
-        .store()
-        .leaf_hashes(b.header.first_sequence(), b.header.tree_size)
-        .await?;
-    Ok(Json(BlockWithTxs {
-        block: BlockJson::from(&b),
-        transactions: ids.iter().map(hex::encode).collect(),
-    }))
+    let ids = state.chain.store().leaf_hashes(b.header.first_sequence(), b.header.tree_size).await?;
+    Ok(Json(BlockWithTxs { block: BlockJson::from(&b), transactions: ids.iter().map(hex::encode).collect() }))
 }
 
 /// The latest signed checkpoint (signed tree head).
 #[utoipa::path(get, path = "/api/v1/checkpoints/latest", tag = "chain",
     responses((status = 200, body = inline(Object)), (status = 404, description = "No checkpoint yet", body = ErrorBody)), security(("bearer" = [])))]
-pub async fn latest_checkpoint(
-    State(state): State<AppState>,
-    _auth: Auth,
-) -> Result<Json<CheckpointJson>, ApiError> {
-    let cp = state
-        .chain
-        .latest_checkpoint()
-        .await?
-        .ok_or_else(|| ApiError::NotFound("no checkpoint yet".into()))?;
+pub async fn latest_checkpoint(State(state): State<AppState>, _auth: Auth) -> Result<Json<CheckpointJson>, ApiError> {
+    let cp = state.chain.latest_checkpoint().await?.ok_or_else(|| ApiError::NotFound("no checkpoint yet".into()))?;
     Ok(Json(cp.to_json()))
 }
 
 /// Signs a checkpoint of the current head now (admin).
 #[utoipa::path(post, path = "/api/v1/checkpoints", tag = "chain",
     responses((status = 200, body = inline(Object)), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn new_checkpoint(
-    State(state): State<AppState>,
-    auth: Auth,
-) -> Result<Json<CheckpointJson>, ApiError> {
+pub async fn new_checkpoint(State(state): State<AppState>, auth: Auth) -> Result<Json<CheckpointJson>, ApiError> {
     auth.require_admin()?;
     Ok(Json(state.chain.checkpoint_now().await?.to_json()))
 }

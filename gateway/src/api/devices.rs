@@ -8,8 +8,8 @@ use axum::routing::{get, post};
 use kalima_core::Rejection;
 use kalima_core::chain::Guard;
 use kalima_core::registry::{
-    ADMIN_ID, DEVICES_ADDRESS, Device, DeviceRecord, GrantRecord, grants_address, new_token,
-    token_digest, validate_device_id, validate_grant_prefix,
+    ADMIN_ID, DEVICES_ADDRESS, Device, DeviceRecord, GrantRecord, grants_address, new_token, token_digest,
+    validate_device_id, validate_grant_prefix,
 };
 use kalima_core::tx::{FieldError, TxContent, validate_key};
 use serde::{Deserialize, Serialize};
@@ -93,11 +93,7 @@ impl From<&Device> for DeviceJson {
             grants: d
                 .grants
                 .iter()
-                .map(|g| GrantJson {
-                    prefix: g.prefix.clone(),
-                    read: g.read,
-                    write: g.write,
-                })
+                .map(|g| GrantJson { prefix: g.prefix.clone(), read: g.read, write: g.write })
                 .collect(),
         }
     }
@@ -111,18 +107,9 @@ async fn system_write(
     body: Vec<u8>,
     guard: Guard,
 ) -> Result<TxReceipt, ApiError> {
-    let content = TxContent {
-        device_id: auth.0.id.clone(),
-        address,
-        key,
-        body,
-        ..TxContent::default()
-    };
+    let content = TxContent { device_id: auth.0.id.clone(), address, key, body, ..TxContent::default() };
     let receipts = state.chain.submit(vec![content], Some(guard)).await?;
-    receipts
-        .first()
-        .map(TxReceipt::from)
-        .ok_or_else(|| ApiError::Internal("no receipt".into()))
+    receipts.first().map(TxReceipt::from).ok_or_else(|| ApiError::Internal("no receipt".into()))
 }
 
 fn record_body(r: &DeviceRecord) -> Result<Vec<u8>, ApiError> {
@@ -144,17 +131,11 @@ pub async fn register(
         let mut b = [0u8; 32];
         hex::decode_to_slice(pk, &mut b)
             .map_err(|_| Rejection::from(FieldError::new("public_key", "must be 64 hex digits")))?;
-        ed25519_dalek::VerifyingKey::from_bytes(&b).map_err(|_| {
-            Rejection::from(FieldError::new(
-                "public_key",
-                "is not a valid Ed25519 point",
-            ))
-        })?;
+        ed25519_dalek::VerifyingKey::from_bytes(&b)
+            .map_err(|_| Rejection::from(FieldError::new("public_key", "is not a valid Ed25519 point")))?;
     }
     if req.require_signature && req.public_key.is_none() {
-        return Err(
-            Rejection::from(FieldError::new("require_signature", "needs a public_key")).into(),
-        );
+        return Err(Rejection::from(FieldError::new("require_signature", "needs a public_key")).into());
     }
     let token = new_token();
     let record = DeviceRecord {
@@ -173,14 +154,7 @@ pub async fn register(
         Guard::DeviceAbsent(req.id.clone()),
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(DeviceCreated {
-            id: req.id,
-            token,
-            receipt,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(DeviceCreated { id: req.id, token, receipt })))
 }
 
 /// Devices, sorted by id.
@@ -195,22 +169,12 @@ pub struct DeviceList {
 pub async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<DeviceList>, ApiError> {
     auth.require_admin()?;
     Ok(Json(DeviceList {
-        devices: state
-            .chain
-            .registry()
-            .list()
-            .iter()
-            .map(|d| DeviceJson::from(d.as_ref()))
-            .collect(),
+        devices: state.chain.registry().list().iter().map(|d| DeviceJson::from(d.as_ref())).collect(),
     }))
 }
 
 fn find(state: &AppState, id: &str) -> Result<std::sync::Arc<Device>, ApiError> {
-    state
-        .chain
-        .registry()
-        .get(id)
-        .ok_or_else(|| ApiError::Rejected(Rejection::NoSuchDevice(id.to_string())))
+    state.chain.registry().get(id).ok_or_else(|| ApiError::Rejected(Rejection::NoSuchDevice(id.to_string())))
 }
 
 /// One device (admin, or the device itself).
@@ -237,10 +201,7 @@ pub async fn revoke(
 ) -> Result<Json<TxReceipt>, ApiError> {
     auth.require_admin()?;
     if id == ADMIN_ID || id == auth.0.id {
-        return Err(ApiError::BadRequest(
-            "invalid_field",
-            "the admin device cannot revoke itself".into(),
-        ));
+        return Err(ApiError::BadRequest("invalid_field", "the admin device cannot revoke itself".into()));
     }
     let dev = find(&state, &id)?;
     let mut record = dev.record.clone();
@@ -272,25 +233,12 @@ pub async fn grant(
     validate_key(&g.prefix).map_err(|e| Rejection::from(FieldError::new("prefix", e.reason)))?;
     find(&state, &id)?;
     let body = if g.read || g.write {
-        serde_json::to_vec(&GrantRecord {
-            read: g.read,
-            write: g.write,
-        })
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        serde_json::to_vec(&GrantRecord { read: g.read, write: g.write })
+            .map_err(|e| ApiError::Internal(e.to_string()))?
     } else {
         Vec::new()
     };
-    Ok(Json(
-        system_write(
-            &state,
-            &auth,
-            grants_address(&id),
-            g.prefix,
-            body,
-            Guard::DevicePresent(id),
-        )
-        .await?,
-    ))
+    Ok(Json(system_write(&state, &auth, grants_address(&id), g.prefix, body, Guard::DevicePresent(id)).await?))
 }
 
 /// `?prefix=P`
@@ -313,20 +261,7 @@ pub async fn remove_grant(
     auth.require_admin()?;
     let dev = find(&state, &id)?;
     if !dev.grants.iter().any(|g| g.prefix == q.prefix) {
-        return Err(ApiError::NotFound(format!(
-            "device {id} has no grant on {}",
-            q.prefix
-        )));
+        return Err(ApiError::NotFound(format!("device {id} has no grant on {}", q.prefix)));
     }
-    Ok(Json(
-        system_write(
-            &state,
-            &auth,
-            grants_address(&id),
-            q.prefix,
-            Vec::new(),
-            Guard::DevicePresent(id),
-        )
-        .await?,
-    ))
+    Ok(Json(system_write(&state, &auth, grants_address(&id), q.prefix, Vec::new(), Guard::DevicePresent(id)).await?))
 }

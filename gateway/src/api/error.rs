@@ -56,9 +56,7 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::Rejected(r) => r.to_string(),
-            ApiError::NotFound(m) | ApiError::BadRequest(_, m) | ApiError::Unavailable(m) => {
-                m.clone()
-            }
+            ApiError::NotFound(m) | ApiError::BadRequest(_, m) | ApiError::Unavailable(m) => m.clone(),
             ApiError::Internal(_) => "internal error; see the node's log".into(),
         }
     }
@@ -70,9 +68,7 @@ pub fn rejection_status(r: &Rejection) -> StatusCode {
         Rejection::UnknownDevice | Rejection::Revoked(_) => StatusCode::UNAUTHORIZED,
         Rejection::Forbidden { .. } | Rejection::AdminOnly => StatusCode::FORBIDDEN,
         Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Rejection::DuplicateIdempotencyKey { .. } | Rejection::DeviceExists(_) => {
-            StatusCode::CONFLICT
-        }
+        Rejection::DuplicateIdempotencyKey { .. } | Rejection::DeviceExists(_) => StatusCode::CONFLICT,
         Rejection::NoSuchDevice(_) => StatusCode::NOT_FOUND,
         Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         Rejection::Invalid(_)
@@ -94,9 +90,7 @@ impl From<Error> for ApiError {
         match e {
             Error::Rejected(r) => ApiError::Rejected(r),
             Error::ShuttingDown => ApiError::Unavailable("the node is shutting down".into()),
-            Error::CommitFailed(m) => {
-                ApiError::Unavailable(format!("the write was not stored: {m}"))
-            }
+            Error::CommitFailed(m) => ApiError::Unavailable(format!("the write was not stored: {m}")),
             Error::Merkle(m) => ApiError::BadRequest("invalid_proof_request", m.to_string()),
             other => ApiError::Internal(format!("{other:#}")),
         }
@@ -123,12 +117,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(cause) = &self {
             tracing::error!(target: "api", cause = %cause, "Request failed.");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: code.to_string(),
-                message: self.message(),
-            },
-        };
+        let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.message() } };
         (status, Json(body)).into_response()
     }
 }

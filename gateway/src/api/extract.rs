@@ -27,27 +27,14 @@ pub struct Auth(pub Arc<Device>);
 
 /// The token from an `Authorization` header, with or without the `Bearer` scheme.
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    let v = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .trim();
-    Some(
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .unwrap_or(v)
-            .trim(),
-    )
+    let v = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.trim();
+    Some(v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim())
 }
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts);
         Ok(Auth(state.ingest.authenticate("rest", token)?))
     }
@@ -56,11 +43,7 @@ impl FromRequestParts<AppState> for Auth {
 impl Auth {
     /// Refuses non-admin devices.
     pub fn require_admin(&self) -> Result<(), ApiError> {
-        if self.0.is_admin() {
-            Ok(())
-        } else {
-            Err(ApiError::Rejected(kalima_core::Rejection::AdminOnly))
-        }
+        if self.0.is_admin() { Ok(()) } else { Err(ApiError::Rejected(kalima_core::Rejection::AdminOnly)) }
     }
 
     /// Refuses reads outside the device's grants.

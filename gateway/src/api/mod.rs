@@ -47,12 +47,7 @@ impl AppState {
     /// State over a running chain.
     pub fn new(chain: Chain, config: Arc<Config>) -> Self {
         let ingest = Ingest::new(chain.clone(), config.api.max_body_bytes);
-        AppState {
-            chain,
-            ingest,
-            config,
-            metrics: metrics_handle(),
-        }
+        AppState { chain, ingest, config, metrics: metrics_handle() }
     }
 }
 
@@ -64,10 +59,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
-                    &[
-                        0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                        0.5, 1.0, 2.5,
-                    ],
+                    &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
@@ -94,9 +86,7 @@ impl utoipa::Modify for SecurityAddon {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(
-                        "Device token from POST /api/v1/devices (admin token: DIR/admin.token)",
-                    ))
+                    .description(Some("Device token from POST /api/v1/devices (admin token: DIR/admin.token)"))
                     .build(),
             ),
         );
@@ -152,8 +142,7 @@ pub fn api_router() -> Router<AppState> {
 pub fn app(state: AppState) -> Router {
     let timeout = Duration::from_secs(state.config.api.request_timeout_secs);
     let max_request = state.config.api.max_request_bytes;
-    let doc: utoipa::openapi::OpenApi =
-        serde_json::from_str(&openapi_json()).unwrap_or_else(|_| ApiDoc::openapi());
+    let doc: utoipa::openapi::OpenApi = serde_json::from_str(&openapi_json()).unwrap_or_else(|_| ApiDoc::openapi());
     Router::new()
         .nest("/api/v1", api_router().fallback(not_found))
         .merge(ops::router())
@@ -161,16 +150,9 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", doc))
         .fallback(compat::unknown_request)
         .layer(DefaultBodyLimit::max(max_request))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, timeout))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let path = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_default();
+            let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
             tracing::debug_span!(target: "api", "request", method = %req.method(), path = %path)
         }))
         .with_state(state)

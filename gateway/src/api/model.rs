@@ -65,11 +65,7 @@ impl From<&CommittedTx> for TxJson {
             address: ct.address.clone(),
             key: ct.key.clone(),
             kind: ct.kind(),
-            body: if ct.body.is_empty() {
-                None
-            } else {
-                serde_json::from_slice(&ct.body).ok()
-            },
+            body: if ct.body.is_empty() { None } else { serde_json::from_slice(&ct.body).ok() },
             body_b64: B64.encode(&ct.body),
             props: ct.props.clone(),
             ttl: ct.ttl_secs,
@@ -119,24 +115,19 @@ impl TxRequest {
     pub fn into_content(self, device_id: &str) -> Result<TxContent, Rejection> {
         let body = match (self.body, self.body_b64) {
             (Some(_), Some(_)) => {
-                return Err(Rejection::Malformed(
-                    "send either body or body_b64, not both".into(),
-                ));
+                return Err(Rejection::Malformed("send either body or body_b64, not both".into()));
             }
             (Some(serde_json::Value::Null), None) | (None, None) => Vec::new(),
-            (Some(v), None) => {
-                serde_json::to_vec(&v).map_err(|e| Rejection::Malformed(e.to_string()))?
+            (Some(v), None) => serde_json::to_vec(&v).map_err(|e| Rejection::Malformed(e.to_string()))?,
+            (None, Some(b)) => {
+                B64.decode(b.as_bytes()).map_err(|e| FieldError::new("body_b64", format!("not base64: {e}")))?
             }
-            (None, Some(b)) => B64
-                .decode(b.as_bytes())
-                .map_err(|e| FieldError::new("body_b64", format!("not base64: {e}")))?,
         };
         let signature = match self.signature {
             None => None,
             Some(h) => {
                 let mut s = [0u8; 64];
-                hex::decode_to_slice(&h, &mut s)
-                    .map_err(|_| FieldError::new("signature", "must be 128 hex digits"))?;
+                hex::decode_to_slice(&h, &mut s).map_err(|_| FieldError::new("signature", "must be 128 hex digits"))?;
                 Some(s)
             }
         };
@@ -169,12 +160,7 @@ pub struct TxReceipt {
 
 impl From<&kalima_core::Receipt> for TxReceipt {
     fn from(r: &kalima_core::Receipt) -> Self {
-        TxReceipt {
-            id: hex::encode(r.id),
-            global_sequence: r.global_sequence,
-            sequence: r.sequence,
-            height: r.height,
-        }
+        TxReceipt { id: hex::encode(r.id), global_sequence: r.global_sequence, sequence: r.sequence, height: r.height }
     }
 }
 

@@ -25,11 +25,7 @@ pub async fn healthz() -> &'static str {
 /// Readiness: 200 once the chain is restored and the sequencer runs.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, body = String), (status = 503, body = String)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.chain.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    if state.chain.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
 }
 
 /// Prometheus metrics.
@@ -37,8 +33,5 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     metrics::gauge!("kalima_memcache_values").set(state.chain.memcache().len() as f64);
     metrics::gauge!("kalima_tree_size").set(state.chain.tree_size() as f64);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

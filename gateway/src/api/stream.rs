@@ -33,9 +33,7 @@ const REPLAY_PAGE: u32 = 1000;
 
 /// Routes of this resource.
 pub fn router() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/stream", get(sse))
-        .route("/ws", get(ws))
+    axum::Router::new().route("/stream", get(sse)).route("/ws", get(ws))
 }
 
 /// `?address=PREFIX`
@@ -95,12 +93,7 @@ fn visible(device: &Device, prefix: &str, c: &CommittedTx) -> bool {
 }
 
 /// Subscribes first, then replays from the store, so no commit falls between the two.
-fn follow(
-    state: &AppState,
-    device: Arc<Device>,
-    prefix: String,
-    after: Option<u64>,
-) -> mpsc::Receiver<Item> {
+fn follow(state: &AppState, device: Arc<Device>, prefix: String, after: Option<u64>) -> mpsc::Receiver<Item> {
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     let mut sub = state.chain.bus().subscribe();
     let chain = state.chain.clone();
@@ -117,9 +110,7 @@ fn follow(
                 };
                 for c in page {
                     next = c.tx.global_sequence + 1;
-                    if visible(&device, &prefix, &c)
-                        && tx.send(Item::Tx(Arc::new(c))).await.is_err()
-                    {
+                    if visible(&device, &prefix, &c) && tx.send(Item::Tx(Arc::new(c))).await.is_err() {
                         return;
                     }
                 }
@@ -140,7 +131,8 @@ fn follow(
                 match tx.try_send(Item::Tx(c.clone())) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "slow_client").increment(1);
+                        metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "slow_client")
+                            .increment(1);
                         return;
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -177,21 +169,13 @@ pub async fn sse(
     let rx = follow(&state, auth.0.clone(), prefix, last);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let ev = match rx.recv().await? {
-            Item::Tx(c) => Event::default()
-                .event("tx")
-                .id(c.tx.global_sequence.to_string())
-                .data(json(&c)),
-            Item::End(reason) => Event::default()
-                .event("end")
-                .data(format!("{{\"reason\":\"{reason}\"}}")),
+            Item::Tx(c) => Event::default().event("tx").id(c.tx.global_sequence.to_string()).data(json(&c)),
+            Item::End(reason) => Event::default().event("end").data(format!("{{\"reason\":\"{reason}\"}}")),
         };
         Some((Ok(ev), rx))
     });
-    Ok(
-        Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(
-            state.config.api.stream_keepalive_secs.max(1),
-        ))),
-    )
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(state.config.api.stream_keepalive_secs.max(1)))))
 }
 
 /// WebSocket equivalent of the SSE stream: one text frame (transaction JSON) per transaction.
@@ -207,9 +191,7 @@ pub async fn ws(
     let prefix = q.address.unwrap_or_else(|| "/".into());
     check(&auth, &prefix)?;
     let rx = follow(&state, auth.0.clone(), prefix, q.after);
-    Ok(upgrade
-        .on_upgrade(move |socket| pump(socket, rx))
-        .into_response())
+    Ok(upgrade.on_upgrade(move |socket| pump(socket, rx)).into_response())
 }
 
 async fn pump(mut socket: WebSocket, mut rx: mpsc::Receiver<Item>) {

@@ -67,30 +67,14 @@ pub struct TxWithProof {
     pub proof: InclusionProof,
 }
 
-async fn commit(
-    state: &AppState,
-    auth: &Auth,
-    items: Vec<TxContent>,
-    wait: bool,
-) -> Result<Response, ApiError> {
+async fn commit(state: &AppState, auth: &Auth, items: Vec<TxContent>, wait: bool) -> Result<Response, ApiError> {
     if wait {
         let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
-        Ok((
-            StatusCode::OK,
-            Json(receipts.iter().map(TxReceipt::from).collect::<Vec<_>>()),
-        )
-            .into_response())
+        Ok((StatusCode::OK, Json(receipts.iter().map(TxReceipt::from).collect::<Vec<_>>())).into_response())
     } else {
         let n = items.len();
         state.ingest.write_nowait(INTERFACE, &auth.0, items).await?;
-        Ok((
-            StatusCode::ACCEPTED,
-            Json(Accepted {
-                status: "accepted".into(),
-                count: n,
-            }),
-        )
-            .into_response())
+        Ok((StatusCode::ACCEPTED, Json(Accepted { status: "accepted".into(), count: n })).into_response())
     }
 }
 
@@ -155,17 +139,10 @@ pub async fn write_batch(
     ApiQuery(w): ApiQuery<WaitParam>,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Response, ApiError> {
-    let items = req
-        .transactions
-        .into_iter()
-        .map(|r| content(&auth, r))
-        .collect::<Result<Vec<_>, _>>()?;
+    let items = req.transactions.into_iter().map(|r| content(&auth, r)).collect::<Result<Vec<_>, _>>()?;
     if w.wait.unwrap_or(true) {
         let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
-        Ok(Json(BatchReceipt {
-            receipts: receipts.iter().map(TxReceipt::from).collect(),
-        })
-        .into_response())
+        Ok(Json(BatchReceipt { receipts: receipts.iter().map(TxReceipt::from).collect() }).into_response())
     } else {
         commit(&state, &auth, items, false).await
     }
@@ -186,9 +163,7 @@ pub async fn move_key(
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> Result<Json<BatchReceipt>, ApiError> {
     let receipts = move_value(&state, &auth, &req.from_address, &req.to_address, &req.key).await?;
-    Ok(Json(BatchReceipt {
-        receipts: receipts.iter().map(TxReceipt::from).collect(),
-    }))
+    Ok(Json(BatchReceipt { receipts: receipts.iter().map(TxReceipt::from).collect() }))
 }
 
 /// Shared by the REST and Kalima-compatible move.
@@ -225,10 +200,7 @@ pub async fn move_value(
         props,
         ..TxContent::default()
     };
-    Ok(state
-        .ingest
-        .write(INTERFACE, &auth.0, vec![delete, put])
-        .await?)
+    Ok(state.ingest.write(INTERFACE, &auth.0, vec![delete, put]).await?)
 }
 
 /// A transaction by id, with its canonical bytes and an inclusion proof in the current tree.
@@ -246,23 +218,11 @@ pub async fn read_tx(
     Path(id): Path<String>,
 ) -> Result<Json<TxWithProof>, ApiError> {
     let mut h = [0u8; 32];
-    hex::decode_to_slice(&id, &mut h).map_err(|_| {
-        ApiError::BadRequest("invalid_id", "a transaction id is 64 hex digits".into())
-    })?;
-    let c = state
-        .chain
-        .store()
-        .tx_by_id(&h)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no transaction {id}")))?;
+    hex::decode_to_slice(&id, &mut h)
+        .map_err(|_| ApiError::BadRequest("invalid_id", "a transaction id is 64 hex digits".into()))?;
+    let c =
+        state.chain.store().tx_by_id(&h).await?.ok_or_else(|| ApiError::NotFound(format!("no transaction {id}")))?;
     auth.require_read(&c.tx.content.address)?;
-    let proof = state
-        .chain
-        .inclusion_proof(c.tx.global_sequence, None)
-        .await?;
-    Ok(Json(TxWithProof {
-        transaction: TxJson::from(&c),
-        tx_bytes: B64.encode(c.tx.encode()),
-        proof,
-    }))
+    let proof = state.chain.inclusion_proof(c.tx.global_sequence, None).await?;
+    Ok(Json(TxWithProof { transaction: TxJson::from(&c), tx_bytes: B64.encode(c.tx.encode()), proof }))
 }

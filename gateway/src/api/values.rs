@@ -63,17 +63,9 @@ pub async fn values(
                 .ok_or_else(|| ApiError::NotFound(format!("no value at {} key {k}", q.address)))?;
             vec![TxJson::from(v.as_ref())]
         }
-        None => cache
-            .values(&q.address)
-            .iter()
-            .map(|c| TxJson::from(c.as_ref()))
-            .collect(),
+        None => cache.values(&q.address).iter().map(|c| TxJson::from(c.as_ref())).collect(),
     };
-    Ok(Json(Values {
-        sequence: cache.sequence(&q.address),
-        address: q.address,
-        values,
-    }))
+    Ok(Json(Values { sequence: cache.sequence(&q.address), address: q.address, values }))
 }
 
 /// `?prefix=P`
@@ -101,13 +93,7 @@ pub async fn addresses(
 ) -> Result<Json<Addresses>, ApiError> {
     let prefix = q.prefix.unwrap_or_else(|| "/".into());
     validate_prefix(&prefix).map_err(Rejection::from)?;
-    let addresses = state
-        .chain
-        .memcache()
-        .addresses(&prefix)
-        .into_iter()
-        .filter(|a| auth.0.can_read(a))
-        .collect();
+    let addresses = state.chain.memcache().addresses(&prefix).into_iter().filter(|a| auth.0.can_read(a)).collect();
     Ok(Json(Addresses { addresses }))
 }
 
@@ -147,22 +133,10 @@ pub async fn history(
     auth.require_read(&q.address)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "invalid_query",
-            "limit must be 1..=1000".into(),
-        ));
+        return Err(ApiError::BadRequest("invalid_query", "limit must be 1..=1000".into()));
     }
     let before = q.before.unwrap_or(u64::MAX >> 1);
-    let txs = state
-        .chain
-        .store()
-        .history(&q.address, &q.key, before, limit)
-        .await?;
-    let next_before = (txs.len() == limit as usize)
-        .then(|| txs.last().map(|t| t.tx.global_sequence))
-        .flatten();
-    Ok(Json(HistoryPage {
-        items: txs.iter().map(TxJson::from).collect(),
-        next_before,
-    }))
+    let txs = state.chain.store().history(&q.address, &q.key, before, limit).await?;
+    let next_before = (txs.len() == limit as usize).then(|| txs.last().map(|t| t.tx.global_sequence)).flatten();
+    Ok(Json(HistoryPage { items: txs.iter().map(TxJson::from).collect(), next_before }))
 }

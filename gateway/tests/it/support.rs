@@ -49,12 +49,24 @@ impl TestNode {
     }
 
     /// Sends a request; `token` goes in `Authorization: Bearer`.
-    pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         self.call_raw(method, uri, token.map(|t| format!("Bearer {t}")), body.map(|b| b.to_string())).await
     }
 
     /// Sends a request with a raw `Authorization` header value and raw body.
-    pub async fn call_raw(&self, method: Method, uri: &str, authorization: Option<String>, body: Option<String>) -> (StatusCode, Value) {
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        uri: &str,
+        authorization: Option<String>,
+        body: Option<String>,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(a) = authorization {
             req = req.header("authorization", a);
@@ -67,7 +79,12 @@ impl TestNode {
         let resp = self.app.clone().oneshot(req).await.expect("response");
         let status = resp.status();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())) };
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
         (status, v)
     }
 
@@ -77,7 +94,12 @@ impl TestNode {
         assert_eq!(s, StatusCode::CREATED, "{v}");
         for (prefix, read, write) in grants {
             let (s, v) = self
-                .call(Method::POST, &format!("/api/v1/devices/{id}/grants"), Some(&self.admin), Some(json!({ "prefix": prefix, "read": read, "write": write })))
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/devices/{id}/grants"),
+                    Some(&self.admin),
+                    Some(json!({ "prefix": prefix, "read": read, "write": write })),
+                )
                 .await;
             assert_eq!(s, StatusCode::OK, "{v}");
         }
@@ -86,7 +108,13 @@ impl TestNode {
 
     /// Writes one JSON value as `token` and returns the receipt.
     pub async fn put(&self, token: &str, address: &str, key: &str, body: Value) -> (StatusCode, Value) {
-        self.call(Method::POST, "/api/v1/tx", Some(token), Some(json!({ "address": address, "key": key, "body": body }))).await
+        self.call(
+            Method::POST,
+            "/api/v1/tx",
+            Some(token),
+            Some(json!({ "address": address, "key": key, "body": body })),
+        )
+        .await
     }
 
     /// The `/metrics` text.
