@@ -67,15 +67,10 @@ pub struct TxWithProof {
     pub proof: InclusionProof,
 }
 
-async fn commit(state: &AppState, auth: &Auth, items: Vec<TxContent>, wait: bool) -> Result<Response, ApiError> {
-    if wait {
-        let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
-        Ok((StatusCode::OK, Json(receipts.iter().map(TxReceipt::from).collect::<Vec<_>>())).into_response())
-    } else {
-        let n = items.len();
-        state.ingest.write_nowait(INTERFACE, &auth.0, items).await?;
-        Ok((StatusCode::ACCEPTED, Json(Accepted { status: "accepted".into(), count: n })).into_response())
-    }
+async fn queue(state: &AppState, auth: &Auth, items: Vec<TxContent>) -> Result<Response, ApiError> {
+    let n = items.len();
+    state.ingest.write_nowait(INTERFACE, &auth.0, items).await?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { status: "accepted".into(), count: n })).into_response())
 }
 
 fn content(auth: &Auth, req: TxRequest) -> Result<TxContent, ApiError> {
@@ -103,23 +98,12 @@ pub async fn write_one(
     ApiJson(req): ApiJson<TxRequest>,
 ) -> Result<Response, ApiError> {
     let item = content(&auth, req)?;
-    let resp = commit(&state, &auth, vec![item], w.wait.unwrap_or(true)).await?;
-    Ok(single_receipt(resp).await)
-}
-
-/// The batch path answers a list; the single path answers its only element.
-async fn single_receipt(resp: Response) -> Response {
-    if resp.status() != StatusCode::OK {
-        return resp;
+    if !w.wait.unwrap_or(true) {
+        return queue(&state, &auth, vec![item]).await;
     }
-    let bytes = match axum::body::to_bytes(resp.into_body(), 1 << 20).await {
-        Ok(b) => b,
-        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
-    };
-    match serde_json::from_slice::<Vec<serde_json::Value>>(&bytes) {
-        Ok(mut v) if v.len() == 1 => Json(v.remove(0)).into_response(),
-        _ => ApiError::Internal("receipt count mismatch".into()).into_response(),
-    }
+    let receipts = state.ingest.write(INTERFACE, &auth.0, vec![item]).await?;
+    let r = receipts.first().ok_or_else(|| ApiError::Internal("no receipt for a committed write".into()))?;
+    Ok(Json(TxReceipt::from(r)).into_response())
 }
 
 /// Write many values in one call and one durable commit (all or nothing).
@@ -144,7 +128,7 @@ pub async fn write_batch(
         let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
         Ok(Json(BatchReceipt { receipts: receipts.iter().map(TxReceipt::from).collect() }).into_response())
     } else {
-        commit(&state, &auth, items, false).await
+        queue(&state, &auth, items).await
     }
 }
 
