@@ -119,12 +119,12 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
                 buf.push_str(&String::from_utf8_lossy(&chunk));
                 while let Some(pos) = buf.find("\n\n") {
                     let ev: String = buf.drain(..pos + 2).collect();
-                    if let Some(data) = ev.lines().find_map(|l| l.strip_prefix("data:")) {
-                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(data.trim()) {
-                            if let Some(id) = v.get("id").and_then(|x| x.as_str()) {
-                                seen.lock().insert(id.to_string(), now);
-                            }
-                        }
+                    let v = ev
+                        .lines()
+                        .find_map(|l| l.strip_prefix("data:"))
+                        .and_then(|d| serde_json::from_str::<serde_json::Value>(d.trim()).ok());
+                    if let Some(id) = v.as_ref().and_then(|v| v.get("id")).and_then(|x| x.as_str()) {
+                        seen.lock().insert(id.to_string(), now);
                     }
                 }
             }

@@ -141,13 +141,16 @@ impl Store {
                     // FULL: a commit is on disk before we acknowledge it (invariant 1).
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(Duration::from_secs(10))
-                    .pragma("cache_size", "-32768")
-                    .pragma("temp_store", "memory");
+                    .pragma("cache_size", "-65536")
+                    .pragma("temp_store", "memory")
+                    // Checkpoints run in the background (below), not inside a commit.
+                    .pragma("wal_autocheckpoint", "0");
                 if let Some(parent) = std::path::Path::new(opts.get_filename()).parent() {
                     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
                 let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
                 SQLITE_MIGRATIONS.run(&pool).await?;
+                spawn_wal_checkpointer(pool.clone());
                 Pool::Sqlite(pool)
             }
             Backend::Postgres => {
@@ -503,6 +506,30 @@ impl Store {
     pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
         on_pool!(self, |p| Ok(sqlx::raw_sql(sql).execute(p).await?.rows_affected()))
     }
+}
+
+/// Copies committed WAL frames into the database file off the commit path. PASSIVE never
+/// blocks the writer; the WAL restarts from its beginning once fully checkpointed.
+fn spawn_wal_checkpointer(pool: SqlitePool) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                return;
+            }
+            let started = std::time::Instant::now();
+            match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                Ok(_) => metrics::histogram!("kalima_store_checkpoint_seconds").record(started.elapsed().as_secs_f64()),
+                Err(e) if pool.is_closed() => {
+                    tracing::debug!(target: "core::store", error = %e, "WAL checkpointer stopped.");
+                    return;
+                }
+                Err(e) => tracing::warn!(target: "core::store", error = %e, "WAL checkpoint failed."),
+            }
+        }
+    });
 }
 
 #[derive(Default)]

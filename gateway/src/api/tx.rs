@@ -146,7 +146,7 @@ pub async fn move_key(
     auth: Auth,
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> Result<Json<BatchReceipt>, ApiError> {
-    let receipts = move_value(&state, &auth, &req.from_address, &req.to_address, &req.key).await?;
+    let receipts = move_value(&state, &auth, INTERFACE, &req.from_address, &req.to_address, &req.key).await?;
     Ok(Json(BatchReceipt { receipts: receipts.iter().map(TxReceipt::from).collect() }))
 }
 
@@ -154,6 +154,7 @@ pub async fn move_key(
 pub async fn move_value(
     state: &AppState,
     auth: &Auth,
+    interface: &'static str,
     from: &str,
     to: &str,
     key: &str,
@@ -184,7 +185,7 @@ pub async fn move_value(
         props,
         ..TxContent::default()
     };
-    Ok(state.ingest.write(INTERFACE, &auth.0, vec![delete, put]).await?)
+    Ok(state.ingest.write(interface, &auth.0, vec![delete, put]).await?)
 }
 
 /// A transaction by id, with its canonical bytes and an inclusion proof in the current tree.
