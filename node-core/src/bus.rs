@@ -16,6 +16,7 @@ pub type CommittedBatch = Arc<Vec<Arc<CommittedTx>>>;
 #[derive(Debug, Clone)]
 pub struct Bus {
     tx: broadcast::Sender<CommittedBatch>,
+    capacity: usize,
 }
 
 /// Why a subscription ended.
@@ -41,27 +42,42 @@ impl SubscriptionEnd {
 #[derive(Debug)]
 pub struct Subscription {
     rx: broadcast::Receiver<CommittedBatch>,
+    // The broadcast channel rounds its size up to a power of two; this is the configured limit.
+    capacity: usize,
+    ended: Option<SubscriptionEnd>,
 }
 
 impl Subscription {
     /// Next batch, or why the subscription ended (a lagged subscriber is dropped, not resumed).
     pub async fn next(&mut self) -> Result<CommittedBatch, SubscriptionEnd> {
-        match self.rx.recv().await {
-            Ok(b) => Ok(b),
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "lagged").increment(1);
-                Err(SubscriptionEnd::Lagged)
-            }
-            Err(broadcast::error::RecvError::Closed) => Err(SubscriptionEnd::Closed),
+        if let Some(end) = self.ended {
+            return Err(end);
         }
+        let res = if self.rx.len() > self.capacity {
+            Err(SubscriptionEnd::Lagged)
+        } else {
+            match self.rx.recv().await {
+                Ok(b) => Ok(b),
+                Err(broadcast::error::RecvError::Lagged(_)) => Err(SubscriptionEnd::Lagged),
+                Err(broadcast::error::RecvError::Closed) => Err(SubscriptionEnd::Closed),
+            }
+        };
+        if let Err(end) = res {
+            if end == SubscriptionEnd::Lagged {
+                metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "lagged").increment(1);
+            }
+            self.ended = Some(end);
+        }
+        res
     }
 }
 
 impl Bus {
     /// A bus that buffers `capacity` commits per subscriber.
     pub fn new(capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
-        Self { tx }
+        let capacity = capacity.max(1);
+        let (tx, _) = broadcast::channel(capacity);
+        Self { tx, capacity }
     }
 
     /// Publishes a batch; never waits for subscribers.
@@ -72,7 +88,7 @@ impl Bus {
 
     /// A new subscription starting at the next commit.
     pub fn subscribe(&self) -> Subscription {
-        Subscription { rx: self.tx.subscribe() }
+        Subscription { rx: self.tx.subscribe(), capacity: self.capacity, ended: None }
     }
 
     /// Current number of subscribers.

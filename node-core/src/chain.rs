@@ -97,7 +97,6 @@ struct Inner {
     tree: RwLock<MerkleTree>,
     head: RwLock<Head>,
     idempotency: Mutex<HashMap<(String, String), Hash>>,
-    queue: mpsc::Sender<Submission>,
     ready: std::sync::atomic::AtomicBool,
     shutdown: tokio::sync::Notify,
 }
@@ -106,6 +105,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Chain {
     inner: Arc<Inner>,
+    // Held by handles only (not by the sequencer), so dropping every handle stops it.
+    queue: mpsc::Sender<Submission>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -120,7 +121,7 @@ fn now_ms() -> i64 {
 
 /// Sequencer-owned state: the uncommitted view used while building a commit.
 struct Sequencer {
-    chain: Chain,
+    inner: Arc<Inner>,
     rx: mpsc::Receiver<Submission>,
     frontier: Frontier,
     expiries: BinaryHeap<Reverse<(i64, u64, String, String)>>,
@@ -212,13 +213,12 @@ impl Chain {
             tree: RwLock::new(tree),
             head: RwLock::new(head),
             idempotency: Mutex::new(idem),
-            queue,
             ready: std::sync::atomic::AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
         });
-        let chain = Chain { inner };
+        let chain = Chain { inner, queue };
 
-        let mut seq = Sequencer { chain: chain.clone(), rx, frontier, expiries: BinaryHeap::new() };
+        let mut seq = Sequencer { inner: chain.inner.clone(), rx, frontier, expiries: BinaryHeap::new() };
         for c in chain.inner.memcache.snapshot() {
             seq.track_expiry(&c);
         }
@@ -265,7 +265,7 @@ impl Chain {
         reply: Option<oneshot::Sender<Result<Vec<Receipt>>>>,
     ) -> Result<()> {
         let sub = Submission { items, guard, reply, enqueued: Instant::now() };
-        self.inner.queue.send(sub).await.map_err(|_| Error::ShuttingDown)
+        self.queue.send(sub).await.map_err(|_| Error::ShuttingDown)
     }
 
     /// The memcache.
@@ -310,7 +310,7 @@ impl Chain {
 
     /// True once the chain was restored and the sequencer runs.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(std::sync::atomic::Ordering::Acquire) && !self.inner.queue.is_closed()
+        self.inner.ready.load(std::sync::atomic::Ordering::Acquire) && !self.queue.is_closed()
     }
 
     /// The id of the transaction that already used this idempotency key, if any.
@@ -434,14 +434,14 @@ struct Building {
 
 impl Sequencer {
     async fn run(mut self) -> Result<()> {
-        let max = self.chain.inner.config.max_commit_txs;
+        let max = self.inner.config.max_commit_txs;
         loop {
             let next_expiry = self.expiries.peek().map(|Reverse((t, ..))| *t);
             let sleep = match next_expiry {
                 Some(t) => Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0)),
                 None => Duration::from_secs(3600),
             };
-            let inner = self.chain.inner.clone();
+            let inner = self.inner.clone();
             let first = tokio::select! {
                 s = self.rx.recv() => match s {
                     Some(s) => Some(s),
@@ -510,7 +510,7 @@ impl Sequencer {
             let Some(Reverse((_, seq, address, key))) = self.expiries.pop() else {
                 break;
             };
-            let current = self.chain.inner.memcache.get(&address, &key);
+            let current = self.inner.memcache.get(&address, &key);
             if current.is_some_and(|c| c.tx.global_sequence == seq) {
                 items.push(TxContent {
                     device_id: NODE_DEVICE_ID.into(),
@@ -529,7 +529,7 @@ impl Sequencer {
     }
 
     async fn commit(&mut self, subs: Vec<Submission>, genesis: bool) -> Result<()> {
-        let inner = self.chain.inner.clone();
+        let inner = self.inner.clone();
         let head = inner.head.read().clone();
         let timestamp_ms = now_ms().max(head.block.header.timestamp_ms);
         let mut next_seq = self.frontier.len();
@@ -661,6 +661,9 @@ impl Sequencer {
         for c in &committed {
             self.track_expiry(c);
         }
+        let committed = Arc::new(committed);
+        // Publish before answering: a client that subscribes after its ack must not see it twice.
+        inner.bus.publish(committed.clone());
         let done = Instant::now();
         for (sub, range) in accepted {
             metrics::histogram!("kalima_commit_seconds").record(done.duration_since(sub.enqueued).as_secs_f64());
@@ -681,7 +684,6 @@ impl Sequencer {
         metrics::counter!("kalima_blocks_committed_total").increment(blocks.len() as u64);
         metrics::histogram!("kalima_commit_batch_transactions").record(committed.len() as f64);
         metrics::gauge!("kalima_block_height").set(height.saturating_sub(1) as f64);
-        inner.bus.publish(Arc::new(committed));
         Ok(())
     }
 
@@ -698,7 +700,7 @@ impl Sequencer {
                 continue;
             }
             let k = (c.device_id.clone(), c.idempotency_key.clone());
-            let existing = self.chain.inner.idempotency.lock().get(&k).copied();
+            let existing = self.inner.idempotency.lock().get(&k).copied();
             if existing.is_some() || new_idem.contains(&k) || !local.insert(k) {
                 metrics::counter!("kalima_writes_rejected_total", "reason" => "duplicate_idempotency_key").increment(1);
                 return Err(Rejection::DuplicateIdempotencyKey {
@@ -707,7 +709,7 @@ impl Sequencer {
                 });
             }
         }
-        let registered = |id: &str| new_devices.contains(id) || self.chain.inner.registry.get(id).is_some();
+        let registered = |id: &str| new_devices.contains(id) || self.inner.registry.get(id).is_some();
         match &sub.guard {
             Some(Guard::DeviceAbsent(id)) if registered(id) => Err(Rejection::DeviceExists(id.clone())),
             Some(Guard::DevicePresent(id)) if !registered(id) => Err(Rejection::NoSuchDevice(id.clone())),

@@ -13,9 +13,7 @@ use kalima_core::registry::{ADMIN_ID, DEVICES_ADDRESS, NODE_DEVICE_ID};
 use kalima_core::tx::TxContent;
 use kalima_core::{Error, Rejection};
 
-use crate::common::{
-    TestDb, all_blocks, all_txs, backend_tests, device_registration, poll_until, put, submit_one,
-};
+use crate::common::{TestDb, all_blocks, all_txs, backend_tests, device_registration, poll_until, put, submit_one};
 
 backend_tests!(
     sequences_and_previous_links,
@@ -24,6 +22,7 @@ backend_tests!(
     ttl_value_is_deleted_by_the_node,
     duplicate_idempotency_key_is_rejected,
     registry_guards,
+    shutdown_commits_queued_work_then_stops,
     dropping_every_handle_stops_the_sequencer,
 );
 
@@ -256,7 +255,11 @@ async fn duplicate_idempotency_key_is_rejected(db: TestDb) {
         existing: Option<[u8; 32]>,
     }
     let cases = [
-        Case { name: "same device, same key", items: vec![with_key("sensor-1", "k-1", b"2")], existing: Some(first.id) },
+        Case {
+            name: "same device, same key",
+            items: vec![with_key("sensor-1", "k-1", b"2")],
+            existing: Some(first.id),
+        },
         Case {
             name: "repeated inside one batch",
             items: vec![with_key("sensor-1", "k-2", b"3"), with_key("sensor-1", "k-2", b"4")],
@@ -342,17 +345,46 @@ async fn registry_guards(db: TestDb) {
     assert!(dev.can_read("/plant-1/line-2") && !dev.can_write("/plant-1/line-2"));
 }
 
-/// DESIGN/chain docs: "The returned task ends when every handle is dropped". A node that
-/// shuts down (or a test that reopens the store) relies on it; subscribers must see `Closed`.
+/// `Chain::shutdown`: what is already queued is committed, the sequencer ends, later writes
+/// are refused with `ShuttingDown`, and once the last handle is gone subscribers see `Closed`.
+async fn shutdown_commits_queued_work_then_stops(db: TestDb) {
+    let c = db.chain().await;
+    let chain = c.chain.clone();
+    let size = chain.tree_size();
+    for i in 0..20 {
+        chain.submit_nowait(vec![put("admin", "/plant-1", "q", format!("{i}").as_bytes())]).await.unwrap();
+    }
+    let mut sub = chain.bus().subscribe();
+    chain.shutdown();
+    assert!(!chain.is_ready(), "a stopping node is not ready");
+    let crate::common::TestChain { chain: handle, task } = c;
+    task.await.expect("sequencer task panicked").expect("sequencer ended with an error");
+    let err = chain.submit(vec![put("admin", "/plant-1", "late", b"1")], None).await.expect_err("after shutdown");
+    assert!(matches!(err, Error::ShuttingDown), "{err:?}");
+    assert_eq!(chain.tree_size(), size + 20, "queued writes were committed before stopping");
+    assert_eq!(chain.store().tx_count().await.unwrap(), size + 20);
+    assert_eq!(chain.memcache().get("/plant-1", "q").map(|v| v.tx.content.body.clone()), Some(b"19".to_vec()));
+    drop(handle);
+    drop(chain);
+    // Drain what was published, then the bus reports the end.
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await.expect("bus still open") {
+            Ok(_) => continue,
+            Err(end) => break end,
+        }
+    };
+    assert_eq!(end, SubscriptionEnd::Closed);
+}
+
+/// `Chain::open` documents: "The returned task ends when every handle is dropped". Code that
+/// relies on it (tests, an embedding that reopens the store) otherwise leaks a live sequencer
+/// that still owns the store and still issues TTL deletes.
 async fn dropping_every_handle_stops_the_sequencer(db: TestDb) {
     let c = db.chain().await;
     submit_one(&c.chain, put("admin", "/plant-1", "temp", b"1")).await;
-    let mut sub = c.chain.bus().subscribe();
     let crate::common::TestChain { chain, task } = c;
     drop(chain);
     let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
     let res = ended.expect("the sequencer task is still running 5 s after the last Chain handle was dropped");
     res.expect("sequencer task panicked").expect("sequencer task failed");
-    let next = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
-    assert_eq!(next.expect("the bus stays open after the chain is gone").err(), Some(SubscriptionEnd::Closed));
 }

@@ -88,17 +88,25 @@ pub(crate) struct TestChain {
 }
 
 impl TestChain {
-    /// Stops the node the hard way (as a crash or a kill would) and waits until the sequencer
-    /// and its store handles are gone, so the store can be reopened cleanly.
-    ///
-    /// Aborting rather than waiting for the task to end by itself: the sequencer currently
-    /// keeps its own handle alive (see `chain::dropping_every_handle_stops_the_sequencer`).
+    /// Stops the node as `kalima up` does on SIGTERM: `shutdown()`, then wait for the
+    /// sequencer to finish what is queued and end; the store can then be reopened.
     pub(crate) async fn stop(self) {
         let TestChain { chain, task } = self;
         let store = chain.store().clone();
+        chain.shutdown();
+        task.await.expect("sequencer task panicked").expect("sequencer ended with an error");
         drop(chain);
+        store.close().await;
+    }
+
+    /// Stops the node the hard way, as a crash or a kill would: the sequencer task is aborted
+    /// between commits.
+    pub(crate) async fn kill(self) {
+        let TestChain { chain, task } = self;
+        let store = chain.store().clone();
         task.abort();
         let _ = task.await;
+        drop(chain);
         store.close().await;
     }
 }
@@ -126,13 +134,8 @@ pub(crate) fn device_registration(
     public_key: Option<String>,
     require_signature: bool,
 ) -> TxContent {
-    let record = DeviceRecord {
-        token_sha256: token_digest(token),
-        public_key,
-        require_signature,
-        admin,
-        revoked: false,
-    };
+    let record =
+        DeviceRecord { token_sha256: token_digest(token), public_key, require_signature, admin, revoked: false };
     TxContent {
         device_id: ADMIN_ID.into(),
         address: DEVICES_ADDRESS.into(),
@@ -189,9 +192,7 @@ pub(crate) async fn all_txs(store: &Store) -> Vec<CommittedTx> {
 /// Every block header as stored (decoded from the raw header column), in height order.
 pub(crate) async fn all_blocks(store: &Store) -> Vec<BlockHeader> {
     let raw = store.raw_blocks(0, u32::MAX).await.expect("raw_blocks");
-    raw.iter()
-        .map(|b| BlockHeader::decode(&b.header).expect("stored header decodes"))
-        .collect()
+    raw.iter().map(|b| BlockHeader::decode(&b.header).expect("stored header decodes")).collect()
 }
 
 /// Polls `check` every 50 ms until it returns `Some` or `limit` passes.
@@ -220,7 +221,13 @@ pub(crate) struct BlockBuilder {
 
 impl BlockBuilder {
     pub(crate) fn new() -> Self {
-        Self { frontier: Frontier::new(), prev_hash: [0; 32], next_height: 0, addr_seq: HashMap::new(), last: HashMap::new() }
+        Self {
+            frontier: Frontier::new(),
+            prev_hash: [0; 32],
+            next_height: 0,
+            addr_seq: HashMap::new(),
+            last: HashMap::new(),
+        }
     }
 
     /// The next block holding `items`, stamped `timestamp_ms`.
@@ -318,9 +325,8 @@ where
             let url = with_database(&admin_url, &name);
             let outcome = AssertUnwindSafe(body(TestDb { backend, url, dir })).catch_unwind().await;
             // Best effort: a leftover database is harmless and named so it is easy to spot.
-            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut admin)
-                .await;
+            let _ =
+                sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await;
             let _ = admin.close().await;
             if let Err(panic) = outcome {
                 std::panic::resume_unwind(panic);

@@ -22,7 +22,9 @@ async fn chain_rows_cannot_be_rewritten(db: TestDb) {
         let cps = s.checkpoints_from(crate::common::CHAIN, 0, 1000).await.unwrap();
         (
             blocks.iter().map(|b| (b.height, b.hash.clone(), b.header.clone())).collect::<Vec<_>>(),
-            txs.iter().map(|t| (t.global_seq, t.height, t.hash.clone(), t.key_id, t.sealed.clone())).collect::<Vec<_>>(),
+            txs.iter()
+                .map(|t| (t.global_seq, t.height, t.hash.clone(), t.key_id, t.sealed.clone()))
+                .collect::<Vec<_>>(),
             cps,
         )
     };

@@ -9,18 +9,23 @@ use kalima_core::tx::TxContent;
 use kalima_core::verify::verify_chain;
 use kalima_core::{Chain, Error};
 
-use crate::common::{
-    CHAIN, TestDb, all_blocks, backend_tests, blob_literal, drop_immutability_triggers, put,
-};
+use crate::common::{CHAIN, TestDb, all_blocks, backend_tests, blob_literal, drop_immutability_triggers, put};
 
-backend_tests!(inclusion_proofs_verify, historic_roots_and_consistency_proofs_verify, signed_checkpoint_verifies, proofs_refuse_tampered_leaf_rows);
+backend_tests!(
+    inclusion_proofs_verify,
+    historic_roots_and_consistency_proofs_verify,
+    signed_checkpoint_verifies,
+    proofs_refuse_tampered_leaf_rows
+);
 
 /// Genesis + 3000 transactions in 30 batches of 100.
 async fn build(db: &TestDb) -> crate::common::TestChain {
     let c = db.chain().await;
     for batch in 0..30 {
         let items: Vec<TxContent> = (0..100)
-            .map(|i| put("admin", &format!("/plant-{}/line-{}", i % 5, i % 3), "temp", format!("{batch}.{i}").as_bytes()))
+            .map(|i| {
+                put("admin", &format!("/plant-{}/line-{}", i % 5, i % 3), "temp", format!("{batch}.{i}").as_bytes())
+            })
             .collect();
         c.chain.submit(items, None).await.unwrap();
     }
@@ -35,7 +40,8 @@ fn unhex(s: &str) -> Hash {
 }
 
 fn indices(size: u64) -> Vec<u64> {
-    let mut v = vec![0, 1, 2, 127, 255, 256, 257, 511, 512, 1000, 1023, 1024, 2047, 2048, 2500, size - 257, size - 2, size - 1];
+    let mut v =
+        vec![0, 1, 2, 127, 255, 256, 257, 511, 512, 1000, 1023, 1024, 2047, 2048, 2500, size - 257, size - 2, size - 1];
     // A spread over every chunk.
     v.extend((0..size).step_by(97));
     v.sort_unstable();
@@ -188,11 +194,17 @@ async fn proofs_refuse_tampered_leaf_rows(db: TestDb) {
     for i in [victim + 1, victim] {
         match chain.inclusion_proof(i, None).await {
             Err(_) => {}
-            Ok(p) => panic!("{:?}: proof of leaf {i} built from a tampered row was served (verifies: {}): {p:?}", db.backend, p.verify()),
+            Ok(p) => panic!(
+                "{:?}: proof of leaf {i} built from a tampered row was served (verifies: {}): {p:?}",
+                db.backend,
+                p.verify()
+            ),
         }
     }
     match chain.root_at(victim + 5).await {
         Err(_) => {}
-        Ok(r) => panic!("{:?}: historic root at {} computed from a tampered row: {}", db.backend, victim + 5, hex::encode(r)),
+        Ok(r) => {
+            panic!("{:?}: historic root at {} computed from a tampered row: {}", db.backend, victim + 5, hex::encode(r))
+        }
     }
 }

@@ -12,7 +12,23 @@ use kalima_core::{Error, Rejection};
 use crate::chain::assert_sequencing;
 use crate::common::{ADMIN_TOKEN, CHAIN, TestDb, backend_tests, poll_until, put, register_device, submit_one};
 
-backend_tests!(state_is_restored_and_sequences_continue);
+backend_tests!(restart_after_shutdown, restart_after_kill);
+
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// `Chain::shutdown` and wait for the sequencer (SIGTERM).
+    Shutdown,
+    /// The sequencer task aborted between commits (a crash or SIGKILL).
+    Kill,
+}
+
+async fn restart_after_shutdown(db: TestDb) {
+    state_is_restored_and_sequences_continue(db, Stop::Shutdown).await;
+}
+
+async fn restart_after_kill(db: TestDb) {
+    state_is_restored_and_sequences_continue(db, Stop::Kill).await;
+}
 
 /// What a node knows in memory that must survive a restart.
 #[derive(Debug, PartialEq)]
@@ -47,14 +63,21 @@ async fn snapshot(chain: &kalima_core::Chain) -> Snapshot {
     }
 }
 
-async fn state_is_restored_and_sequences_continue(db: TestDb) {
+async fn state_is_restored_and_sequences_continue(db: TestDb, stop: Stop) {
     let c = db.chain().await;
     let chain = &c.chain;
     register_device(chain, "sensor-1", "s1-token", &[("/plant-1", true, true)]).await;
     // Enough transactions for several 256-leaf Merkle chunks.
     for batch in 0..6 {
         let items: Vec<TxContent> = (0..100)
-            .map(|i| put("sensor-1", &format!("/plant-1/line-{}", i % 4), &format!("k{}", i % 9), format!("{batch}-{i}").as_bytes()))
+            .map(|i| {
+                put(
+                    "sensor-1",
+                    &format!("/plant-1/line-{}", i % 4),
+                    &format!("k{}", i % 9),
+                    format!("{batch}-{i}").as_bytes(),
+                )
+            })
             .collect();
         chain.submit(items, None).await.unwrap();
     }
@@ -69,11 +92,14 @@ async fn state_is_restored_and_sequences_continue(db: TestDb) {
     let before = snapshot(chain).await;
     assert!(before.tree_size > 600);
     assert!(before.values.iter().any(|v| v.0 == "/plant-1/ttl"));
-    c.stop().await;
+    match stop {
+        Stop::Shutdown => c.stop().await,
+        Stop::Kill => c.kill().await,
+    }
 
     let c = db.chain().await;
     let chain = &c.chain;
-    assert_eq!(snapshot(chain).await, before, "restored state differs");
+    assert_eq!(snapshot(chain).await, before, "{stop:?}: restored state differs");
     assert!(chain.is_ready());
     assert_eq!(chain.memcache().get("/plant-1/line-2", "temp").map(|v| v.id), Some(last_temp.id));
     assert!(chain.memcache().get("/plant-1/deleted", "x").is_none(), "a delete stays a delete");

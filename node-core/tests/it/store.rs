@@ -178,7 +178,7 @@ async fn failed_append_writes_nothing(db: TestDb) {
     // and the whole commit (block row included) must roll back.
     let (b1, mut txs) = blocks[1].clone();
     txs.push(blocks[0].1[0].clone());
-    let err = store.append(&[b1.clone()], &txs).await.expect_err("duplicate global sequence must fail");
+    let err = store.append(std::slice::from_ref(&b1), &txs).await.expect_err("duplicate global sequence must fail");
     assert!(matches!(err, Error::Db(_)), "a database error, got {err:?}");
     assert_eq!(store.latest_block().await.unwrap().map(|b| b.header.height), Some(0), "block 1 was rolled back");
     assert_eq!(store.tx_count().await.unwrap(), 1, "no transaction of the failed commit stayed");

@@ -12,7 +12,8 @@ use crate::common::{CHAIN, TestDb, backend_tests, blob_literal, drop_immutabilit
 
 backend_tests!(healthy_chain_verifies, tampering_is_detected_at_its_height);
 
-/// Ten blocks after genesis, two transactions each, and a checkpoint.
+/// Ten blocks after genesis with two transactions each, then one commit of 400 (several blocks;
+/// pages of more than 256 rows are opened on every core), a checkpoint, one more block.
 async fn build(db: &TestDb) -> crate::common::TestChain {
     let c = db.chain().await;
     for i in 0..10 {
@@ -27,6 +28,9 @@ async fn build(db: &TestDb) -> crate::common::TestChain {
             .await
             .unwrap();
     }
+    let bulk = (0..400).map(|i| put("admin", &format!("/plant-2/m-{}", i % 7), "v", format!("{i}").as_bytes()));
+    c.chain.submit(bulk.collect(), None).await.unwrap();
+    assert!(c.chain.head().block.header.height >= 12, "the bulk commit spans several blocks");
     c.chain.checkpoint_now().await.unwrap();
     submit_one(&c.chain, put("admin", "/plant-1", "after-checkpoint", b"1")).await;
     c
@@ -86,9 +90,9 @@ async fn tampering_is_detected_at_its_height(db: TestDb) {
         Case { target: Target::TxHash, reported_offset: 0 },
         Case { target: Target::TxKeyId, reported_offset: 0 },
     ];
-    // A block in the middle, the genesis block and the head are all covered.
+    // A block in the middle, one inside the bulk commit, the genesis block and the head.
     let head = c.chain.head().block.header.height;
-    for height in [5, 0, head] {
+    for height in [5, 12, 0, head] {
         for case in &cases {
             if matches!(case.target, Target::BlockHeaderRehashed) && height == head {
                 continue; // no next block to break
