@@ -125,14 +125,40 @@ impl Config {
         let file = dir.join(CONFIG_FILE);
         let fig = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(&file))
-            .merge(Env::prefixed("KALIMA_").split("__").ignore(&["dir", "bin", "log"]));
-        let mut cfg: Config =
-            fig.extract().map_err(|e| ConfigErrors(e.into_iter().map(|e| e.to_string()).collect()))?;
+            .merge(Env::prefixed("KALIMA_").filter(|k| k.as_str().contains("__")).split("__"));
+        // One extraction per section, so a bad value in one section does not hide the others.
+        let mut errs: Vec<String> = Vec::new();
+        fn section<T: serde::de::DeserializeOwned + Default>(fig: &Figment, name: &str, errs: &mut Vec<String>) -> T {
+            match fig.extract_inner::<T>(name) {
+                Ok(v) => v,
+                Err(e) => {
+                    errs.extend(e.into_iter().map(|e| e.to_string()));
+                    T::default()
+                }
+            }
+        }
+        const SECTIONS: [&str; 5] = ["node", "api", "storage", "chain", "demo"];
+        if let Ok(data) = figment::Provider::data(&fig) {
+            for dict in data.values() {
+                for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+                    errs.push(format!("unknown section or key `{k}`"));
+                }
+            }
+        }
+        let mut cfg = Config {
+            node: section(&fig, "node", &mut errs),
+            api: section(&fig, "api", &mut errs),
+            storage: section(&fig, "storage", &mut errs),
+            chain: section(&fig, "chain", &mut errs),
+            demo: section(&fig, "demo", &mut errs),
+        };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
         }
-        cfg.validate()?;
-        Ok(cfg)
+        if let Err(ConfigErrors(v)) = cfg.validate() {
+            errs.extend(v);
+        }
+        if errs.is_empty() { Ok(cfg) } else { Err(ConfigErrors(errs)) }
     }
 
     /// Reports every invalid value at once.

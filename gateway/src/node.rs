@@ -108,7 +108,7 @@ pub struct Running {
     pub server: JoinHandle<std::io::Result<()>>,
     /// The sequencer task.
     pub sequencer: JoinHandle<kalima_core::Result<()>>,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -119,7 +119,12 @@ impl Running {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = self.server.await;
+        let mut server = self.server;
+        // Connections that do not finish (a client that never reads) must not keep the node up.
+        if tokio::time::timeout(std::time::Duration::from_secs(10), &mut server).await.is_err() {
+            tracing::warn!(target: "node", "Connections still open after 10 s; closing them.");
+            server.abort();
+        }
         self.chain.shutdown();
         match self.sequencer.await {
             Ok(Ok(())) => {}
@@ -161,7 +166,8 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         tasks.push(t);
     }
     let state = AppState::new(chain.clone(), config.clone());
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let stop = state.shutdown.clone();
+    let mut stopped = stop.subscribe();
     let router = app(state);
     let server = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -96,8 +96,8 @@ enum Pool {
 
 /// Runs the same sqlx code on whichever pool is configured (both arms compile separately).
 macro_rules! on_pool {
-    ($self:expr, |$pool:ident| $body:expr) => {
-        match &$self.pool {
+    ($target:expr, |$pool:ident| $body:expr) => {
+        match $target {
             Pool::Sqlite($pool) => $body,
             Pool::Postgres($pool) => $body,
         }
@@ -108,6 +108,9 @@ macro_rules! on_pool {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    // SQLite: one dedicated writer connection whose page cache stays warm across commits
+    // (the read pool's connections each have their own cache).
+    writer: Option<SqlitePool>,
     keys: Arc<DataKeys>,
 }
 
@@ -133,6 +136,7 @@ fn aad(global_seq: u64, key_id: u32) -> [u8; 12] {
 impl Store {
     /// Opens (creating if needed) the store at `url` and applies pending migrations.
     pub async fn connect(url: &str, keys: Arc<DataKeys>) -> Result<Self> {
+        let mut writer = None;
         let pool = match backend_of(url)? {
             Backend::Sqlite => {
                 let opts = SqliteConnectOptions::from_str(url)?
@@ -144,13 +148,15 @@ impl Store {
                     .pragma("cache_size", "-65536")
                     .pragma("temp_store", "memory")
                     // Checkpoints run in the background (below), not inside a commit.
-                    .pragma("wal_autocheckpoint", "0");
+                    .pragma("wal_autocheckpoint", "0")
+                    .pragma("mmap_size", "268435456");
                 if let Some(parent) = std::path::Path::new(opts.get_filename()).parent() {
                     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
-                let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+                let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts.clone()).await?;
                 SQLITE_MIGRATIONS.run(&pool).await?;
                 spawn_wal_checkpointer(pool.clone());
+                writer = Some(SqlitePoolOptions::new().max_connections(1).min_connections(1).connect_with(opts).await?);
                 Pool::Sqlite(pool)
             }
             Backend::Postgres => {
@@ -164,7 +170,14 @@ impl Store {
                 Pool::Postgres(pool)
             }
         };
-        Ok(Self { pool, keys })
+        Ok(Self { pool, writer, keys })
+    }
+
+    fn write_pool(&self) -> Pool {
+        match (&self.pool, &self.writer) {
+            (Pool::Sqlite(_), Some(w)) => Pool::Sqlite(w.clone()),
+            (p, _) => p.clone(),
+        }
     }
 
     /// The backend in use.
@@ -182,7 +195,10 @@ impl Store {
 
     /// Closes the pool, waiting for in-flight queries.
     pub async fn close(&self) {
-        on_pool!(self, |p| p.close().await)
+        if let Some(w) = &self.writer {
+            w.close().await;
+        }
+        on_pool!(&self.pool, |p| p.close().await)
     }
 
     /// Writes blocks and their transactions in one database transaction (one durable commit).
@@ -194,7 +210,7 @@ impl Store {
             let (key_id, s) = self.keys.seal(&p.bytes, &aad(seq, self.keys.active_id()))?;
             sealed.push((key_id, s));
         }
-        on_pool!(self, |pool| {
+        on_pool!(&self.write_pool(), |pool| {
             let mut dbtx = pool.begin().await?;
             for chunk in blocks.chunks(INSERT_CHUNK) {
                 let mut qb =
@@ -236,7 +252,7 @@ impl Store {
 
     /// The highest block, if any.
     pub async fn latest_block(&self) -> Result<Option<BlockRecord>> {
-        let row: Option<Vec<u8>> = on_pool!(self, |p| {
+        let row: Option<Vec<u8>> = on_pool!(&self.pool, |p| {
             sqlx::query_scalar("SELECT header FROM blocks ORDER BY height DESC LIMIT 1").fetch_optional(p).await?
         });
         row.map(|h| record_of(&h)).transpose()
@@ -244,7 +260,7 @@ impl Store {
 
     /// The block at `height`.
     pub async fn block(&self, height: u64) -> Result<Option<BlockRecord>> {
-        let row: Option<Vec<u8>> = on_pool!(self, |p| {
+        let row: Option<Vec<u8>> = on_pool!(&self.pool, |p| {
             sqlx::query_scalar("SELECT header FROM blocks WHERE height = $1")
                 .bind(to_i64(height))
                 .fetch_optional(p)
@@ -255,7 +271,7 @@ impl Store {
 
     /// Up to `limit` blocks at or below `below_or_at`, newest first.
     pub async fn blocks_desc(&self, below_or_at: u64, limit: u32) -> Result<Vec<BlockRecord>> {
-        let rows: Vec<Vec<u8>> = on_pool!(self, |p| {
+        let rows: Vec<Vec<u8>> = on_pool!(&self.pool, |p| {
             sqlx::query_scalar("SELECT header FROM blocks WHERE height <= $1 ORDER BY height DESC LIMIT $2")
                 .bind(to_i64(below_or_at))
                 .bind(i64::from(limit))
@@ -267,7 +283,7 @@ impl Store {
 
     /// Raw block rows with height in `[from, from + limit)`, for verification.
     pub async fn raw_blocks(&self, from: u64, limit: u32) -> Result<Vec<RawBlock>> {
-        on_pool!(self, |p| {
+        on_pool!(&self.pool, |p| {
             let rows =
                 sqlx::query("SELECT height, hash, header FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2")
                     .bind(to_i64(from))
@@ -288,7 +304,7 @@ impl Store {
 
     /// Raw transaction rows with global sequence in `[from, to)`, for verification.
     pub async fn raw_txs(&self, from: u64, to: u64) -> Result<Vec<RawTx>> {
-        on_pool!(self, |p| {
+        on_pool!(&self.pool, |p| {
             let rows = sqlx::query(
                 "SELECT global_seq, height, hash, key_id, sealed FROM txs WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq",
             )
@@ -326,7 +342,7 @@ impl Store {
 
     async fn select_txs(&self, where_sql: &str, binds: Binds<'_>) -> Result<Vec<CommittedTx>> {
         let sql = format!("SELECT global_seq, height, hash, key_id, sealed FROM txs {where_sql}");
-        let raws: Vec<RawTx> = on_pool!(self, |p| {
+        let raws: Vec<RawTx> = on_pool!(&self.pool, |p| {
             let mut q = sqlx::query(&sql);
             for b in binds.ints {
                 q = q.bind(*b);
@@ -403,7 +419,7 @@ impl Store {
 
     /// Leaf hashes with global sequence in `[from, to)`, ascending.
     pub async fn leaf_hashes(&self, from: u64, to: u64) -> Result<Vec<Hash>> {
-        let rows: Vec<Vec<u8>> = on_pool!(self, |p| {
+        let rows: Vec<Vec<u8>> = on_pool!(&self.pool, |p| {
             sqlx::query_scalar("SELECT hash FROM txs WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq")
                 .bind(to_i64(from))
                 .bind(to_i64(to))
@@ -424,7 +440,7 @@ impl Store {
 
     /// Highest per-address sequence of every address.
     pub async fn address_sequences(&self) -> Result<Vec<(String, u64)>> {
-        on_pool!(self, |p| {
+        on_pool!(&self.pool, |p| {
             let rows = sqlx::query("SELECT address, MAX(seq) AS s FROM txs GROUP BY address").fetch_all(p).await?;
             rows.iter().map(|r| Ok((r.try_get("address")?, to_u64(r.try_get("s")?)))).collect()
         })
@@ -432,7 +448,7 @@ impl Store {
 
     /// Every (device, idempotency key, transaction id) on the chain.
     pub async fn idempotency_keys(&self) -> Result<Vec<(String, String, Hash)>> {
-        on_pool!(self, |p| {
+        on_pool!(&self.pool, |p| {
             let rows = sqlx::query("SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL")
                 .fetch_all(p)
                 .await?;
@@ -447,13 +463,13 @@ impl Store {
 
     /// Number of transaction rows.
     pub async fn tx_count(&self) -> Result<u64> {
-        let n: i64 = on_pool!(self, |p| sqlx::query_scalar("SELECT COUNT(*) FROM txs").fetch_one(p).await?);
+        let n: i64 = on_pool!(&self.pool, |p| sqlx::query_scalar("SELECT COUNT(*) FROM txs").fetch_one(p).await?);
         Ok(to_u64(n))
     }
 
     /// Stores a signed checkpoint (ignored when one for the same tree size exists).
     pub async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<()> {
-        on_pool!(self, |p| {
+        on_pool!(&self.pool, |p| {
             sqlx::query(
                 "INSERT INTO checkpoints (tree_size, height, timestamp_ms, root, signer, signature) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tree_size) DO NOTHING",
             )
@@ -477,7 +493,7 @@ impl Store {
     /// All checkpoints in ascending tree size from `from`, at most `limit`.
     pub async fn checkpoints_from(&self, chain: &str, from: u64, limit: u32) -> Result<Vec<Checkpoint>> {
         let sql = "WHERE tree_size >= $1 ORDER BY tree_size LIMIT $2";
-        on_pool!(self, |p| {
+        on_pool!(&self.pool, |p| {
             let rows = sqlx::query(&format!(
                 "SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"
             ))
@@ -490,7 +506,7 @@ impl Store {
     }
 
     async fn checkpoint_where(&self, sql: &str, chain: &str, bind: Option<i64>) -> Result<Option<Checkpoint>> {
-        on_pool!(self, |p| {
+        on_pool!(&self.pool, |p| {
             let q = format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}");
             let mut q = sqlx::query(&q);
             if let Some(b) = bind {
@@ -504,7 +520,7 @@ impl Store {
     /// Runs arbitrary SQL; only for tests that tamper with storage on purpose.
     #[cfg(any(test, feature = "test-utils"))]
     pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
-        on_pool!(self, |p| Ok(sqlx::raw_sql(sql).execute(p).await?.rows_affected()))
+        on_pool!(&self.pool, |p| Ok(sqlx::raw_sql(sql).execute(p).await?.rows_affected()))
     }
 }
 

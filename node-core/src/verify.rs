@@ -110,7 +110,11 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
                         format!("transaction {expected} is filed under height {}", raw.height),
                     ));
                 }
-                let id = opened.map_err(|e| corrupt(header.height, format!("transaction {expected}: {e}")))?;
+                let id = opened.map_err(|e| match e {
+                    // open_raw already names the fault; keep its message, report this block.
+                    Error::Corrupt { reason, .. } => corrupt(header.height, reason),
+                    e => corrupt(header.height, format!("transaction {expected}: {e}")),
+                })?;
                 frontier.push(id);
                 report.transactions += 1;
                 report.bytes += raw.sealed.len() as u64 + raw.hash.len() as u64;

@@ -41,13 +41,21 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Set to true when the node stops: live streams end so graceful shutdown completes.
+    pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
     /// State over a running chain.
     pub fn new(chain: Chain, config: Arc<Config>) -> Self {
         let ingest = Ingest::new(chain.clone(), config.api.max_body_bytes);
-        AppState { chain, ingest, config, metrics: metrics_handle() }
+        AppState {
+            chain,
+            ingest,
+            config,
+            metrics: metrics_handle(),
+            shutdown: Arc::new(tokio::sync::watch::channel(false).0),
+        }
     }
 }
 

@@ -97,8 +97,15 @@ fn follow(state: &AppState, device: Arc<Device>, prefix: String, after: Option<u
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     let mut sub = state.chain.bus().subscribe();
     let chain = state.chain.clone();
+    let mut shutdown = state.shutdown.subscribe();
     tokio::spawn(async move {
         let _gauge = Gauge::new();
+        let stopping = async move {
+            if shutdown.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(stopping);
         let mut next = 0u64;
         if let Some(after) = after {
             next = after.saturating_add(1);
@@ -117,7 +124,14 @@ fn follow(state: &AppState, device: Arc<Device>, prefix: String, after: Option<u
             }
         }
         loop {
-            let batch = match sub.next().await {
+            let next_batch = tokio::select! {
+                _ = &mut stopping => {
+                    let _ = tx.try_send(Item::End("shutdown"));
+                    return;
+                }
+                b = sub.next() => b,
+            };
+            let batch = match next_batch {
                 Ok(b) => b,
                 Err(end) => {
                     let _ = tx.try_send(Item::End(end.label()));
