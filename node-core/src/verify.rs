@@ -12,7 +12,7 @@ use crate::merkle::{Frontier, Hash};
 use crate::store::{RawTx, Store};
 
 /// Blocks read per round trip.
-const PAGE_BLOCKS: u32 = 2000;
+const PAGE_BLOCKS: u32 = 200;
 
 /// What a successful verification covered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
