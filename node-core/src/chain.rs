@@ -542,8 +542,16 @@ impl Sequencer {
 
         for sub in subs {
             if let Err(rej) = self.check_submission(&sub, &new_idem, &new_devices) {
-                if let Some(r) = sub.reply {
-                    let _ = r.send(Err(rej.into()));
+                match sub.reply {
+                    // The caller (ingest) counts it under its interface.
+                    Some(r) => {
+                        let _ = r.send(Err(rej.into()));
+                    }
+                    // Queued without a caller waiting (wait=false): count it here.
+                    None => {
+                        metrics::counter!("kalima_writes_rejected_total", "reason" => rej.code(), "interface" => "queued")
+                            .increment(1);
+                    }
                 }
                 continue;
             }
@@ -702,7 +710,6 @@ impl Sequencer {
             let k = (c.device_id.clone(), c.idempotency_key.clone());
             let existing = self.inner.idempotency.lock().get(&k).copied();
             if existing.is_some() || new_idem.contains(&k) || !local.insert(k) {
-                metrics::counter!("kalima_writes_rejected_total", "reason" => "duplicate_idempotency_key").increment(1);
                 return Err(Rejection::DuplicateIdempotencyKey {
                     key: c.idempotency_key.clone(),
                     existing: existing.map(hex::encode).unwrap_or_else(|| "in the same commit".into()),

@@ -88,10 +88,17 @@ impl Ingest {
             if items.is_empty() || items.len() > MAX_BATCH {
                 return Err(Rejection::BatchSize { got: items.len(), max: MAX_BATCH });
             }
+            let mut keys = std::collections::HashSet::new();
             for c in &mut items {
                 // The device is who authenticated, whatever the request claimed.
                 c.device_id = device.id.clone();
                 self.check(device, c)?;
+                if !c.idempotency_key.is_empty() && !keys.insert(c.idempotency_key.clone()) {
+                    return Err(Rejection::DuplicateIdempotencyKey {
+                        key: c.idempotency_key.clone(),
+                        existing: "in the same batch".into(),
+                    });
+                }
             }
             Ok(items)
         })();

@@ -36,6 +36,10 @@ pub enum ApiError {
     BadRequest(&'static str, String),
     /// The node cannot serve right now.
     Unavailable(String),
+    /// The request body is over `[api] max_request_bytes`.
+    TooLarge(String),
+    /// The path exists but not with this method.
+    MethodNotAllowed,
     /// A fault inside the node (logged).
     Internal(String),
 }
@@ -48,6 +52,8 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(code, _) => (StatusCode::BAD_REQUEST, code),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -56,7 +62,10 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::Rejected(r) => r.to_string(),
-            ApiError::NotFound(m) | ApiError::BadRequest(_, m) | ApiError::Unavailable(m) => m.clone(),
+            ApiError::NotFound(m) | ApiError::BadRequest(_, m) | ApiError::Unavailable(m) | ApiError::TooLarge(m) => {
+                m.clone()
+            }
+            ApiError::MethodNotAllowed => "this path does not take that method; see /docs".into(),
             ApiError::Internal(_) => "internal error; see the node's log".into(),
         }
     }
@@ -99,6 +108,11 @@ impl From<Error> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            metrics::counter!("kalima_writes_rejected_total", "reason" => "too_large", "interface" => super::INTERFACE)
+                .increment(1);
+            return ApiError::TooLarge(r.body_text());
+        }
         let rej = Rejection::Malformed(r.body_text());
         kalima_core::ingest::count_rejection("rest", &rej);
         ApiError::Rejected(rej)

@@ -152,7 +152,7 @@ pub fn app(state: AppState) -> Router {
     let max_request = state.config.api.max_request_bytes;
     let doc: utoipa::openapi::OpenApi = serde_json::from_str(&openapi_json()).unwrap_or_else(|_| ApiDoc::openapi());
     Router::new()
-        .nest("/api/v1", api_router().fallback(not_found))
+        .nest("/api/v1", api_router().fallback(not_found).method_not_allowed_fallback(method_not_allowed))
         .merge(ops::router())
         .merge(compat::router())
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", doc))
@@ -164,6 +164,10 @@ pub fn app(state: AppState) -> Router {
             tracing::debug_span!(target: "api", "request", method = %req.method(), path = %path)
         }))
         .with_state(state)
+}
+
+async fn method_not_allowed() -> error::ApiError {
+    error::ApiError::MethodNotAllowed
 }
 
 async fn not_found() -> error::ApiError {

@@ -93,7 +93,7 @@ fn visible(device: &Device, prefix: &str, c: &CommittedTx) -> bool {
 }
 
 /// Subscribes first, then replays from the store, so no commit falls between the two.
-fn follow(state: &AppState, device: Arc<Device>, prefix: String, after: Option<u64>) -> mpsc::Receiver<Item> {
+fn follow(state: &AppState, mut device: Arc<Device>, prefix: String, after: Option<u64>) -> mpsc::Receiver<Item> {
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     let mut sub = state.chain.bus().subscribe();
     let chain = state.chain.clone();
@@ -138,6 +138,15 @@ fn follow(state: &AppState, device: Arc<Device>, prefix: String, after: Option<u
                     return;
                 }
             };
+            // Grants and revocation apply to open streams too: the registry is updated
+            // before a commit is published, so this sees every change up to this batch.
+            match chain.registry().get(&device.id) {
+                Some(d) if !d.record.revoked => device = d,
+                _ => {
+                    let _ = tx.try_send(Item::End("revoked"));
+                    return;
+                }
+            }
             for c in batch.iter() {
                 if c.tx.global_sequence < next || !visible(&device, &prefix, c) {
                     continue;
