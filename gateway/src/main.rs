@@ -199,9 +199,10 @@ async fn verify(dir: PathBuf) -> anyhow::Result<ExitCode> {
     match res {
         Ok(r) => {
             println!(
-                "chain OK: {} blocks, {} transactions, {} checkpoints, {:.1} MB in {:.2} s ({:.1} MB/s)",
+                "chain OK: {} blocks, {} transactions, {} device signatures, {} checkpoints, {:.1} MB in {:.2} s ({:.1} MB/s)",
                 r.blocks,
                 r.transactions,
+                r.signatures,
                 r.checkpoints,
                 r.bytes as f64 / 1e6,
                 secs,

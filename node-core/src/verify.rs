@@ -1,15 +1,19 @@
 //! Whole-chain verification: every block's hash and link, every transaction's decryption,
-//! encoding and leaf hash, every block's Merkle root from genesis, and every checkpoint's
-//! signature and root. Reports the first faulty height.
+//! encoding and leaf hash, every device signature against the key registered at the time,
+//! every block's Merkle root from genesis, and every checkpoint's signature and root.
+//! Reports the first faulty height.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+
+use ed25519_dalek::VerifyingKey;
 
 use subtle::ConstantTimeEq;
 
 use crate::block::BlockHeader;
 use crate::error::{Error, Result};
 use crate::merkle::{Frontier, Hash};
-use crate::store::{RawTx, Store};
+use crate::registry::{DEVICES_ADDRESS, DeviceRecord};
+use crate::store::{CommittedTx, RawTx, Store};
 
 /// Blocks read per round trip.
 const PAGE_BLOCKS: u32 = 200;
@@ -25,23 +29,62 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// Checkpoints whose signature and root were checked.
     pub checkpoints: u64,
+    /// Device signatures checked.
+    pub signatures: u64,
 }
 
 fn corrupt(height: u64, reason: impl Into<String>) -> Error {
     Error::Corrupt { height, reason: reason.into() }
 }
 
+/// Device public keys as the chain registered them so far, to check device signatures
+/// against the key that was in force when each transaction was written.
+#[derive(Default)]
+struct Signers {
+    keys: HashMap<String, VerifyingKey>,
+    signatures: u64,
+}
+
+impl Signers {
+    fn check(&mut self, c: &CommittedTx) -> std::result::Result<(), String> {
+        let content = &c.tx.content;
+        if content.signature.is_some() {
+            let seq = c.tx.global_sequence;
+            let key = self.keys.get(&content.device_id).ok_or_else(|| {
+                format!("transaction {seq} is signed by {} which has no registered key", content.device_id)
+            })?;
+            if !content.verify_signature(key) {
+                return Err(format!("transaction {seq}: device signature does not verify"));
+            }
+            self.signatures += 1;
+        }
+        if content.address == DEVICES_ADDRESS {
+            let key =
+                serde_json::from_slice::<DeviceRecord>(&content.body).ok().and_then(|r| r.public_key).and_then(|h| {
+                    let mut b = [0u8; 32];
+                    hex::decode_to_slice(h, &mut b).ok()?;
+                    VerifyingKey::from_bytes(&b).ok()
+                });
+            match key {
+                Some(k) => self.keys.insert(content.key.clone(), k),
+                None => self.keys.remove(&content.key),
+            };
+        }
+        Ok(())
+    }
+}
+
 /// Decrypts, decodes and hashes rows on every core; results keep the rows' order.
-fn open_parallel(store: &Store, txs: &[RawTx]) -> Vec<Result<Hash>> {
+fn open_parallel(store: &Store, txs: &[RawTx]) -> Vec<Result<CommittedTx>> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if threads == 1 || txs.len() < 256 {
-        return txs.iter().map(|r| store.open_raw(r).map(|c| c.id)).collect();
+        return txs.iter().map(|r| store.open_raw(r)).collect();
     }
     let per = txs.len().div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = txs
             .chunks(per)
-            .map(|chunk| s.spawn(move || chunk.iter().map(|r| store.open_raw(r).map(|c| c.id)).collect::<Vec<_>>()))
+            .map(|chunk| s.spawn(move || chunk.iter().map(|r| store.open_raw(r)).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
@@ -56,6 +99,7 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
     let mut frontier = Frontier::new();
     let mut prev_hash: Hash = [0; 32];
     let mut next_height = 0u64;
+    let mut signers = Signers::default();
     let mut checkpoints: VecDeque<_> = store.checkpoints_from(chain, 0, u32::MAX).await?.into();
     loop {
         let blocks = store.raw_blocks(next_height, PAGE_BLOCKS).await?;
@@ -110,12 +154,13 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
                         format!("transaction {expected} is filed under height {}", raw.height),
                     ));
                 }
-                let id = opened.map_err(|e| match e {
+                let c = opened.map_err(|e| match e {
                     // open_raw already names the fault; keep its message, report this block.
                     Error::Corrupt { reason, .. } => corrupt(header.height, reason),
                     e => corrupt(header.height, format!("transaction {expected}: {e}")),
                 })?;
-                frontier.push(id);
+                signers.check(&c).map_err(|reason| corrupt(header.height, reason))?;
+                frontier.push(c.id);
                 report.transactions += 1;
                 report.bytes += raw.sealed.len() as u64 + raw.hash.len() as u64;
                 while let Some(cp) = checkpoints.front() {
@@ -155,5 +200,6 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
             format!("{} transactions stored outside any block", stored.saturating_sub(frontier.len())),
         ));
     }
+    report.signatures = signers.signatures;
     Ok(report)
 }

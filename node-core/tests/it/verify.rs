@@ -10,7 +10,11 @@ use kalima_core::verify::verify_chain;
 
 use crate::common::{CHAIN, TestDb, backend_tests, blob_literal, drop_immutability_triggers, put, submit_one};
 
-backend_tests!(healthy_chain_verifies, tampering_is_detected_at_its_height);
+backend_tests!(
+    healthy_chain_verifies,
+    tampering_is_detected_at_its_height,
+    device_signatures_are_checked_against_the_registered_key
+);
 
 /// Ten blocks after genesis with two transactions each, then one commit of 400 (several blocks;
 /// pages of more than 256 rows are opened on every core), a checkpoint, one more block.
@@ -185,4 +189,35 @@ async fn tamper(store: &Store, target: Target, height: u64) -> String {
     let n = store.execute_raw(&set).await.unwrap_or_else(|e| panic!("tamper {target:?}: {e:#}"));
     assert_eq!(n, 1, "tamper {target:?} touched one row");
     undo
+}
+
+/// A signed transaction that ingest would have refused (its signature does not match the
+/// device's key) but that reached the sequencer anyway must make verification fail at its
+/// height; valid signatures are counted.
+async fn device_signatures_are_checked_against_the_registered_key(db: TestDb) {
+    use ed25519_dalek::{Signer, SigningKey};
+
+    let c = db.chain().await;
+    let sk = SigningKey::from_bytes(&[42; 32]);
+    let pk = hex::encode(sk.verifying_key().as_bytes());
+    submit_one(&c.chain, crate::common::device_registration("signer", "kal_signer", false, Some(pk), false)).await;
+
+    let mut good = put("signer", "/plant/line", "temp", b"21.5");
+    good.signature = Some(sk.sign(&good.signing_bytes()).to_bytes());
+    submit_one(&c.chain, good).await;
+    let report = verify_chain(c.chain.store(), CHAIN, |_| {}).await.unwrap();
+    assert_eq!(report.signatures, 1);
+
+    let other = SigningKey::from_bytes(&[7; 32]);
+    let mut forged = put("signer", "/plant/line", "temp", b"99.9");
+    forged.signature = Some(other.sign(&forged.signing_bytes()).to_bytes());
+    let receipt = submit_one(&c.chain, forged).await;
+    match verify_chain(c.chain.store(), CHAIN, |_| {}).await {
+        Err(Error::Corrupt { height, reason }) => {
+            assert_eq!(height, receipt.height, "{reason}");
+            assert!(reason.contains("signature"), "{reason}");
+        }
+        other => panic!("a forged signature verified: {other:?}"),
+    }
+    c.stop().await;
 }
