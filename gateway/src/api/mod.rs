@@ -75,13 +75,50 @@ pub fn metrics_handle() -> PrometheusHandle {
                         &[1.0, 10.0, 100.0, 1000.0, 10000.0],
                     )
                 });
-            match builder.and_then(|b| b.install_recorder()) {
+            let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(h) => h,
                 // Another recorder is installed (tests): render from a detached one.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
+            };
+            describe_metrics();
+            handle
         })
         .clone()
+}
+
+/// Describes every series and creates the unlabelled ones at zero, so dashboards and alerts
+/// see them before the first event.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("kalima_writes_accepted_total", "Transactions accepted, by interface");
+    describe_counter!("kalima_writes_rejected_total", "Writes rejected, by reason and interface");
+    describe_counter!("kalima_tx_committed_total", "Transactions durably committed");
+    describe_counter!("kalima_blocks_committed_total", "Blocks durably committed");
+    describe_counter!("kalima_commit_failures_total", "Group commits whose durable write failed");
+    describe_counter!("kalima_checkpoints_total", "Signed checkpoints produced");
+    describe_counter!("kalima_ttl_deletes_total", "Deletes issued by the node when a TTL expired");
+    describe_counter!("kalima_bus_subscribers_dropped_total", "Live subscribers dropped, by reason");
+    describe_histogram!("kalima_commit_seconds", metrics::Unit::Seconds, "Enqueue to durable commit, per write call");
+    describe_histogram!("kalima_store_write_seconds", metrics::Unit::Seconds, "Durable store write per group commit");
+    describe_histogram!("kalima_store_checkpoint_seconds", metrics::Unit::Seconds, "SQLite WAL checkpoint duration");
+    describe_histogram!("kalima_commit_batch_transactions", "Transactions per group commit");
+    describe_gauge!("kalima_block_height", "Height of the latest committed block");
+    describe_gauge!("kalima_tree_size", "Transactions on the chain");
+    describe_gauge!("kalima_memcache_values", "Live values held in the memcache");
+    describe_gauge!("kalima_stream_subscribers", "Open SSE and WebSocket subscribers");
+    for name in [
+        "kalima_tx_committed_total",
+        "kalima_blocks_committed_total",
+        "kalima_commit_failures_total",
+        "kalima_checkpoints_total",
+        "kalima_ttl_deletes_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in ["lagged", "slow_client"] {
+        metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => reason).increment(0);
+    }
+    metrics::gauge!("kalima_stream_subscribers").increment(0.0);
 }
 
 struct SecurityAddon;

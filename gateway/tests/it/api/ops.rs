@@ -89,3 +89,33 @@ async fn unknown_routes_and_methods_answer_json_errors() {
     assert!(v["error"]["code"].is_string(), "405 has the API error body: {v:?}");
     stop(node).await;
 }
+
+/// Every metric the shipped dashboard and alert rules query exists on a running node after
+/// ordinary traffic, so operators never stare at "no data" because of a renamed series.
+#[tokio::test]
+async fn dashboards_and_alerts_only_use_exported_metrics() {
+    let node = TestNode::new().await;
+    let (s, _) = node.put(&node.admin, "/dash/a", "temp", json!(1)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = node.put("no-such-token", "/dash/a", "temp", json!(1)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let exported = node.metrics().await;
+
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards");
+    let mut referenced = std::collections::BTreeSet::new();
+    for file in ["kalima-node.json", "prometheus-alerts.yml"] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).expect("dashboard file");
+        for (i, _) in text.match_indices("kalima_") {
+            let name: String = text[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            // Histogram queries name their series with the exporter's suffixes.
+            let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+            if base != "kalima_" && base != "kalima_node" {
+                referenced.insert(base.to_string());
+            }
+        }
+    }
+    assert!(referenced.len() >= 8, "too few metrics found in the dashboards: {referenced:?}");
+    let missing: Vec<_> = referenced.iter().filter(|m| !exported.lines().any(|l| l.starts_with(m.as_str()))).collect();
+    assert!(missing.is_empty(), "dashboards query metrics the node does not export: {missing:?}\n{exported}");
+    stop(node).await;
+}
