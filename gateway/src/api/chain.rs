@@ -94,10 +94,7 @@ pub async fn list_blocks(
     _auth: Auth,
     ApiQuery(q): ApiQuery<BlocksQuery>,
 ) -> Result<Json<BlocksPage>, ApiError> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest("invalid_query", "limit must be 1..=1000".into()));
-    }
+    let limit = super::model::page_limit(q.limit, 50)?;
     let top = q.before.unwrap_or(u64::MAX >> 1);
     let blocks = state.chain.store().blocks_desc(top, limit).await?;
     let next_before =

@@ -182,3 +182,16 @@ pub struct WaitParam {
     #[serde(default)]
     pub wait: Option<bool>,
 }
+
+/// Largest page of any listing.
+pub const MAX_PAGE: u32 = 1000;
+
+/// A page size from `?limit=`: `default` when absent, refused outside 1..=1000.
+pub fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, super::error::ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(super::error::ApiError::BadRequest("invalid_query", format!("limit must be 1..={MAX_PAGE}")))
+    }
+}

@@ -131,10 +131,7 @@ pub async fn history(
     validate_address(&q.address).map_err(Rejection::from)?;
     validate_key(&q.key).map_err(Rejection::from)?;
     auth.require_read(&q.address)?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest("invalid_query", "limit must be 1..=1000".into()));
-    }
+    let limit = super::model::page_limit(q.limit, 100)?;
     let before = q.before.unwrap_or(u64::MAX >> 1);
     let txs = state.chain.store().history(&q.address, &q.key, before, limit).await?;
     let next_before = (txs.len() == limit as usize).then(|| txs.last().map(|t| t.tx.global_sequence)).flatten();
