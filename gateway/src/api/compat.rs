@@ -22,10 +22,11 @@
 //! | `GET /ledger/fromLast[?pageSize=P]` | the P newest readable transactions, newest first |
 //!
 //! `n` and `pageSize` default to 100 and range over 1..=1000. A transaction is
-//! `{address, key, globalSequence, sequence, previous, body, hash, props, date, time}`: `body`
-//! base64, `hash` the transaction id and `previous` the id of the prior transaction on the same
-//! address and key (hex, zeros for none), `props` a string map, `date` `YYMMdd` and `time`
-//! `HHmmss` of the node timestamp in UTC.
+//! `{address, key, globalSequence, sequence, previous, body, hash, props, date, time}` in
+//! Kalima's published encodings: `body` base64, `hash` the transaction id in base64, `previous`
+//! the sequence before this one at the address (0 for the first), `props` base64 of a Java
+//! properties text holding `date`, `time`, `ttl` (-1: none) and the transaction's own props;
+//! `date` (`YYMMdd`) and `time` (`HHmmss`, UTC) are also given as plain fields.
 //!
 //! Auth is `Authorization: <token>` (Kalima's clients send the bare token) or
 //! `Authorization: Bearer <token>`, with the same grants as `/api/v1`. Every write goes through
@@ -189,14 +190,14 @@ pub struct KalimaTx {
     pub global_sequence: u64,
     /// Position among the transactions of the address (1-based).
     pub sequence: u64,
-    /// Id (hex) of the previous transaction on the same address and key; zeros for none.
-    pub previous: String,
+    /// The sequence before this one at the address (0 for the first), as Kalima numbers it.
+    pub previous: u64,
     /// Body bytes, base64.
     pub body: String,
-    /// Transaction id (hex).
+    /// Transaction id, base64 (the same 32 bytes as the hex id of `/api/v1`).
     pub hash: String,
-    /// String properties.
-    pub props: BTreeMap<String, String>,
+    /// Base64 of a Java properties text: `date`, `time`, `ttl` and the transaction's props.
+    pub props: String,
     /// Node date of the commit, UTC, `YYMMdd`.
     pub date: String,
     /// Node time of the commit, UTC, `HHmmss`.
@@ -212,14 +213,58 @@ impl From<&CommittedTx> for KalimaTx {
             key: t.content.key.clone(),
             global_sequence: t.global_sequence,
             sequence: t.sequence,
-            previous: hex::encode(t.previous),
+            previous: t.sequence.saturating_sub(1),
             body: B64.encode(&t.content.body),
-            hash: hex::encode(c.id),
-            props: t.content.props.clone(),
+            hash: B64.encode(c.id),
+            props: B64.encode(properties_text(&t.content.props, &date, &time, t.content.ttl_secs)),
             date,
             time,
         }
     }
+}
+
+/// A Java properties text (what Kalima's clients parse), sorted by name; the node's own
+/// `date`, `time` and `ttl` entries win over props of the same name.
+fn properties_text(props: &BTreeMap<String, String>, date: &str, time: &str, ttl_secs: u32) -> String {
+    let mut all: BTreeMap<&str, String> = props.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    all.insert("date", date.to_string());
+    all.insert("time", time.to_string());
+    all.insert("ttl", if ttl_secs == 0 { "-1".to_string() } else { ttl_secs.to_string() });
+    let mut out = String::new();
+    for (k, v) in all {
+        out.push_str(&java_escape(k, true));
+        out.push('=');
+        out.push_str(&java_escape(&v, false));
+        out.push('\n');
+    }
+    out
+}
+
+/// Escapes as `java.util.Properties.store` does (ISO 8859-1 output with `\uXXXX` escapes).
+fn java_escape(s: &str, is_key: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.chars().enumerate() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{c}' => out.push_str("\\f"),
+            '=' | ':' | '#' | '!' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' ' if is_key || i == 0 => out.push_str("\\ "),
+            ' '..='~' => out.push(c),
+            c => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04X}"));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `YYMMdd` and `HHmmss` in UTC of a timestamp in ms (empty when out of range).
@@ -570,6 +615,15 @@ mod tests {
         // 2025-11-21T04:40:00.123Z
         assert_eq!(date_time(1_763_700_000_123), ("251121".to_string(), "044000".to_string()));
         assert_eq!(date_time(0), ("700101".to_string(), "000000".to_string()));
+    }
+
+    #[test]
+    fn props_are_a_java_properties_text() {
+        let props: BTreeMap<String, String> =
+            [("unit".into(), "°C".into()), ("a=b".into(), " x:y".into()), ("ttl".into(), "spoofed".into())].into();
+        let text = properties_text(&props, "221005", "155446", 0);
+        assert_eq!(text, "a\\=b=\\ x\\:y\ndate=221005\ntime=155446\nttl=-1\nunit=\\u00B0C\n");
+        assert!(properties_text(&BTreeMap::new(), "d", "t", 60).contains("ttl=60\n"));
     }
 
     #[test]

@@ -9,7 +9,16 @@ use serde_json::{Value, json};
 
 use crate::support::TestNode;
 
-const ZEROS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The hex id of `/api/v1` for a Kalima `hash` (base64 of the same 32 bytes).
+fn hex_id(kalima_hash: &Value) -> String {
+    hex::encode(B64.decode(kalima_hash.as_str().expect("hash")).expect("hash is base64"))
+}
+
+/// The `props` of a Kalima transaction: base64 of a Java properties text, parsed.
+fn props_of(t: &Value) -> std::collections::BTreeMap<String, String> {
+    let text = String::from_utf8(B64.decode(t["props"].as_str().expect("props")).expect("base64")).expect("utf-8");
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.replace('\\', ""), v.replace('\\', ""))).collect()
+}
 
 fn b64(s: &str) -> String {
     B64.encode(s.as_bytes())
@@ -202,7 +211,7 @@ async fn compat_walk_every_route_as_admin_and_scoped_device() {
             .check(Eq("/key", json!("temp")))
             .check(Eq("/sequence", json!(1)))
             .check(Eq("/body", json!(b64("21.5"))))
-            .check(Eq("/previous", json!(ZEROS))),
+            .check(Eq("/previous", json!(0))),
         case("put pressure (Bearer, ttl -1)", M::POST, "/transaction", AdminBearer, 200)
             .body(json!({ "address": l1, "key": "pressure", "body": b64("1013"), "ttl": -1 }))
             .check(Eq("/sequence", json!(2))),
@@ -263,8 +272,7 @@ async fn compat_walk_every_route_as_admin_and_scoped_device() {
         case("move", M::POST, "/transaction/move", Admin, 200)
             .body(json!({ "fromAddress": l1, "toAddress": "/plant-1/line-2", "key": "pressure" }))
             .check(Eq("/address", json!("/plant-1/line-2")))
-            .check(Eq("/body", json!(b64("1013"))))
-            .check(Eq("/props/moved_from", json!(l1))),
+            .check(Eq("/body", json!(b64("1013")))),
         case("moved value is gone", M::GET, "/transaction?address=/plant-1/line-1&key=pressure", Admin, 406)
             .code("not_found"),
         case("move of nothing", M::POST, "/transaction/move", Admin, 406)
@@ -306,9 +314,14 @@ async fn compat_post_reads_back_with_kalima_fields_and_date_time() {
     let mut want = fields.to_vec();
     want.sort_unstable();
     assert_eq!(keys, want, "{second}");
-    assert_eq!(first["previous"], json!(ZEROS));
-    assert_eq!(second["previous"], first["hash"], "previous links the same address and key");
+    assert_eq!(first["previous"], json!(0));
+    assert_eq!(second["previous"], first["sequence"], "previous is the sequence before at this address");
     assert_eq!(second["sequence"], json!(2));
+    let props = props_of(&second);
+    assert_eq!(props.get("ttl").map(String::as_str), Some("-1"), "{props:?}");
+    assert_eq!(props.get("date"), second["date"].as_str().map(str::to_string).as_ref());
+    assert_eq!(props.get("time"), second["time"].as_str().map(str::to_string).as_ref());
+    assert_eq!(B64.decode(second["hash"].as_str().expect("hash")).expect("base64").len(), 32);
 
     let read = k.get("/transaction?address=/plant-1/a&key=temp", Who::Scoped).await;
     assert_eq!(read, second, "the committed answer is what a read returns");
@@ -319,13 +332,13 @@ async fn compat_post_reads_back_with_kalima_fields_and_date_time() {
     assert_eq!(cache, json!([second]));
 
     // Same transaction as /api/v1, and date/time are its timestamp in UTC.
-    let hash = second["hash"].as_str().expect("hash");
+    let hash = hex_id(&second["hash"]);
     let (s, v1) = k.node.call(Method::GET, &format!("/api/v1/tx/{hash}"), Some(&k.node.admin), None).await;
     assert_eq!(s, StatusCode::OK, "{v1}");
     let t = &v1["transaction"];
     assert_eq!(t["global_sequence"], second["globalSequence"]);
     assert_eq!(t["sequence"], second["sequence"]);
-    assert_eq!(t["previous"], second["previous"]);
+    assert_eq!(t["previous"], json!(hex_id(&first["hash"])), "the chain link is the first write");
     assert_eq!(t["body_b64"], second["body"]);
     let (date, time) = expected_date_time(t["timestamp_ms"].as_i64().expect("timestamp"));
     assert_eq!(second["date"], json!(date));
@@ -338,7 +351,7 @@ async fn compat_post_reads_back_with_kalima_fields_and_date_time() {
     // An empty body deletes, as in Kalima.
     let deleted = k.post("/plant-1/a", "temp", "").await;
     assert_eq!(deleted["body"], json!(""));
-    assert_eq!(deleted["previous"], second["hash"]);
+    assert_eq!(deleted["previous"], second["sequence"]);
     let (s, v) = k.send(Method::GET, "/transaction?address=/plant-1/a&key=temp", Who::Admin, None).await;
     assert_eq!((s, &v["code"]), (StatusCode::NOT_ACCEPTABLE, &json!("not_found")), "{v}");
     k.stop().await;
@@ -391,7 +404,7 @@ async fn compat_ledger_matches_api_v1() {
     let gs: Vec<u64> = w.iter().map(|t| t["globalSequence"].as_u64().expect("gs")).collect();
     assert_eq!(gs, vec![gs[0], gs[0] + 1, gs[0] + 2], "consecutive writes are consecutive in the ledger");
     for t in &w {
-        let hash = t["hash"].as_str().expect("hash");
+        let hash = hex_id(&t["hash"]);
         let (s, v1) = k.node.call(Method::GET, &format!("/api/v1/tx/{hash}"), Some(&k.node.admin), None).await;
         assert_eq!(s, StatusCode::OK, "{v1}");
         assert_eq!(v1["transaction"]["global_sequence"], t["globalSequence"]);
@@ -449,7 +462,7 @@ async fn compat_delete_address_removes_every_key_in_one_commit() {
     for (i, t) in deletes.iter().enumerate() {
         assert_eq!(t["body"], json!(""));
         assert_eq!(t["globalSequence"].as_u64(), deletes[0]["globalSequence"].as_u64().map(|g| g + i as u64));
-        let hash = t["hash"].as_str().expect("hash");
+        let hash = hex_id(&t["hash"]);
         let (s, v1) = k.node.call(Method::GET, &format!("/api/v1/tx/{hash}"), Some(&k.node.admin), None).await;
         assert_eq!(s, StatusCode::OK, "{v1}");
         assert_eq!(v1["transaction"]["kind"], json!("delete"));
@@ -644,5 +657,18 @@ async fn compat_rejected_writes_are_406_and_counted() {
     let v = k.get("/transaction?address=/plant-1/a&key=temp", Who::Admin).await;
     assert_eq!(v["body"], json!(b64("1")));
     assert_eq!(k.get("/cache/keys?address=/plant-1/a", Who::Admin).await, json!(["temp"]));
+    k.stop().await;
+}
+
+/// A moved value keeps its props and records where it came from, inside Kalima's props text.
+#[tokio::test]
+async fn compat_move_records_its_origin_in_props() {
+    let k = Kalima::new().await;
+    k.post("/plant-1/a", "gauge", "7").await;
+    let body = json!({ "fromAddress": "/plant-1/a", "toAddress": "/plant-1/b", "key": "gauge" });
+    let (s, moved) = k.send(Method::POST, "/transaction/move", Who::Admin, Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{moved}");
+    assert_eq!(moved["address"], json!("/plant-1/b"));
+    assert_eq!(props_of(&moved).get("moved_from").map(String::as_str), Some("/plant-1/a"));
     k.stop().await;
 }
