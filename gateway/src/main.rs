@@ -115,10 +115,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Up { dir, demo } => {
             let dir = config::data_dir(dir);
-            if !node::is_initialized(&dir) {
-                let done = node::init(&dir, "kalima-dev")?;
-                tracing::info!(target: "node", dir = %dir.display(), token_file = %dir.join(config::ADMIN_TOKEN_FILE).display(), "Initialised a new node.");
-                let _ = done;
+            match node::dir_state(&dir) {
+                node::DirState::Empty => {
+                    node::init(&dir, "kalima-dev")?;
+                    tracing::info!(target: "node", dir = %dir.display(), token_file = %dir.join(config::ADMIN_TOKEN_FILE).display(), "Initialised a new node.");
+                }
+                node::DirState::Node => {}
+                node::DirState::Incomplete(missing) => anyhow::bail!(
+                    "{} is not empty but lacks {}: restore them, or point --dir at an empty directory",
+                    dir.display(),
+                    missing.join(", ")
+                ),
             }
             let cfg = Config::load(&dir)?;
             tracing::info!(target: "node", version = env!("CARGO_PKG_VERSION"), dir = %dir.display(), "Starting Kalima node.");

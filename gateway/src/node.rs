@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use kalima_core::keys::{DATA_KEYS_FILE, DataKeys, NODE_KEY_FILE, NodeKey, write_private};
+use kalima_core::keys::{DATA_KEYS_FILE, DataKeys, NODE_KEY_FILE, NodeKey, write_new_private};
 use kalima_core::registry::{ADMIN_ID, DEVICES_ADDRESS, DeviceRecord, NODE_DEVICE_ID, new_token, token_digest};
 use kalima_core::tx::TxContent;
 use kalima_core::{Chain, Store};
@@ -26,22 +26,46 @@ pub struct Initialized {
     pub admin_token: String,
 }
 
-/// True when `dir` already holds a node.
-pub fn is_initialized(dir: &Path) -> bool {
-    dir.join(CONFIG_FILE).exists() && dir.join(NODE_KEY_FILE).exists()
+/// Files that make up a node; `init` never writes over any of them.
+const NODE_FILES: [&str; 5] = [CONFIG_FILE, NODE_KEY_FILE, DATA_KEYS_FILE, ADMIN_TOKEN_FILE, "kalima.db"];
+
+/// What a data directory holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DirState {
+    /// Missing or empty: `up` may initialise it.
+    Empty,
+    /// Holds the keys and admin token of a node (the config file is optional).
+    Node,
+    /// Holds something else, or a node with files missing: refuse to guess.
+    Incomplete(Vec<&'static str>),
+}
+
+/// Classifies `dir` before `up` decides whether to initialise it.
+pub fn dir_state(dir: &Path) -> DirState {
+    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true);
+    if empty {
+        return DirState::Empty;
+    }
+    let missing: Vec<&'static str> =
+        [NODE_KEY_FILE, DATA_KEYS_FILE, ADMIN_TOKEN_FILE].into_iter().filter(|f| !dir.join(f).exists()).collect();
+    if missing.is_empty() { DirState::Node } else { DirState::Incomplete(missing) }
 }
 
 /// Writes `kalima.toml`, the node key, the data key ring and the admin token into `dir`.
+/// Refuses when any node file is already there: replacing a data key would make every
+/// stored record unreadable.
 pub fn init(dir: &Path, chain: &str) -> anyhow::Result<Initialized> {
-    if is_initialized(dir) {
-        bail!("{} already holds a node (kalima.toml and node.key exist); use another --dir", dir.display());
+    let present: Vec<&str> = NODE_FILES.into_iter().filter(|f| dir.join(f).exists()).collect();
+    if !present.is_empty() {
+        bail!("{} already holds node files ({}); refusing to overwrite them", dir.display(), present.join(", "));
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join(CONFIG_FILE), default_toml(chain)).context("writing kalima.toml")?;
     NodeKey::generate().save(&dir.join(NODE_KEY_FILE))?;
     DataKeys::create(&dir.join(DATA_KEYS_FILE))?;
     let admin_token = new_token();
-    write_private(&dir.join(ADMIN_TOKEN_FILE), format!("{admin_token}\n").as_bytes())?;
+    write_new_private(&dir.join(ADMIN_TOKEN_FILE), format!("{admin_token}\n").as_bytes())?;
+    // The config goes last, so its presence never hides missing keys.
+    std::fs::write(dir.join(CONFIG_FILE), default_toml(chain)).context("writing kalima.toml")?;
     Ok(Initialized { dir: dir.to_path_buf(), admin_token })
 }
 

@@ -49,9 +49,9 @@ impl NodeKey {
         Ok(Self::from_seed(seed))
     }
 
-    /// Writes the hex seed, readable by the owner only.
+    /// Writes the hex seed to a new file, readable by the owner only; never replaces a key.
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_private(path, hex::encode(self.0.to_bytes()).as_bytes())
+        write_new_private(path, hex::encode(self.0.to_bytes()).as_bytes())
     }
 
     /// The public half.
@@ -97,12 +97,13 @@ impl std::fmt::Debug for DataKeys {
 pub const NONCE_LEN: usize = 12;
 
 impl DataKeys {
-    /// Creates a ring with one fresh key and writes it to `path`.
+    /// Creates a ring with one fresh key in a new file at `path`; never replaces a ring.
     pub fn create(path: &Path) -> Result<Self> {
         let mut keys = BTreeMap::new();
         keys.insert(1, random_key_hex());
         let file = KeyRingFile { active: 1, keys };
-        write_ring(path, &file)?;
+        let text = serde_json::to_string_pretty(&file).map_err(|e| Error::Config(e.to_string()))?;
+        write_new_private(path, text.as_bytes())?;
         Self::from_file(Some(path.to_path_buf()), file)
     }
 
@@ -202,6 +203,18 @@ fn random_key_hex() -> String {
 fn write_ring(path: &Path, file: &KeyRingFile) -> Result<()> {
     let text = serde_json::to_string_pretty(file).map_err(|e| Error::Config(e.to_string()))?;
     write_private(path, text.as_bytes())
+}
+
+/// Writes a secret to a file that must not exist yet (mode 0600 on Unix): key material is
+/// never overwritten by accident, since records sealed under a lost key are lost too.
+pub fn write_new_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
 }
 
 /// Writes a secret file atomically (temp file + rename), mode 0600 on Unix.

@@ -129,3 +129,37 @@ async fn foreign_kalima_env_vars_are_ignored() {
     node.stop().await;
     assert_verifies(&dir, &env).await;
 }
+
+/// Key material is never replaced: a node configured from the environment only (no
+/// kalima.toml) starts on its own keys and data; `init` over a node refuses and leaves every
+/// file as it was; a directory that lost its data keys is refused instead of re-initialised.
+#[tokio::test]
+async fn existing_node_files_are_never_overwritten() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    Node::init(&dir).await;
+    let node = Node::start(&dir, &[]).await;
+    node.put("/keep", "v", serde_json::json!(42)).await;
+    node.stop().await;
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap_or_default();
+    let before: Vec<Vec<u8>> = ["node.key", "data-keys.json", "admin.token"].iter().map(|f| read(f)).collect();
+
+    let o = kalima_e2e::kalima(&[std::ffi::OsStr::new("init"), "--dir".as_ref(), dir.as_os_str()], &[]).await;
+    assert!(!o.status.success(), "init over a node must refuse:\n{}", describe(&o));
+    assert!(stderr(&o).contains("refusing to overwrite"), "{}", describe(&o));
+
+    std::fs::remove_file(dir.join("kalima.toml")).expect("remove config");
+    let node = Node::start(&dir, &[]).await;
+    assert_eq!(node.value("/keep", "v").await, Some(serde_json::json!(42)), "{}", node.log());
+    node.stop().await;
+    let after: Vec<Vec<u8>> = ["node.key", "data-keys.json", "admin.token"].iter().map(|f| read(f)).collect();
+    assert_eq!(before, after, "key files changed");
+
+    std::fs::rename(dir.join("data-keys.json"), tmp.path().join("saved-keys.json")).expect("move keys away");
+    let (out, _) = up_expecting_exit(&dir, &[]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(stderr(&out).contains("data-keys.json"), "the error names the missing file:\n{}", describe(&out));
+    assert!(!dir.join("data-keys.json").exists(), "a new data key ring was written");
+    std::fs::rename(tmp.path().join("saved-keys.json"), dir.join("data-keys.json")).expect("restore keys");
+    assert_verifies(&dir, &[]).await;
+}
