@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use parking_lot::Mutex;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -81,10 +81,10 @@ pub struct DataKeys {
     path: Option<PathBuf>,
     active: u32,
     ciphers: BTreeMap<u32, Aes256Gcm>,
-    // Nonce = 4 random bytes chosen per process + 8-byte counter: unique without coordination,
-    // and unlike fully random nonces it does not wear out after 2^32 records per key.
-    nonce_prefix: [u8; 4],
-    counter: AtomicU64,
+    // Nonce = 8 random bytes + 4-byte counter; the prefix is drawn again at start and before
+    // the counter wraps. Two prefixes collide with probability ~P^2/2^65 over P draws, so
+    // restarts (which reset the counter) cannot realistically repeat a nonce under one key.
+    nonce_state: Mutex<([u8; 8], u32)>,
 }
 
 impl std::fmt::Debug for DataKeys {
@@ -133,9 +133,7 @@ impl DataKeys {
         if !ciphers.contains_key(&file.active) {
             return Err(Error::Config(format!("active data key {} is not in the ring", file.active)));
         }
-        let mut nonce_prefix = [0u8; 4];
-        rand::rngs::OsRng.fill_bytes(&mut nonce_prefix);
-        Ok(Self { path, active: file.active, ciphers, nonce_prefix, counter: AtomicU64::new(0) })
+        Ok(Self { path, active: file.active, ciphers, nonce_state: Mutex::new((random_prefix(), 0)) })
     }
 
     /// Adds a new key, makes it active and saves the ring; returns the new id.
@@ -170,8 +168,15 @@ impl DataKeys {
     pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<(u32, Vec<u8>)> {
         let cipher = self.ciphers.get(&self.active).ok_or(Error::UnknownDataKey(self.active))?;
         let mut nonce = [0u8; NONCE_LEN];
-        nonce[..4].copy_from_slice(&self.nonce_prefix);
-        nonce[4..].copy_from_slice(&self.counter.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        {
+            let mut st = self.nonce_state.lock();
+            if st.1 == u32::MAX {
+                *st = (random_prefix(), 0);
+            }
+            nonce[..8].copy_from_slice(&st.0);
+            nonce[8..].copy_from_slice(&st.1.to_be_bytes());
+            st.1 += 1;
+        }
         let ct = cipher
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
             .map_err(|_| Error::Crypto("encryption failed".into()))?;
@@ -192,6 +197,12 @@ impl DataKeys {
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
             .map_err(|_| Error::Crypto("authentication tag mismatch".into()))
     }
+}
+
+fn random_prefix() -> [u8; 8] {
+    let mut p = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut p);
+    p
 }
 
 fn random_key_hex() -> String {
@@ -260,6 +271,18 @@ mod tests {
         sealed[last] ^= 1;
         assert!(ring.open(id, &sealed, b"pos").is_err());
         assert!(ring.open(99, &sealed, b"pos").is_err());
+    }
+
+    #[test]
+    fn restarts_draw_a_new_nonce_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATA_KEYS_FILE);
+        DataKeys::create(&path).unwrap();
+        let first = DataKeys::load(&path).unwrap().seal(b"x", b"").unwrap().1;
+        let second = DataKeys::load(&path).unwrap().seal(b"x", b"").unwrap().1;
+        // Both processes start their counter at 0: only the 8-byte prefix keeps nonces apart.
+        assert_eq!(first[8..NONCE_LEN], second[8..NONCE_LEN]);
+        assert_ne!(first[..8], second[..8]);
     }
 
     #[test]
