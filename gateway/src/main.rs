@@ -154,6 +154,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     // The server stopping on its own is fatal: report it rather than linger.
                     anyhow::bail!("API server stopped: {:?}", r);
                 }
+                r = &mut running.sequencer => {
+                    // Without its sequencer the node would answer every write with an error:
+                    // stop, so the supervisor restarts it from what is stored.
+                    anyhow::bail!("the chain sequencer stopped: {:?}", r);
+                }
             }
             running.stop().await?;
             tracing::info!(target: "node", "Stopped.");

@@ -4,8 +4,7 @@
 //! memcache, the registry and the bus and answers the writers. Also issues TTL deletes and
 //! signed checkpoints, and serves proofs.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -124,7 +123,7 @@ struct Sequencer {
     inner: Arc<Inner>,
     rx: mpsc::Receiver<Submission>,
     frontier: Frontier,
-    expiries: BinaryHeap<Reverse<(i64, u64, String, String)>>,
+    expiries: Expiries,
 }
 
 impl Chain {
@@ -218,7 +217,7 @@ impl Chain {
         });
         let chain = Chain { inner, queue };
 
-        let mut seq = Sequencer { inner: chain.inner.clone(), rx, frontier, expiries: BinaryHeap::new() };
+        let mut seq = Sequencer { inner: chain.inner.clone(), rx, frontier, expiries: Expiries::default() };
         for c in chain.inner.memcache.snapshot() {
             seq.track_expiry(&c);
         }
@@ -425,6 +424,57 @@ impl Chain {
     }
 }
 
+/// Pending TTL deletes: at most one per (address, key), ordered by due time, so memory is
+/// bounded by the number of live values with a TTL however often they are rewritten.
+#[derive(Default)]
+struct Expiries {
+    by_key: HashMap<(String, String), (i64, u64)>,
+    order: BTreeSet<(i64, u64, String, String)>,
+}
+
+impl Expiries {
+    /// Records a commit on a key: any pending expiry of the key is replaced (or dropped).
+    fn track(&mut self, c: &CommittedTx) {
+        let k = (c.tx.content.address.clone(), c.tx.content.key.clone());
+        if let Some((at, seq)) = self.by_key.remove(&k) {
+            self.order.remove(&(at, seq, k.0.clone(), k.1.clone()));
+        }
+        if let Some(at) = c.tx.expires_at_ms() {
+            self.order.insert((at, c.tx.global_sequence, k.0.clone(), k.1.clone()));
+            self.by_key.insert(k, (at, c.tx.global_sequence));
+        }
+    }
+
+    fn forget(&mut self, address: &str, key: &str, seq: u64) {
+        let k = (address.to_string(), key.to_string());
+        if let Some((at, s)) = self.by_key.get(&k).copied()
+            && s == seq
+        {
+            self.by_key.remove(&k);
+            self.order.remove(&(at, s, k.0, k.1));
+        }
+    }
+
+    fn next_due(&self) -> Option<i64> {
+        self.order.first().map(|(at, ..)| *at)
+    }
+
+    /// Up to `max` entries due at `now`, oldest first; they stay pending.
+    fn due(&self, now: i64, max: usize) -> Vec<(u64, String, String)> {
+        self.order
+            .iter()
+            .take_while(|(at, ..)| *at <= now)
+            .take(max)
+            .map(|(_, s, a, k)| (*s, a.clone(), k.clone()))
+            .collect()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
 /// A transaction being built for a commit.
 struct Building {
     tx: Transaction,
@@ -436,7 +486,7 @@ impl Sequencer {
     async fn run(mut self) -> Result<()> {
         let max = self.inner.config.max_commit_txs;
         loop {
-            let next_expiry = self.expiries.peek().map(|Reverse((t, ..))| *t);
+            let next_expiry = self.expiries.next_due();
             let sleep = match next_expiry {
                 Some(t) => Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0)),
                 None => Duration::from_secs(3600),
@@ -479,37 +529,36 @@ impl Sequencer {
             if subs.is_empty() {
                 continue;
             }
-            if let Err(e) = self.commit(subs, false).await {
-                // Storage failed: the database rolled back, the frontier copy was dropped and
-                // writers got the error; keep serving unless the store is gone for good.
-                tracing::error!(target: "core::chain", error = %format!("{e:#}"), "Commit failed.");
-                metrics::counter!("kalima_commit_failures_total").increment(1);
+            match self.commit(subs, false).await {
+                Ok(()) => {}
+                // The outcome of the write is unknown: in-memory state may no longer match
+                // the store, so stop and let the node restart from what is stored.
+                Err(e @ Error::Fatal(_)) => {
+                    tracing::error!(target: "core::chain", error = %format!("{e:#}"), "Sequencer stopped.");
+                    metrics::counter!("kalima_commit_failures_total").increment(1);
+                    return Err(e);
+                }
+                Err(e) => {
+                    // The database rolled back and writers got the error; pending TTL deletes
+                    // stay due and are retried. Back off so a failing store is not hammered.
+                    tracing::error!(target: "core::chain", error = %format!("{e:#}"), "Commit failed.");
+                    metrics::counter!("kalima_commit_failures_total").increment(1);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
 
     fn track_expiry(&mut self, c: &CommittedTx) {
-        if let Some(at) = c.tx.expires_at_ms() {
-            self.expiries.push(Reverse((
-                at,
-                c.tx.global_sequence,
-                c.tx.content.address.clone(),
-                c.tx.content.key.clone(),
-            )));
-        }
+        self.expiries.track(c);
     }
 
-    /// Delete submissions for every value whose TTL has passed and that was not overwritten.
+    /// Delete submissions for values whose TTL has passed (at most one commit's worth). The
+    /// entries stay due until the delete commits, so a failed commit retries them.
     fn expired_deletes(&mut self) -> Vec<Submission> {
-        let now = now_ms();
+        let max = self.inner.config.max_commit_txs.max(1);
         let mut items = Vec::new();
-        while let Some(Reverse((at, ..))) = self.expiries.peek() {
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((_, seq, address, key))) = self.expiries.pop() else {
-                break;
-            };
+        for (seq, address, key) in self.expiries.due(now_ms(), max) {
             let current = self.inner.memcache.get(&address, &key);
             if current.is_some_and(|c| c.tx.global_sequence == seq) {
                 items.push(TxContent {
@@ -519,6 +568,9 @@ impl Sequencer {
                     props: [("reason".to_string(), "ttl".to_string()), ("expired".to_string(), seq.to_string())].into(),
                     ..TxContent::default()
                 });
+            } else {
+                // Not the live value any more; nothing to delete.
+                self.expiries.forget(&address, &key, seq);
             }
         }
         if items.is_empty() {
@@ -631,13 +683,25 @@ impl Sequencer {
         let write_started = Instant::now();
         let written = inner.store.append(&blocks, &pending).await;
         if let Err(e) = written {
-            let msg = format!("{e:#}");
-            for (sub, _) in accepted {
-                if let Some(r) = sub.reply {
-                    let _ = r.send(Err(Error::CommitFailed(msg.clone())));
+            // An error can come back from a COMMIT that did land (a connection lost during
+            // it): the stored head tells which.
+            let built = blocks.last().map(|b| b.hash);
+            let before = (!genesis).then_some(head.block.hash);
+            let outcome = match inner.store.latest_block().await {
+                Ok(latest) if latest.as_ref().map(|b| b.hash) == built => None,
+                Ok(latest) if latest.as_ref().map(|b| b.hash) == before => Some(Error::CommitFailed(format!("{e:#}"))),
+                Ok(_) => Some(Error::Fatal(format!("the stored head moved unexpectedly after: {e:#}"))),
+                Err(e2) => Some(Error::Fatal(format!("{e:#}; the stored head cannot be read: {e2:#}"))),
+            };
+            if let Some(err) = outcome {
+                for (sub, _) in accepted {
+                    if let Some(r) = sub.reply {
+                        let _ = r.send(Err(Error::CommitFailed("the write was not stored".into())));
+                    }
                 }
+                return Err(err);
             }
-            return Err(e);
+            tracing::warn!(target: "core::chain", error = %format!("{e:#}"), "The store reported an error, but the commit is durable.");
         }
         metrics::histogram!("kalima_store_write_seconds").record(write_started.elapsed().as_secs_f64());
 
@@ -716,11 +780,85 @@ impl Sequencer {
                 });
             }
         }
+        // Grants and revocation may have changed since ingest checked this write (it may have
+        // waited in the queue): check again against the registry as of this commit.
+        if sub.guard.is_none() {
+            for c in &sub.items {
+                // System addresses are written only by the node and the admin API, never
+                // through ingest, so there is no device grant to re-check.
+                if c.device_id == NODE_DEVICE_ID || is_system_address(&c.address) {
+                    continue;
+                }
+                match self.inner.registry.get(&c.device_id) {
+                    Some(d) if d.record.revoked => return Err(Rejection::Revoked(d.id.clone())),
+                    Some(d) if d.can_write(&c.address) => {}
+                    _ => {
+                        return Err(Rejection::Forbidden {
+                            device: c.device_id.clone(),
+                            access: "write",
+                            address: c.address.clone(),
+                        });
+                    }
+                }
+            }
+        }
         let registered = |id: &str| new_devices.contains(id) || self.inner.registry.get(id).is_some();
         match &sub.guard {
             Some(Guard::DeviceAbsent(id)) if registered(id) => Err(Rejection::DeviceExists(id.clone())),
             Some(Guard::DevicePresent(id)) if !registered(id) => Err(Rejection::NoSuchDevice(id.clone())),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn committed(seq: u64, key: &str, ttl: u32, body: &[u8]) -> CommittedTx {
+        let tx = Transaction {
+            global_sequence: seq,
+            sequence: seq,
+            timestamp_ms: 1_000,
+            previous: [0; 32],
+            content: TxContent {
+                address: "/a".into(),
+                key: key.into(),
+                body: body.to_vec(),
+                ttl_secs: ttl,
+                ..TxContent::default()
+            },
+        };
+        CommittedTx { id: tx.id(), tx, height: 1 }
+    }
+
+    #[test]
+    fn one_pending_expiry_per_key_however_often_it_is_rewritten() {
+        let mut e = Expiries::default();
+        for seq in 0..10_000 {
+            e.track(&committed(seq, "temp", 60, b"1"));
+        }
+        assert_eq!(e.len(), 1);
+        assert_eq!(e.due(i64::MAX, 10), vec![(9_999, "/a".to_string(), "temp".to_string())]);
+        // A put without TTL, or a delete, clears it.
+        e.track(&committed(10_000, "temp", 0, b"2"));
+        assert_eq!((e.len(), e.next_due()), (0, None));
+    }
+
+    #[test]
+    fn due_entries_come_oldest_first_capped_and_stay_until_committed() {
+        let mut e = Expiries::default();
+        e.track(&committed(1, "b", 2, b"1"));
+        e.track(&committed(2, "a", 1, b"1"));
+        e.track(&committed(3, "c", 100, b"1"));
+        assert_eq!(e.next_due(), Some(2_000));
+        let due: Vec<_> = e.due(5_000, 10).into_iter().map(|(s, _, k)| (s, k)).collect();
+        assert_eq!(due, vec![(2, "a".to_string()), (1, "b".to_string())]);
+        assert_eq!(e.due(5_000, 1).len(), 1, "capped");
+        assert_eq!(e.len(), 3, "still pending until the delete commits");
+        e.forget("/a", "a", 99);
+        assert_eq!(e.len(), 3, "a different sequence is not forgotten");
+        e.forget("/a", "a", 2);
+        assert_eq!(e.len(), 2);
     }
 }

@@ -54,6 +54,9 @@ pub enum Error {
     /// The durable write of a commit failed; nothing of it was stored.
     #[error("commit failed: {0}")]
     CommitFailed(String),
+    /// The chain cannot continue safely (e.g. a commit whose outcome is unknown).
+    #[error("fatal: {0}")]
+    Fatal(String),
     /// The node is stopping and takes no more work.
     #[error("the node is shutting down")]
     ShuttingDown,

@@ -13,9 +13,12 @@ use kalima_core::registry::{ADMIN_ID, DEVICES_ADDRESS, NODE_DEVICE_ID};
 use kalima_core::tx::TxContent;
 use kalima_core::{Error, Rejection};
 
-use crate::common::{TestDb, all_blocks, all_txs, backend_tests, device_registration, poll_until, put, submit_one};
+use crate::common::{
+    TestDb, all_blocks, all_txs, backend_tests, device_registration, poll_until, put, register_device, submit_one,
+};
 
 backend_tests!(
+    revocation_and_grant_removal_apply_to_queued_writes,
     sequences_and_previous_links,
     delete_removes_the_value,
     concurrent_submissions_group_commit_within_16kb,
@@ -245,6 +248,9 @@ async fn duplicate_idempotency_key_is_rejected(db: TestDb) {
         idempotency_key: key.into(),
         ..put(device, "/plant-1", "temp", body)
     };
+    for d in ["sensor-1", "sensor-2", "sensor-3"] {
+        register_device(chain, d, &format!("kal_{d}"), &[("/plant-1", true, true)]).await;
+    }
     let first = submit_one(chain, with_key("sensor-1", "k-1", b"1")).await;
     assert_eq!(chain.idempotency_hit("sensor-1", "k-1"), Some(first.id));
     let size = chain.tree_size();
@@ -387,4 +393,29 @@ async fn dropping_every_handle_stops_the_sequencer(db: TestDb) {
     let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
     let res = ended.expect("the sequencer task is still running 5 s after the last Chain handle was dropped");
     res.expect("sequencer task panicked").expect("sequencer task failed");
+}
+
+/// A write checked by ingest just before its device was revoked, or lost its grant, waits in
+/// the queue; the sequencer checks again and refuses it, so revocation takes effect at once.
+async fn revocation_and_grant_removal_apply_to_queued_writes(db: TestDb) {
+    let c = db.chain().await;
+    let chain = &c.chain;
+    register_device(chain, "late", "kal_late", &[("/plant-1", true, true), ("/plant-2", true, true)]).await;
+    submit_one(chain, put("late", "/plant-1", "temp", b"1")).await;
+
+    // Grant removed (empty body deletes the grant value).
+    submit_one(chain, crate::common::grant_removal("late", "/plant-2")).await;
+    let err = chain.submit(vec![put("late", "/plant-2", "temp", b"2")], None).await.unwrap_err();
+    assert!(matches!(err, Error::Rejected(Rejection::Forbidden { .. })), "{err:?}");
+
+    // Revoked.
+    let mut record = device_registration("late", "kal_late", false, None, false);
+    let mut body: serde_json::Value = serde_json::from_slice(&record.body).unwrap();
+    body["revoked"] = serde_json::json!(true);
+    record.body = serde_json::to_vec(&body).unwrap();
+    submit_one(chain, record).await;
+    let err = chain.submit(vec![put("late", "/plant-1", "temp", b"3")], None).await.unwrap_err();
+    assert!(matches!(err, Error::Rejected(Rejection::Revoked(_))), "{err:?}");
+    assert_eq!(chain.memcache().get("/plant-1", "temp").map(|t| t.tx.content.body.clone()), Some(b"1".to_vec()));
+    c.stop().await;
 }

@@ -156,6 +156,11 @@ pub(crate) fn grant(device: &str, prefix: &str, read: bool, write: bool) -> TxCo
     }
 }
 
+/// A transaction removing the grant of `device` on `prefix` (an empty body deletes it).
+pub(crate) fn grant_removal(device: &str, prefix: &str) -> TxContent {
+    TxContent { body: Vec::new(), ..grant(device, prefix, false, false) }
+}
+
 /// Registers a device with grants through the sequencer, as the admin API does.
 pub(crate) async fn register_device(chain: &Chain, id: &str, token: &str, grants: &[(&str, bool, bool)]) {
     let mut items = vec![device_registration(id, token, false, None, false)];

@@ -201,6 +201,7 @@ async fn device_signatures_are_checked_against_the_registered_key(db: TestDb) {
     let sk = SigningKey::from_bytes(&[42; 32]);
     let pk = hex::encode(sk.verifying_key().as_bytes());
     submit_one(&c.chain, crate::common::device_registration("signer", "kal_signer", false, Some(pk), false)).await;
+    submit_one(&c.chain, crate::common::grant("signer", "/plant", false, true)).await;
 
     let mut good = put("signer", "/plant/line", "temp", b"21.5");
     good.signature = Some(sk.sign(&good.signing_bytes()).to_bytes());
