@@ -53,6 +53,12 @@ pub struct RawBlock {
     pub hash: Vec<u8>,
     /// Canonical header bytes.
     pub header: Vec<u8>,
+    /// Timestamp column.
+    pub timestamp_ms: i64,
+    /// Tree size column.
+    pub tree_size: u64,
+    /// Transaction count column.
+    pub tx_count: u64,
 }
 
 /// A transaction row exactly as stored, for verification.
@@ -64,10 +70,41 @@ pub struct RawTx {
     pub height: u64,
     /// Leaf hash column.
     pub hash: Vec<u8>,
+    /// Address column (plaintext, for indexes).
+    pub address: String,
+    /// Key column.
+    pub key: String,
+    /// Per-address sequence column.
+    pub seq: u64,
+    /// Device column.
+    pub device_id: String,
+    /// Idempotency key column.
+    pub idem_key: Option<String>,
     /// Data key id column.
     pub key_id: u32,
     /// Nonce and ciphertext of the canonical bytes.
     pub sealed: Vec<u8>,
+}
+
+/// Columns read into a [`RawTx`].
+const TX_COLUMNS: &str = "global_seq, height, hash, address, tx_key, seq, device_id, idem_key, key_id, sealed";
+
+/// Builds a [`RawTx`] from a row of either backend.
+macro_rules! raw_tx {
+    ($r:expr) => {
+        RawTx {
+            global_seq: to_u64($r.try_get("global_seq")?),
+            height: to_u64($r.try_get("height")?),
+            hash: $r.try_get("hash")?,
+            address: $r.try_get("address")?,
+            key: $r.try_get("tx_key")?,
+            seq: to_u64($r.try_get("seq")?),
+            device_id: $r.try_get("device_id")?,
+            idem_key: $r.try_get("idem_key")?,
+            key_id: u32::try_from($r.try_get::<i64, _>("key_id")?).unwrap_or(u32::MAX),
+            sealed: $r.try_get("sealed")?,
+        }
+    };
 }
 
 /// A transaction ready to be written: its canonical bytes were already computed to hash it.
@@ -281,11 +318,21 @@ impl Store {
         rows.iter().map(|h| record_of(h)).collect()
     }
 
+    /// The highest block row exactly as stored (not decoded), for verification snapshots.
+    pub async fn latest_raw_block(&self) -> Result<Option<RawBlock>> {
+        let max: Option<i64> =
+            on_pool!(&self.pool, |p| sqlx::query_scalar("SELECT MAX(height) FROM blocks").fetch_one(p).await?);
+        match max {
+            Some(h) => Ok(self.raw_blocks(to_u64(h), 1).await?.into_iter().next()),
+            None => Ok(None),
+        }
+    }
+
     /// Raw block rows with height in `[from, from + limit)`, for verification.
     pub async fn raw_blocks(&self, from: u64, limit: u32) -> Result<Vec<RawBlock>> {
         on_pool!(&self.pool, |p| {
             let rows =
-                sqlx::query("SELECT height, hash, header FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2")
+                sqlx::query("SELECT height, hash, header, timestamp_ms, tree_size, tx_count FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2")
                     .bind(to_i64(from))
                     .bind(i64::from(limit))
                     .fetch_all(p)
@@ -296,6 +343,9 @@ impl Store {
                         height: to_u64(r.try_get("height")?),
                         hash: r.try_get("hash")?,
                         header: r.try_get("header")?,
+                        timestamp_ms: r.try_get("timestamp_ms")?,
+                        tree_size: to_u64(r.try_get("tree_size")?),
+                        tx_count: to_u64(r.try_get("tx_count")?),
                     })
                 })
                 .collect()
@@ -304,26 +354,11 @@ impl Store {
 
     /// Raw transaction rows with global sequence in `[from, to)`, for verification.
     pub async fn raw_txs(&self, from: u64, to: u64) -> Result<Vec<RawTx>> {
-        on_pool!(&self.pool, |p| {
-            let rows = sqlx::query(
-                "SELECT global_seq, height, hash, key_id, sealed FROM txs WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq",
-            )
-            .bind(to_i64(from))
-            .bind(to_i64(to))
-            .fetch_all(p)
-            .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(RawTx {
-                        global_seq: to_u64(r.try_get("global_seq")?),
-                        height: to_u64(r.try_get("height")?),
-                        hash: r.try_get("hash")?,
-                        key_id: u32::try_from(r.try_get::<i64, _>("key_id")?).unwrap_or(u32::MAX),
-                        sealed: r.try_get("sealed")?,
-                    })
-                })
-                .collect()
-        })
+        self.select_raw(
+            "WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq",
+            Binds { ints: &[to_i64(from), to_i64(to)], ..Default::default() },
+        )
+        .await
     }
 
     /// Decrypts and decodes a raw row, checking it against its stored hash.
@@ -331,7 +366,18 @@ impl Store {
         let bytes = self.keys.open(raw.key_id, &raw.sealed, &aad(raw.global_seq, raw.key_id))?;
         let tx = Transaction::decode(&bytes)?;
         let id = crate::merkle::leaf_hash(&bytes);
-        if id.as_slice() != raw.hash.as_slice() || tx.global_sequence != raw.global_seq {
+        let c = &tx.content;
+        // The plaintext columns feed indexes and grant checks: they must say what the sealed,
+        // hashed transaction says.
+        let idem = (!c.idempotency_key.is_empty()).then_some(c.idempotency_key.as_str());
+        if id.as_slice() != raw.hash.as_slice()
+            || tx.global_sequence != raw.global_seq
+            || c.address != raw.address
+            || c.key != raw.key
+            || tx.sequence != raw.seq
+            || c.device_id != raw.device_id
+            || idem != raw.idem_key.as_deref()
+        {
             return Err(Error::Corrupt {
                 height: raw.height,
                 reason: format!("transaction {} does not match its row", raw.global_seq),
@@ -340,9 +386,9 @@ impl Store {
         Ok(CommittedTx { tx, id, height: raw.height })
     }
 
-    async fn select_txs(&self, where_sql: &str, binds: Binds<'_>) -> Result<Vec<CommittedTx>> {
-        let sql = format!("SELECT global_seq, height, hash, key_id, sealed FROM txs {where_sql}");
-        let raws: Vec<RawTx> = on_pool!(&self.pool, |p| {
+    async fn select_raw(&self, where_sql: &str, binds: Binds<'_>) -> Result<Vec<RawTx>> {
+        let sql = format!("SELECT {TX_COLUMNS} FROM txs {where_sql}");
+        on_pool!(&self.pool, |p| {
             let mut q = sqlx::query(&sql);
             for b in binds.ints {
                 q = q.bind(*b);
@@ -354,18 +400,12 @@ impl Store {
                 q = q.bind(h.to_vec());
             }
             let rows = q.fetch_all(p).await?;
-            rows.iter()
-                .map(|r| {
-                    Ok::<_, Error>(RawTx {
-                        global_seq: to_u64(r.try_get("global_seq")?),
-                        height: to_u64(r.try_get("height")?),
-                        hash: r.try_get("hash")?,
-                        key_id: u32::try_from(r.try_get::<i64, _>("key_id")?).unwrap_or(u32::MAX),
-                        sealed: r.try_get("sealed")?,
-                    })
-                })
-                .collect::<Result<_>>()?
-        });
+            rows.iter().map(|r| Ok::<_, Error>(raw_tx!(r))).collect::<Result<_>>()
+        })
+    }
+
+    async fn select_txs(&self, where_sql: &str, binds: Binds<'_>) -> Result<Vec<CommittedTx>> {
+        let raws = self.select_raw(where_sql, binds).await?;
         raws.iter().map(|r| self.open_raw(r)).collect()
     }
 
