@@ -27,6 +27,9 @@ pub const MAX_PROPS: usize = 32;
 pub const MAX_PROP_NAME: usize = 64;
 /// Largest prop value (bytes).
 pub const MAX_PROP_VALUE: usize = 256;
+/// Most bytes of prop names and values together, so that a transaction always fits in a
+/// 16 KB block next to an 8 KB body.
+pub const MAX_PROPS_BYTES: usize = 4 * 1024;
 /// Longest TTL (ten years, in seconds).
 pub const MAX_TTL_SECS: u32 = 10 * 365 * 24 * 3600;
 /// Domain separator of the device-signature payload.
@@ -194,6 +197,13 @@ impl TxContent {
             if v.len() > MAX_PROP_VALUE {
                 return Err(FieldError::new("props", format!("value of {k:?} is over {MAX_PROP_VALUE} bytes")));
             }
+        }
+        let props_bytes: usize = self.props.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if props_bytes > MAX_PROPS_BYTES {
+            return Err(FieldError::new(
+                "props",
+                format!("{props_bytes} bytes of names and values, over {MAX_PROPS_BYTES}"),
+            ));
         }
         if self.ttl_secs > MAX_TTL_SECS {
             return Err(FieldError::new("ttl", format!("over {MAX_TTL_SECS} seconds")));
@@ -505,6 +515,41 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(Transaction::decode(&bytes[..n]).is_err(), "prefix of {n} bytes parsed");
         }
+    }
+
+    #[test]
+    fn the_largest_valid_transaction_fits_in_one_block() {
+        let props = (0..MAX_PROPS)
+            .map(|i| {
+                (
+                    format!("{i:0>width$}", width = MAX_PROP_NAME),
+                    "v".repeat(MAX_PROPS_BYTES / MAX_PROPS - MAX_PROP_NAME),
+                )
+            })
+            .collect();
+        let content = TxContent {
+            device_id: "d".repeat(MAX_DEVICE_ID),
+            address: format!("/{}", "a".repeat(MAX_ADDRESS - 1)),
+            key: "k".repeat(MAX_KEY),
+            body: vec![7; MAX_BODY],
+            props,
+            ttl_secs: MAX_TTL_SECS,
+            client_time_ms: Some(i64::MAX),
+            idempotency_key: "i".repeat(MAX_IDEMPOTENCY_KEY),
+            signature: Some([1; 64]),
+        };
+        content.validate(MAX_BODY).unwrap();
+        let tx = Transaction {
+            global_sequence: u64::MAX,
+            sequence: u64::MAX,
+            timestamp_ms: i64::MAX,
+            previous: [0; 32],
+            content,
+        };
+        assert!(tx.encode().len() <= crate::block::MAX_BLOCK_TX_BYTES, "{} bytes", tx.encode().len());
+        let mut over = tx.content.clone();
+        over.props.insert("z".into(), "x".repeat(MAX_PROP_VALUE));
+        assert!(over.validate(MAX_BODY).is_err(), "props over the byte budget must be refused");
     }
 
     #[test]

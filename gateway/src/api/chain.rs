@@ -1,7 +1,7 @@
 //! `/api/v1/blocks`, `/api/v1/checkpoints` and `/api/v1/proofs`: the chain itself.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use kalima_core::block::BlockHeader;
 use kalima_core::checkpoint::CheckpointJson;
@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiQuery, Auth};
+use super::extract::{ApiPath, ApiQuery, Auth};
 
 /// Routes of this resource.
 pub fn router() -> axum::Router<AppState> {
@@ -107,17 +107,18 @@ pub async fn list_blocks(
 pub struct BlockWithTxs {
     /// The header.
     pub block: BlockJson,
-    /// Ids (hex) of its transactions, in order.
+    /// Ids (hex) of its transactions, in order: all of them for the admin, those the device
+    /// may read otherwise.
     pub transactions: Vec<String>,
 }
 
-/// One block and the ids of its transactions.
+/// One block and the ids of its transactions (those the device may read).
 #[utoipa::path(get, path = "/api/v1/blocks/{height}", tag = "chain", params(("height" = u64, Path, description = "Block height")),
     responses((status = 200, body = BlockWithTxs), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn block(
     State(state): State<AppState>,
-    _auth: Auth,
-    Path(height): Path<u64>,
+    auth: Auth,
+    ApiPath(height): ApiPath<u64>,
 ) -> Result<Json<BlockWithTxs>, ApiError> {
     let b = state
         .chain
@@ -125,8 +126,22 @@ pub async fn block(
         .block(height)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no block at height {height}")))?;
-    let ids = state.chain.store().leaf_hashes(b.header.first_sequence(), b.header.tree_size).await?;
-    Ok(Json(BlockWithTxs { block: BlockJson::from(&b), transactions: ids.iter().map(hex::encode).collect() }))
+    // Ids of transactions the device may not read would tell it who writes what and when.
+    let ids: Vec<String> = if auth.0.is_admin() {
+        state
+            .chain
+            .store()
+            .leaf_hashes(b.header.first_sequence(), b.header.tree_size)
+            .await?
+            .iter()
+            .map(hex::encode)
+            .collect()
+    } else {
+        let txs =
+            state.chain.store().txs_between(b.header.first_sequence(), b.header.tree_size, b.header.tx_count).await?;
+        txs.iter().filter(|c| auth.0.can_read(&c.tx.content.address)).map(|c| hex::encode(c.id)).collect()
+    };
+    Ok(Json(BlockWithTxs { block: BlockJson::from(&b), transactions: ids }))
 }
 
 /// The latest signed checkpoint (signed tree head).

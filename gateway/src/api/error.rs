@@ -2,9 +2,10 @@
 //! cause; internal causes are logged, not returned.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use kalima_core::merkle::MerkleError;
 use kalima_core::{Error, Rejection};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -100,7 +101,14 @@ impl From<Error> for ApiError {
             Error::Rejected(r) => ApiError::Rejected(r),
             Error::ShuttingDown => ApiError::Unavailable("the node is shutting down".into()),
             Error::CommitFailed(m) => ApiError::Unavailable(format!("the write was not stored: {m}")),
-            Error::Merkle(m) => ApiError::BadRequest("invalid_proof_request", m.to_string()),
+            // Sizes and indexes come from the request; chunk faults mean the store disagrees
+            // with the tree, which is the node's problem, not the caller's.
+            Error::Merkle(
+                m @ (MerkleError::IndexOutOfRange { .. }
+                | MerkleError::SizeOutOfRange { .. }
+                | MerkleError::SizesReversed { .. }
+                | MerkleError::EmptyFirstTree),
+            ) => ApiError::BadRequest("invalid_proof_request", m.to_string()),
             other => ApiError::Internal(format!("{other:#}")),
         }
     }
@@ -116,6 +124,12 @@ impl From<JsonRejection> for ApiError {
         let rej = Rejection::Malformed(r.body_text());
         kalima_core::ingest::count_rejection("rest", &rej);
         ApiError::Rejected(rej)
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::BadRequest("invalid_path", r.body_text())
     }
 }
 

@@ -178,7 +178,10 @@ pub struct Accepted {
 #[into_params(parameter_in = Query)]
 pub struct WaitParam {
     /// `true` (default): answer after the durable commit. `false`: answer 202 once the write
-    /// passed every check and is queued; it is lost if the node dies before committing.
+    /// passed every check and is queued; it is not durable yet, and it is not stored if the
+    /// node dies first, the commit fails, or a check made at commit time refuses it (a
+    /// revoked device, a grant removed meanwhile, an idempotency key used meanwhile). Those
+    /// refusals are counted under `interface="queued"`.
     #[serde(default)]
     pub wait: Option<bool>,
 }

@@ -113,8 +113,20 @@ fn follow(state: &AppState, mut device: Arc<Device>, prefix: String, after: Opti
             while next < end {
                 let page = match chain.store().txs_between(next, end, REPLAY_PAGE).await {
                     Ok(p) if !p.is_empty() => p,
-                    _ => break,
+                    // A gap in the replay would be silent data loss for the client: end the
+                    // stream and let it resume from its last event id.
+                    _ => {
+                        let _ = tx.send(Item::End("replay_failed")).await;
+                        return;
+                    }
                 };
+                match chain.registry().get(&device.id) {
+                    Some(d) if !d.record.revoked => device = d,
+                    _ => {
+                        let _ = tx.send(Item::End("revoked")).await;
+                        return;
+                    }
+                }
                 for c in page {
                     next = c.tx.global_sequence + 1;
                     if visible(&device, &prefix, &c) && tx.send(Item::Tx(Arc::new(c))).await.is_err() {
@@ -129,6 +141,9 @@ fn follow(state: &AppState, mut device: Arc<Device>, prefix: String, after: Opti
                     let _ = tx.try_send(Item::End("shutdown"));
                     return;
                 }
+                // The client went away: free the task and its bus receiver at once, even on a
+                // prefix that never sees a commit.
+                _ = tx.closed() => return,
                 b = sub.next() => b,
             };
             let batch = match next_batch {

@@ -178,11 +178,13 @@ pub async fn move_value(
     };
     let mut props = c.props.clone();
     props.insert("moved_from".into(), from.to_string());
+    // The TTL moves with the value (its countdown restarts at the destination).
     let put = TxContent {
         address: to.to_string(),
         key: key.to_string(),
         body: c.body.clone(),
         props,
+        ttl_secs: c.ttl_secs,
         ..TxContent::default()
     };
     Ok(state.ingest.write(interface, &auth.0, vec![delete, put]).await?)
@@ -208,6 +210,13 @@ pub async fn read_tx(
     let c =
         state.chain.store().tx_by_id(&h).await?.ok_or_else(|| ApiError::NotFound(format!("no transaction {id}")))?;
     auth.require_read(&c.tx.content.address)?;
+    // A row becomes readable a moment before the in-memory tree takes its leaf.
+    for _ in 0..200 {
+        if state.chain.tree_size() > c.tx.global_sequence {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let proof = state.chain.inclusion_proof(c.tx.global_sequence, None).await?;
     Ok(Json(TxWithProof { transaction: TxJson::from(&c), tx_bytes: B64.encode(c.tx.encode()), proof }))
 }

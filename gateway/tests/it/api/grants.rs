@@ -215,3 +215,30 @@ async fn websocket_delivers_only_what_the_device_may_read() {
     assert!(ws_next(&mut socket, std::time::Duration::from_millis(300)).await.is_none());
     stop(node).await;
 }
+
+/// A block lists all its transaction ids to the admin, only the readable ones to a device:
+/// ids alone would tell who writes what and when.
+#[tokio::test]
+async fn block_transaction_ids_are_filtered_by_read_grants() {
+    let node = TestNode::new().await;
+    let admin = node.admin.clone();
+    let dev = node.device("reader", &[("/a", true, false)]).await;
+    let batch = json!({ "transactions": [
+        { "address": "/a/x", "key": "k", "body": 1 },
+        { "address": "/b", "key": "k", "body": 2 },
+    ]});
+    let (s, v) = node.call(Method::POST, "/api/v1/tx/batch", Some(&admin), Some(batch)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (mine, other) = (&v["receipts"][0], &v["receipts"][1]);
+    let uri = format!("/api/v1/blocks/{}", mine["height"]);
+    assert_eq!(mine["height"], other["height"], "one commit, one block");
+    let (_, all) = get(&node, &admin, &uri).await;
+    let (_, seen) = get(&node, &dev, &uri).await;
+    let ids = |v: &Value| v["transactions"].as_array().cloned().unwrap_or_default();
+    assert!(ids(&all).contains(&mine["id"]) && ids(&all).contains(&other["id"]), "{all}");
+    assert_eq!(ids(&seen), vec![mine["id"].clone()], "{seen}");
+
+    let (s, v) = get(&node, &dev, "/api/v1/blocks/not-a-height").await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_path");
+    stop(node).await;
+}

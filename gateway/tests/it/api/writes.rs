@@ -390,3 +390,23 @@ async fn move_puts_the_value_at_the_destination_and_deletes_the_source() {
     assert!(value(&node, &admin, "/m/dst", "k").await.is_some());
     stop(node).await;
 }
+
+/// A moved value keeps its TTL: it must not become permanent by moving.
+#[tokio::test]
+async fn a_moved_value_keeps_its_ttl() {
+    let node = TestNode::new().await;
+    let admin = node.admin.clone();
+    write_ok(&node, &admin, json!({ "address": "/m/from", "key": "k", "body": 1, "ttl": 300 })).await;
+    let (s, v) = node
+        .call(
+            Method::POST,
+            "/api/v1/tx/move",
+            Some(&admin),
+            Some(json!({ "from_address": "/m/from", "to_address": "/m/to", "key": "k" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let moved = value(&node, &admin, "/m/to", "k").await.expect("moved value");
+    assert_eq!(moved["ttl"], json!(300), "{moved}");
+    stop(node).await;
+}
