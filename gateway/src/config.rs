@@ -90,11 +90,13 @@ pub struct ChainSection {
     pub max_commit_txs: usize,
     /// Commits a live subscriber may fall behind before it is dropped.
     pub bus_capacity: usize,
+    /// Idempotency keys remembered in memory; older ones are checked in the store.
+    pub idempotency_window: usize,
 }
 
 impl Default for ChainSection {
     fn default() -> Self {
-        Self { checkpoint_interval_secs: 60, max_commit_txs: 20_000, bus_capacity: 1024 }
+        Self { checkpoint_interval_secs: 60, max_commit_txs: 20_000, bus_capacity: 1024, idempotency_window: 1_000_000 }
     }
 }
 
@@ -179,6 +181,9 @@ impl Config {
         if self.chain.max_commit_txs == 0 {
             errs.push("[chain] max_commit_txs must be at least 1".into());
         }
+        if self.chain.idempotency_window == 0 {
+            errs.push("[chain] idempotency_window must be at least 1".into());
+        }
         if self.chain.bus_capacity == 0 {
             errs.push("[chain] bus_capacity must be at least 1".into());
         }
@@ -195,6 +200,7 @@ impl Config {
             max_commit_txs: self.chain.max_commit_txs,
             queue_capacity: 4096,
             bus_capacity: self.chain.bus_capacity,
+            idempotency_window: self.chain.idempotency_window,
             checkpoint_interval: (self.chain.checkpoint_interval_secs > 0)
                 .then(|| std::time::Duration::from_secs(self.chain.checkpoint_interval_secs)),
         }
@@ -232,6 +238,8 @@ checkpoint_interval_secs = 60
 max_commit_txs = 20000
 # Commits a live subscriber may fall behind before it is dropped.
 bus_capacity = 1024
+# Idempotency keys remembered in memory (older ones are checked in the store).
+idempotency_window = 1000000
 
 [demo]
 # Simulated sensors started by `kalima up --demo`.

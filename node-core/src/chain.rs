@@ -34,6 +34,8 @@ pub struct ChainConfig {
     pub queue_capacity: usize,
     /// Commits a bus subscriber may fall behind before it is dropped.
     pub bus_capacity: usize,
+    /// Idempotency keys remembered in memory; older ones are looked up in the store.
+    pub idempotency_window: usize,
     /// Interval of automatic checkpoints; `None` disables them.
     pub checkpoint_interval: Option<Duration>,
 }
@@ -45,6 +47,7 @@ impl Default for ChainConfig {
             max_commit_txs: 20_000,
             queue_capacity: 4096,
             bus_capacity: 1024,
+            idempotency_window: 1_000_000,
             checkpoint_interval: Some(Duration::from_secs(60)),
         }
     }
@@ -95,7 +98,7 @@ struct Inner {
     bus: Bus,
     tree: RwLock<MerkleTree>,
     head: RwLock<Head>,
-    idempotency: Mutex<HashMap<(String, String), Hash>>,
+    idempotency: Mutex<IdempotencyWindow>,
     ready: std::sync::atomic::AtomicBool,
     shutdown: tokio::sync::Notify,
 }
@@ -167,8 +170,12 @@ impl Chain {
         let latest: Vec<Arc<CommittedTx>> = latest.into_iter().map(Arc::new).collect();
         memcache.apply(latest.iter());
         registry.rebuild(&memcache);
-        let mut idem = HashMap::new();
-        for (dev, key, id) in store.idempotency_keys().await? {
+        let window = config.idempotency_window.max(1);
+        let recent = store.recent_idempotency_keys(window as u64).await?;
+        let mut idem = IdempotencyWindow::new(window);
+        // A full window means older keys exist that only the store remembers.
+        idem.evicted = recent.len() >= window;
+        for (dev, key, id) in recent.into_iter().rev() {
             idem.insert((dev, key), id);
         }
 
@@ -312,12 +319,28 @@ impl Chain {
         self.inner.ready.load(std::sync::atomic::Ordering::Acquire) && !self.queue.is_closed()
     }
 
-    /// The id of the transaction that already used this idempotency key, if any.
+    /// The id of the transaction that already used this idempotency key, if memory knows it.
     pub fn idempotency_hit(&self, device: &str, key: &str) -> Option<Hash> {
         if key.is_empty() {
             return None;
         }
-        self.inner.idempotency.lock().get(&(device.to_string(), key.to_string())).copied()
+        self.inner.idempotency.lock().get(&(device.to_string(), key.to_string()))
+    }
+
+    /// Like [`Chain::idempotency_hit`], asking the store when memory may have forgotten the key.
+    pub async fn idempotency_lookup(&self, device: &str, key: &str) -> Result<Option<Hash>> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let (hit, evicted) = {
+            let w = self.inner.idempotency.lock();
+            (w.get(&(device.to_string(), key.to_string())), w.evicted)
+        };
+        match hit {
+            Some(h) => Ok(Some(h)),
+            None if evicted => self.inner.store.idempotency_lookup(device, key).await,
+            None => Ok(None),
+        }
     }
 
     /// Runs a Merkle computation, fetching old leaf chunks from the store as it asks for them.
@@ -421,6 +444,37 @@ impl Chain {
                 }
             }
         }))
+    }
+}
+
+/// The most recent idempotency keys, first in first out. Older keys are still refused: ingest
+/// asks the store (unique index) when this window has dropped any.
+struct IdempotencyWindow {
+    map: HashMap<(String, String), Hash>,
+    order: std::collections::VecDeque<(String, String)>,
+    capacity: usize,
+    evicted: bool,
+}
+
+impl IdempotencyWindow {
+    fn new(capacity: usize) -> Self {
+        Self { map: HashMap::new(), order: std::collections::VecDeque::new(), capacity, evicted: false }
+    }
+
+    fn get(&self, k: &(String, String)) -> Option<Hash> {
+        self.map.get(k).copied()
+    }
+
+    fn insert(&mut self, k: (String, String), id: Hash) {
+        if self.map.insert(k.clone(), id).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+                self.evicted = true;
+            }
+        }
     }
 }
 
@@ -772,7 +826,7 @@ impl Sequencer {
                 continue;
             }
             let k = (c.device_id.clone(), c.idempotency_key.clone());
-            let existing = self.inner.idempotency.lock().get(&k).copied();
+            let existing = self.inner.idempotency.lock().get(&k);
             if existing.is_some() || new_idem.contains(&k) || !local.insert(k) {
                 return Err(Rejection::DuplicateIdempotencyKey {
                     key: c.idempotency_key.clone(),

@@ -108,9 +108,25 @@ impl Ingest {
         res
     }
 
+    /// Idempotency keys older than the in-memory window are checked against the store.
+    async fn check_old_keys(&self, interface: &'static str, items: &[TxContent]) -> Result<()> {
+        for c in items.iter().filter(|c| !c.idempotency_key.is_empty()) {
+            if let Some(existing) = self.chain.idempotency_lookup(&c.device_id, &c.idempotency_key).await? {
+                let r = Rejection::DuplicateIdempotencyKey {
+                    key: c.idempotency_key.clone(),
+                    existing: hex::encode(existing),
+                };
+                count_rejection(interface, &r);
+                return Err(r.into());
+            }
+        }
+        Ok(())
+    }
+
     /// Checks and commits `items` as one unit; answers after the durable commit.
     pub async fn write(&self, interface: &'static str, device: &Device, items: Vec<TxContent>) -> Result<Vec<Receipt>> {
         let items = self.prepare(interface, device, items)?;
+        self.check_old_keys(interface, &items).await?;
         let n = items.len() as u64;
         let res = self.chain.submit(items, None).await;
         match &res {
@@ -124,6 +140,7 @@ impl Ingest {
     /// Checks `items` and queues them without waiting for the commit.
     pub async fn write_nowait(&self, interface: &'static str, device: &Device, items: Vec<TxContent>) -> Result<()> {
         let items = self.prepare(interface, device, items)?;
+        self.check_old_keys(interface, &items).await?;
         let n = items.len() as u64;
         self.chain.submit_nowait(items).await?;
         metrics::counter!("kalima_writes_accepted_total", "interface" => interface).increment(n);

@@ -486,12 +486,15 @@ impl Store {
         })
     }
 
-    /// Every (device, idempotency key, transaction id) on the chain.
-    pub async fn idempotency_keys(&self) -> Result<Vec<(String, String, Hash)>> {
+    /// The `limit` most recent (device, idempotency key, transaction id), newest first.
+    pub async fn recent_idempotency_keys(&self, limit: u64) -> Result<Vec<(String, String, Hash)>> {
         on_pool!(&self.pool, |p| {
-            let rows = sqlx::query("SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL")
-                .fetch_all(p)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT device_id, idem_key, hash FROM txs WHERE idem_key IS NOT NULL ORDER BY global_seq DESC LIMIT $1",
+            )
+            .bind(to_i64(limit))
+            .fetch_all(p)
+            .await?;
             rows.iter()
                 .map(|r| {
                     let h: Vec<u8> = r.try_get("hash")?;
@@ -499,6 +502,18 @@ impl Store {
                 })
                 .collect()
         })
+    }
+
+    /// The transaction that used `key` for `device`, if any (through the unique index).
+    pub async fn idempotency_lookup(&self, device: &str, key: &str) -> Result<Option<Hash>> {
+        let h: Option<Vec<u8>> = on_pool!(&self.pool, |p| {
+            sqlx::query_scalar("SELECT hash FROM txs WHERE device_id = $1 AND idem_key = $2")
+                .bind(device)
+                .bind(key)
+                .fetch_optional(p)
+                .await?
+        });
+        h.map(|h| to_hash(&h)).transpose()
     }
 
     /// Number of transaction rows.

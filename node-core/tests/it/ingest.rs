@@ -11,7 +11,7 @@ use kalima_core::{Error, Rejection};
 
 use crate::common::{ADMIN_TOKEN, TestDb, backend_tests, device_registration, put, register_device};
 
-backend_tests!(ingest_checks_in_order);
+backend_tests!(ingest_checks_in_order, idempotency_keys_older_than_the_window_are_still_refused);
 
 struct Case {
     name: &'static str,
@@ -228,4 +228,38 @@ async fn ingest_checks_in_order(db: TestDb) {
             (got, want) => panic!("{}: expected {want:?}, got {got:?}", case.name),
         }
     }
+}
+
+/// Only the most recent idempotency keys stay in memory; a key that fell out of the window,
+/// or was written before a restart beyond the window, is still refused (from the store).
+async fn idempotency_keys_older_than_the_window_are_still_refused(db: TestDb) {
+    let config = kalima_core::ChainConfig { idempotency_window: 2, ..crate::common::test_config() };
+    let c = db.chain_with(config.clone()).await;
+    register_device(&c.chain, "idem", "kal_idem", &[("/w", true, true)]).await;
+    let ingest = Ingest::new(c.chain.clone(), MAX_BODY);
+    let device = c.chain.registry().get("idem").unwrap();
+    let with_key = |k: &str| TxContent { idempotency_key: k.into(), ..put("idem", "/w", "v", k.as_bytes()) };
+    let mut ids = Vec::new();
+    for k in ["k1", "k2", "k3"] {
+        ids.push(ingest.write("test", &device, vec![with_key(k)]).await.unwrap()[0].id);
+    }
+    assert_eq!(c.chain.idempotency_hit("idem", "k1"), None, "k1 fell out of the window");
+    let refused = |r: Result<Vec<kalima_core::Receipt>, Error>, id: [u8; 32]| match r {
+        Err(Error::Rejected(Rejection::DuplicateIdempotencyKey { existing, .. })) => {
+            assert_eq!(existing, hex::encode(id))
+        }
+        other => panic!("an old idempotency key was accepted: {other:?}"),
+    };
+    refused(ingest.write("test", &device, vec![with_key("k1")]).await, ids[0]);
+    refused(ingest.write("test", &device, vec![with_key("k3")]).await, ids[2]);
+    ingest.write("test", &device, vec![with_key("k4")]).await.unwrap();
+    c.stop().await;
+
+    // After a restart only the window is loaded; the rest is still refused.
+    let c = db.chain_with(config).await;
+    let ingest = Ingest::new(c.chain.clone(), MAX_BODY);
+    let device = c.chain.registry().get("idem").unwrap();
+    assert_eq!(c.chain.idempotency_hit("idem", "k2"), None);
+    refused(ingest.write("test", &device, vec![with_key("k2")]).await, ids[1]);
+    c.stop().await;
 }
