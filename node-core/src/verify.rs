@@ -94,7 +94,21 @@ fn open_parallel(store: &Store, txs: &[RawTx]) -> Vec<Result<CommittedTx>> {
 }
 
 /// Verifies the whole chain in `store`; `progress(height)` is called after each page.
-pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
+/// Checkpoint signatures are checked against the key named in each checkpoint; use
+/// [`verify_chain_with`] to also pin which keys may lead blocks and sign checkpoints.
+pub async fn verify_chain(store: &Store, chain: &str, progress: impl FnMut(u64)) -> Result<VerifyReport> {
+    verify_chain_with(store, chain, &[], progress).await
+}
+
+/// [`verify_chain`], refusing block leaders and checkpoint signers outside `trusted`
+/// (hex public keys) unless it is empty.
+pub async fn verify_chain_with(
+    store: &Store,
+    chain: &str,
+    trusted: &[String],
+    mut progress: impl FnMut(u64),
+) -> Result<VerifyReport> {
+    let trusts = |key: &str| trusted.is_empty() || trusted.iter().any(|t| t.eq_ignore_ascii_case(key));
     let mut report = VerifyReport::default();
     let mut frontier = Frontier::new();
     let mut prev_hash: Hash = [0; 32];
@@ -112,6 +126,13 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
         .into_iter()
         .filter(|c| c.tree_size <= snapshot.tree_size)
         .collect();
+    while let Some(cp) = checkpoints.front().filter(|c| c.tree_size == 0) {
+        if !cp.verify() || !trusts(&cp.signer) || cp.root != frontier.root() {
+            return Err(corrupt(cp.height, "checkpoint at tree size 0 does not verify"));
+        }
+        report.checkpoints += 1;
+        checkpoints.pop_front();
+    }
     while next_height <= last_height {
         let page = u32::try_from((last_height - next_height + 1).min(u64::from(PAGE_BLOCKS))).unwrap_or(PAGE_BLOCKS);
         let blocks = store.raw_blocks(next_height, page).await?;
@@ -140,6 +161,9 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
             }
             if header.prev_hash != prev_hash {
                 return Err(corrupt(h, "prev_hash does not link to the previous block"));
+            }
+            if !trusts(&header.leader) {
+                return Err(corrupt(h, format!("block built by an untrusted node {}", header.leader)));
             }
             if header.first_sequence()
                 != frontier.len() + headers.iter().map(|x: &BlockHeader| u64::from(x.tx_count)).sum::<u64>()
@@ -186,7 +210,7 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
                         break;
                     }
                     if cp.tree_size == frontier.len() {
-                        if !cp.verify() || cp.root != frontier.root() {
+                        if !cp.verify() || !trusts(&cp.signer) || cp.root != frontier.root() {
                             return Err(corrupt(
                                 cp.height,
                                 format!("checkpoint at tree size {} does not verify", cp.tree_size),
@@ -207,8 +231,7 @@ pub async fn verify_chain(store: &Store, chain: &str, mut progress: impl FnMut(u
         }
         progress(next_height.saturating_sub(1));
     }
-    // Genesis-only checkpoints at size 0 are fine; any other leftover names a size never reached.
-    if let Some(cp) = checkpoints.iter().find(|c| c.tree_size > 0) {
+    if let Some(cp) = checkpoints.front() {
         return Err(corrupt(cp.height, format!("checkpoint at tree size {} is beyond the chain", cp.tree_size)));
     }
     // Rows beyond the snapshot belong to blocks committed since; only a quiet store can

@@ -15,7 +15,8 @@ backend_tests!(
     tampering_is_detected_at_its_height,
     device_signatures_are_checked_against_the_registered_key,
     index_columns_must_match_the_sealed_transaction,
-    verify_passes_while_the_node_writes
+    verify_passes_while_the_node_writes,
+    only_trusted_keys_sign_checkpoints_and_lead_blocks
 );
 
 /// Ten blocks after genesis with two transactions each, then one commit of 400 (several blocks;
@@ -268,5 +269,33 @@ async fn verify_passes_while_the_node_writes(db: TestDb) {
     writer.await.expect("writer");
     assert!(runs >= 2, "verification did not overlap the writes ({runs} runs)");
     verify_chain(c.chain.store(), CHAIN, |_| {}).await.expect("verifies once quiet");
+    c.stop().await;
+}
+
+/// A checkpoint re-signed with a foreign key is internally consistent, so only pinning the
+/// node's key catches it; the same pin refuses blocks led by another key.
+async fn only_trusted_keys_sign_checkpoints_and_lead_blocks(db: TestDb) {
+    use kalima_core::checkpoint::Checkpoint;
+    use kalima_core::keys::NodeKey;
+    use kalima_core::verify::verify_chain_with;
+
+    let c = db.chain().await;
+    let r = submit_one(&c.chain, put("admin", "/plant-1", "temp", b"1")).await;
+    let head = c.chain.head().block.header;
+    let ours = crate::common::node_key().public_hex();
+    verify_chain_with(c.chain.store(), CHAIN, &[ours.clone()], |_| {}).await.expect("our own chain verifies");
+
+    let forger = NodeKey::from_seed([99; 32]);
+    let forged = Checkpoint::sign(&forger, CHAIN, head.tree_size, head.merkle_root, head.height, 1);
+    c.chain.store().insert_checkpoint(&forged).await.unwrap();
+    verify_chain(c.chain.store(), CHAIN, |_| {}).await.expect("without a pin the forged signature is merely valid");
+    match verify_chain_with(c.chain.store(), CHAIN, &[ours], |_| {}).await {
+        Err(Error::Corrupt { height, .. }) => assert_eq!(height, r.height),
+        other => panic!("a checkpoint signed by another key passed: {other:?}"),
+    }
+    match verify_chain_with(c.chain.store(), CHAIN, &[forger.public_hex()], |_| {}).await {
+        Err(Error::Corrupt { height, reason }) => assert_eq!(height, 0, "{reason}"),
+        other => panic!("blocks led by an untrusted key passed: {other:?}"),
+    }
     c.stop().await;
 }
