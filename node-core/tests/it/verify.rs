@@ -283,7 +283,9 @@ async fn only_trusted_keys_sign_checkpoints_and_lead_blocks(db: TestDb) {
     let r = submit_one(&c.chain, put("admin", "/plant-1", "temp", b"1")).await;
     let head = c.chain.head().block.header;
     let ours = crate::common::node_key().public_hex();
-    verify_chain_with(c.chain.store(), CHAIN, &[ours.clone()], |_| {}).await.expect("our own chain verifies");
+    verify_chain_with(c.chain.store(), CHAIN, std::slice::from_ref(&ours), |_| {})
+        .await
+        .expect("our own chain verifies");
 
     let forger = NodeKey::from_seed([99; 32]);
     let forged = Checkpoint::sign(&forger, CHAIN, head.tree_size, head.merkle_root, head.height, 1);
