@@ -68,7 +68,7 @@ impl Ingest {
             return Err(Rejection::TooLarge { size: content.body.len(), limit: self.max_body });
         }
         content.validate(self.max_body)?;
-        device.check_signature(content)?;
+        device.check_signature(&self.chain.config().chain, content)?;
         if let Some(existing) = self.chain.idempotency_hit(&device.id, &content.idempotency_key) {
             return Err(Rejection::DuplicateIdempotencyKey {
                 key: content.idempotency_key.clone(),

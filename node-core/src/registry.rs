@@ -115,14 +115,21 @@ impl Device {
         self.is_admin() || self.grants.iter().any(|g| g.read && prefix_matches(&g.prefix, prefix))
     }
 
-    /// Checks the device's signature policy on `content`.
-    pub fn check_signature(&self, content: &TxContent) -> Result<(), Rejection> {
+    /// Checks the device's signature policy on `content` written to `chain`.
+    pub fn check_signature(&self, chain: &str, content: &TxContent) -> Result<(), Rejection> {
+        // Without an idempotency key a captured signed write could be sent again as new.
+        if content.signature.is_some() && content.idempotency_key.is_empty() {
+            return Err(Rejection::Invalid(FieldError::new(
+                "idempotency_key",
+                "a signed write must carry an idempotency key, so it cannot be replayed",
+            )));
+        }
         match (&self.public_key, &content.signature) {
             (_, None) if self.record.require_signature => Err(Rejection::SignatureRequired(self.id.clone())),
             (None, None) => Ok(()),
             (Some(_), None) => Ok(()),
             (Some(pk), Some(_)) => {
-                if content.verify_signature(pk) {
+                if content.verify_signature(chain, pk) {
                     Ok(())
                 } else {
                     Err(Rejection::BadSignature(self.id.clone()))

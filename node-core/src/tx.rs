@@ -217,18 +217,20 @@ impl TxContent {
         Ok(())
     }
 
-    /// The bytes a device signs: domain separator, then the client fields in canonical form.
-    pub fn signing_bytes(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(SIGNING_DOMAIN.len() + self.body.len() + 128);
+    /// The bytes a device signs: domain separator, the chain name (so a signature is valid on
+    /// one chain only), then the client fields in canonical form.
+    pub fn signing_bytes(&self, chain: &str) -> Vec<u8> {
+        let mut w = Writer::with_capacity(SIGNING_DOMAIN.len() + chain.len() + self.body.len() + 128);
         w.raw(SIGNING_DOMAIN);
+        w.str16(chain);
         self.write_client_fields(&mut w);
         w.0
     }
 
-    /// Verifies the signature against `key`; false when absent or wrong.
-    pub fn verify_signature(&self, key: &VerifyingKey) -> bool {
+    /// Verifies the signature for `chain` against `key`; false when absent or wrong.
+    pub fn verify_signature(&self, chain: &str, key: &VerifyingKey) -> bool {
         match &self.signature {
-            Some(sig) => key.verify(&self.signing_bytes(), &Signature::from_bytes(sig)).is_ok(),
+            Some(sig) => key.verify(&self.signing_bytes(chain), &Signature::from_bytes(sig)).is_ok(),
             None => false,
         }
     }
@@ -556,10 +558,11 @@ mod tests {
     fn signature_binds_content() {
         let sk = SigningKey::from_bytes(&[7; 32]);
         let mut c = sample().content;
-        c.signature = Some(sk.sign(&c.signing_bytes()).to_bytes());
-        assert!(c.verify_signature(&sk.verifying_key()));
+        c.signature = Some(sk.sign(&c.signing_bytes("plant")).to_bytes());
+        assert!(c.verify_signature("plant", &sk.verifying_key()));
+        assert!(!c.verify_signature("other-chain", &sk.verifying_key()), "a signature is bound to its chain");
         c.body = b"99".to_vec();
-        assert!(!c.verify_signature(&sk.verifying_key()));
+        assert!(!c.verify_signature("plant", &sk.verifying_key()));
     }
 
     fn arb_tx() -> impl Strategy<Value = Transaction> {

@@ -46,14 +46,14 @@ struct Signers {
 }
 
 impl Signers {
-    fn check(&mut self, c: &CommittedTx) -> std::result::Result<(), String> {
+    fn check(&mut self, chain: &str, c: &CommittedTx) -> std::result::Result<(), String> {
         let content = &c.tx.content;
         if content.signature.is_some() {
             let seq = c.tx.global_sequence;
             let key = self.keys.get(&content.device_id).ok_or_else(|| {
                 format!("transaction {seq} is signed by {} which has no registered key", content.device_id)
             })?;
-            if !content.verify_signature(key) {
+            if !content.verify_signature(chain, key) {
                 return Err(format!("transaction {seq}: device signature does not verify"));
             }
             self.signatures += 1;
@@ -201,7 +201,7 @@ pub async fn verify_chain_with(
                     Error::Corrupt { reason, .. } => corrupt(header.height, reason),
                     e => corrupt(header.height, format!("transaction {expected}: {e}")),
                 })?;
-                signers.check(&c).map_err(|reason| corrupt(header.height, reason))?;
+                signers.check(chain, &c).map_err(|reason| corrupt(header.height, reason))?;
                 frontier.push(c.id);
                 report.transactions += 1;
                 report.bytes += raw.sealed.len() as u64 + raw.hash.len() as u64;

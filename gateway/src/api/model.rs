@@ -105,7 +105,8 @@ pub struct TxRequest {
     /// Makes retries safe: a second write with the same key from the same device is refused (409).
     #[serde(default)]
     pub idempotency_key: Option<String>,
-    /// Ed25519 signature (hex) over the signing bytes of `openapi/ENCODING.md`.
+    /// Ed25519 signature (hex) over the signing bytes of `openapi/ENCODING.md` (they include
+    /// the chain name); a signed write must also carry an `idempotency_key`.
     #[serde(default)]
     pub signature: Option<String>,
 }

@@ -22,7 +22,10 @@ struct Case {
 }
 
 fn signed(key: &SigningKey, mut c: TxContent) -> TxContent {
-    c.signature = Some(key.sign(&c.signing_bytes()).to_bytes());
+    if c.idempotency_key.is_empty() {
+        c.idempotency_key = format!("sig-{}", hex::encode(&c.body));
+    }
+    c.signature = Some(key.sign(&c.signing_bytes(crate::common::CHAIN)).to_bytes());
     c
 }
 

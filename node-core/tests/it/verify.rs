@@ -208,14 +208,16 @@ async fn device_signatures_are_checked_against_the_registered_key(db: TestDb) {
     submit_one(&c.chain, crate::common::grant("signer", "/plant", false, true)).await;
 
     let mut good = put("signer", "/plant/line", "temp", b"21.5");
-    good.signature = Some(sk.sign(&good.signing_bytes()).to_bytes());
+    good.idempotency_key = "good".into();
+    good.signature = Some(sk.sign(&good.signing_bytes(CHAIN)).to_bytes());
     submit_one(&c.chain, good).await;
     let report = verify_chain(c.chain.store(), CHAIN, |_| {}).await.unwrap();
     assert_eq!(report.signatures, 1);
 
     let other = SigningKey::from_bytes(&[7; 32]);
     let mut forged = put("signer", "/plant/line", "temp", b"99.9");
-    forged.signature = Some(other.sign(&forged.signing_bytes()).to_bytes());
+    forged.idempotency_key = "forged".into();
+    forged.signature = Some(other.sign(&forged.signing_bytes(CHAIN)).to_bytes());
     let receipt = submit_one(&c.chain, forged).await;
     match verify_chain(c.chain.store(), CHAIN, |_| {}).await {
         Err(Error::Corrupt { height, reason }) => {

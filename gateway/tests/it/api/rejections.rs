@@ -1,6 +1,6 @@
 //! Every refusal of the write path: its status, its `{"error":{"code","message"}}` body, its
 //! `kalima_writes_rejected_total{reason,interface="rest"}` counter, and a chain that still
-//! verifies afterwards. Also signed writes (Ed25519 over `TxContent::signing_bytes`).
+//! verifies afterwards. Also signed writes (Ed25519 over `TxContent::signing_bytes(chain)`).
 
 use std::collections::BTreeMap;
 
@@ -44,13 +44,17 @@ fn sample_content(device: &str, body: &[u8]) -> TxContent {
         props: BTreeMap::from([("unit".to_string(), "C".to_string())]),
         ttl_secs: 0,
         client_time_ms: Some(1_763_700_000_000),
-        idempotency_key: String::new(),
+        // Signed writes must carry one (replay protection).
+        idempotency_key: format!("{device}-{}", hex::encode(body)),
         signature: None,
     }
 }
 
+/// The chain name of `TestNode` (signatures are bound to it).
+const CHAIN: &str = "test";
+
 fn sign(key: &SigningKey, content: &TxContent) -> [u8; 64] {
-    key.sign(&content.signing_bytes()).to_bytes()
+    key.sign(&content.signing_bytes(CHAIN)).to_bytes()
 }
 
 /// Who sends a request of the table.
@@ -286,6 +290,25 @@ async fn every_write_rejection_answers_its_status_code_and_counter() {
             expected_status: StatusCode::BAD_REQUEST,
             expected_code: "signature_required",
         },
+        Test {
+            name: "signed write without an idempotency key (replayable)",
+            request: req(tok(&signer), {
+                let content = TxContent { idempotency_key: String::new(), ..sample_content("signer", b"5") };
+                signed_request(&content, Some(sign(&sk, &content)))
+            }),
+            expected_status: StatusCode::BAD_REQUEST,
+            expected_code: "invalid_field",
+        },
+        Test {
+            name: "signature made for another chain",
+            request: req(tok(&signer), {
+                let content = sample_content("signer", b"6");
+                let sig = sk.sign(&content.signing_bytes("another-chain")).to_bytes();
+                signed_request(&content, Some(sig))
+            }),
+            expected_status: StatusCode::BAD_REQUEST,
+            expected_code: "bad_signature",
+        },
     ];
 
     let size = tree_size(&node).await;
@@ -350,7 +373,7 @@ async fn a_validly_signed_write_is_accepted_and_verifiable_by_anyone() {
     };
     assert_eq!(d.signature.as_deref(), Some(&sig[..]));
     sk.verifying_key()
-        .verify(&rebuilt.signing_bytes(), &ed25519_dalek::Signature::from_bytes(&sig))
+        .verify(&rebuilt.signing_bytes(CHAIN), &ed25519_dalek::Signature::from_bytes(&sig))
         .expect("the stored signature verifies against the device key");
 
     // The same signed request again is refused by its idempotency key, not stored twice.
