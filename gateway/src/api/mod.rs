@@ -195,6 +195,7 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", doc))
         .fallback(compat::unknown_request)
         .layer(DefaultBodyLimit::max(max_request))
+        .layer(axum::middleware::map_response(timeout_body))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, timeout))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
@@ -207,12 +208,37 @@ async fn method_not_allowed() -> error::ApiError {
     error::ApiError::MethodNotAllowed
 }
 
+/// The timeout layer answers 408 with no body; give it the API's error body.
+async fn timeout_body(resp: axum::response::Response) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if resp.status() == axum::http::StatusCode::REQUEST_TIMEOUT && resp.headers().get("content-type").is_none() {
+        let msg = "the request took longer than [api] request_timeout_secs".to_string();
+        let mut r = error::ApiError::BadRequest("timeout", msg).into_response();
+        *r.status_mut() = axum::http::StatusCode::REQUEST_TIMEOUT;
+        return r;
+    }
+    resp
+}
+
 async fn not_found() -> error::ApiError {
     error::ApiError::NotFound("no such route; see /docs".into())
 }
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_timeout_answers_the_api_error_body() {
+        let empty = axum::http::Response::builder()
+            .status(axum::http::StatusCode::REQUEST_TIMEOUT)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = super::timeout_body(empty).await;
+        assert_eq!(resp.status(), axum::http::StatusCode::REQUEST_TIMEOUT);
+        let bytes = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["error"]["code"], "timeout");
+    }
+
     /// The committed document must be what the code generates, so clients never read a
     /// stale contract. Regenerate with `cargo run -p kalima-gateway -- openapi > openapi/openapi.json`.
     #[test]

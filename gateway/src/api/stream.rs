@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -224,10 +225,12 @@ pub async fn ws(
     State(state): State<AppState>,
     auth: Auth,
     ApiQuery(q): ApiQuery<StreamQuery>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let prefix = q.address.unwrap_or_else(|| "/".into());
     check(&auth, &prefix)?;
+    // Checked after auth and grants, so a plain GET learns nothing it may not know.
+    let upgrade = upgrade.map_err(|r| ApiError::BadRequest("not_websocket", r.body_text()))?;
     let rx = follow(&state, auth.0.clone(), prefix, q.after);
     Ok(upgrade.on_upgrade(move |socket| pump(socket, rx)).into_response())
 }

@@ -119,3 +119,13 @@ async fn dashboards_and_alerts_only_use_exported_metrics() {
     assert!(missing.is_empty(), "dashboards query metrics the node does not export: {missing:?}\n{exported}");
     stop(node).await;
 }
+
+/// A plain GET on the WebSocket route gets the API error body, not the framework's text.
+#[tokio::test]
+async fn websocket_route_without_upgrade_answers_json() {
+    let node = TestNode::new().await;
+    let admin = node.admin.clone();
+    let (s, v) = get(&node, &admin, "/api/v1/ws?address=/").await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "not_websocket");
+    stop(node).await;
+}
