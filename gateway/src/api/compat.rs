@@ -303,6 +303,23 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
     serde_json::from_slice(&bytes).map_err(|e| refuse(Rejection::Malformed(e.to_string())))
 }
 
+/// The content of a Kalima `POST /transaction` body (`{address, key, body (base64), ttl}`);
+/// ingest checks the fields afterwards.
+pub fn post_content(bytes: &[u8]) -> Result<TxContent, Rejection> {
+    let req: PostTx = serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let body = B64_IN
+        .decode(req.body.as_bytes())
+        .map_err(|e| Rejection::Malformed(format!("field `body` is not base64: {e}")))?;
+    Ok(TxContent {
+        address: req.address,
+        key: req.key,
+        body,
+        // Kalima writes ttl=-1 for "none"; too large a TTL is refused by ingest's checks.
+        ttl_secs: req.ttl.filter(|t| *t > 0).map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
+        ..TxContent::default()
+    })
+}
+
 /// Commits `items` through ingest and answers the committed transactions, in order.
 async fn commit(state: &AppState, auth: &Auth, items: Vec<TxContent>) -> Result<Vec<KalimaTx>, KalimaError> {
     let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
@@ -479,18 +496,8 @@ async fn write_tx(
     KalimaAuth(auth): KalimaAuth,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<KalimaTx>, KalimaError> {
-    let req: PostTx = parse_body(body)?;
-    let bytes = B64_IN
-        .decode(req.body.as_bytes())
-        .map_err(|e| refuse(Rejection::Malformed(format!("field `body` is not base64: {e}"))))?;
-    let content = TxContent {
-        address: req.address,
-        key: req.key,
-        body: bytes,
-        // Kalima writes ttl=-1 for "none"; too large a TTL is refused by ingest's checks.
-        ttl_secs: req.ttl.filter(|t| *t > 0).map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
-        ..TxContent::default()
-    };
+    let bytes = body.map_err(|e| refuse(Rejection::Malformed(e.body_text())))?;
+    let content = post_content(&bytes).map_err(refuse)?;
     only(commit(&state, &auth, vec![content]).await?)
 }
 
