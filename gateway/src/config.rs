@@ -58,6 +58,8 @@ pub struct ApiSection {
     pub request_timeout_secs: u64,
     /// Keep-alive comment interval on SSE streams.
     pub stream_keepalive_secs: u64,
+    /// Live streams (SSE and WebSocket) one device may hold open at once.
+    pub max_streams_per_device: usize,
 }
 
 impl Default for ApiSection {
@@ -68,6 +70,7 @@ impl Default for ApiSection {
             max_request_bytes: 32 * 1024 * 1024,
             request_timeout_secs: 30,
             stream_keepalive_secs: 15,
+            max_streams_per_device: 16,
         }
     }
 }
@@ -226,6 +229,8 @@ max_body_bytes = 8192
 max_request_bytes = 33554432
 request_timeout_secs = 30
 stream_keepalive_secs = 15
+# Live streams (SSE and WebSocket) one device may hold open at once.
+max_streams_per_device = 16
 
 [storage]
 # sqlite://PATH (embedded, default: kalima.db in this directory) or postgres://USER:PASS@HOST/DB

@@ -41,6 +41,8 @@ pub enum ApiError {
     TooLarge(String),
     /// The path exists but not with this method.
     MethodNotAllowed,
+    /// The caller holds too many of a bounded resource (live streams).
+    TooMany(String),
     /// A fault inside the node (logged).
     Internal(String),
 }
@@ -55,6 +57,7 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -63,9 +66,11 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::Rejected(r) => r.to_string(),
-            ApiError::NotFound(m) | ApiError::BadRequest(_, m) | ApiError::Unavailable(m) | ApiError::TooLarge(m) => {
-                m.clone()
-            }
+            ApiError::NotFound(m)
+            | ApiError::BadRequest(_, m)
+            | ApiError::Unavailable(m)
+            | ApiError::TooLarge(m)
+            | ApiError::TooMany(m) => m.clone(),
             ApiError::MethodNotAllowed => "this path does not take that method; see /docs".into(),
             ApiError::Internal(_) => "internal error; see the node's log".into(),
         }

@@ -43,6 +43,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Set to true when the node stops: live streams end so graceful shutdown completes.
     pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Open live streams per device, bounded by `[api] max_streams_per_device`.
+    pub streams: Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl AppState {
@@ -55,6 +57,7 @@ impl AppState {
             config,
             metrics: metrics_handle(),
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
+            streams: Arc::default(),
         }
     }
 }

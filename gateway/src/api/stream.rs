@@ -53,6 +53,39 @@ enum Item {
     End(&'static str),
 }
 
+/// One open stream of a device; frees its slot when the stream task ends.
+struct Slot {
+    streams: Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
+    device: String,
+}
+
+impl Slot {
+    fn take(state: &AppState, device: &str) -> Result<Slot, ApiError> {
+        let limit = state.config.api.max_streams_per_device;
+        let mut open = state.streams.lock();
+        let n = open.entry(device.to_string()).or_insert(0);
+        if *n >= limit {
+            return Err(ApiError::TooMany(format!(
+                "device {device} already holds {limit} live streams ([api] max_streams_per_device)"
+            )));
+        }
+        *n += 1;
+        Ok(Slot { streams: state.streams.clone(), device: device.to_string() })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.streams.lock();
+        if let Some(n) = open.get_mut(&self.device) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.device);
+            }
+        }
+    }
+}
+
 struct Gauge;
 impl Gauge {
     fn new() -> Self {
@@ -94,13 +127,20 @@ fn visible(device: &Device, prefix: &str, c: &CommittedTx) -> bool {
 }
 
 /// Subscribes first, then replays from the store, so no commit falls between the two.
-fn follow(state: &AppState, mut device: Arc<Device>, prefix: String, after: Option<u64>) -> mpsc::Receiver<Item> {
+fn follow(
+    state: &AppState,
+    slot: Slot,
+    mut device: Arc<Device>,
+    prefix: String,
+    after: Option<u64>,
+) -> mpsc::Receiver<Item> {
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     let mut sub = state.chain.bus().subscribe();
     let chain = state.chain.clone();
     let mut shutdown = state.shutdown.subscribe();
     tokio::spawn(async move {
         let _gauge = Gauge::new();
+        let _slot = slot;
         let stopping = async move {
             if shutdown.wait_for(|s| *s).await.is_err() {
                 std::future::pending::<()>().await;
@@ -190,7 +230,8 @@ fn json(c: &CommittedTx) -> String {
 /// sequence, `data:` the transaction JSON. Reconnect with `Last-Event-ID` to resume.
 #[utoipa::path(get, path = "/api/v1/stream", tag = "streams", params(StreamQuery),
     responses((status = 200, description = "text/event-stream of transactions", content_type = "text/event-stream", body = String),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 429, description = "The device holds max_streams_per_device streams", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn sse(
     State(state): State<AppState>,
@@ -205,7 +246,8 @@ pub async fn sse(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .or(q.after);
-    let rx = follow(&state, auth.0.clone(), prefix, last);
+    let slot = Slot::take(&state, &auth.0.id)?;
+    let rx = follow(&state, slot, auth.0.clone(), prefix, last);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let ev = match rx.recv().await? {
             Item::Tx(c) => Event::default().event("tx").id(c.tx.global_sequence.to_string()).data(json(&c)),
@@ -219,7 +261,8 @@ pub async fn sse(
 
 /// WebSocket equivalent of the SSE stream: one text frame (transaction JSON) per transaction.
 #[utoipa::path(get, path = "/api/v1/ws", tag = "streams", params(StreamQuery),
-    responses((status = 101, description = "Switching protocols; text frames of transactions"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 101, description = "Switching protocols; text frames of transactions"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 429, description = "The device holds max_streams_per_device streams", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn ws(
     State(state): State<AppState>,
@@ -231,7 +274,8 @@ pub async fn ws(
     check(&auth, &prefix)?;
     // Checked after auth and grants, so a plain GET learns nothing it may not know.
     let upgrade = upgrade.map_err(|r| ApiError::BadRequest("not_websocket", r.body_text()))?;
-    let rx = follow(&state, auth.0.clone(), prefix, q.after);
+    let slot = Slot::take(&state, &auth.0.id)?;
+    let rx = follow(&state, slot, auth.0.clone(), prefix, q.after);
     Ok(upgrade.on_upgrade(move |socket| pump(socket, rx)).into_response())
 }
 

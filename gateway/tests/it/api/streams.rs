@@ -130,3 +130,27 @@ async fn websocket_delivers_the_same_json_as_sse() {
     assert!(ws_next(&mut resumed, Duration::from_millis(300)).await.is_none());
     stop(node).await;
 }
+
+/// A device holds at most `[api] max_streams_per_device` live streams; closing one frees
+/// its slot, so a client that reconnects is not locked out.
+#[tokio::test]
+async fn live_streams_per_device_are_capped() {
+    let node = TestNode::with_config(|c| c.api.max_streams_per_device = 2).await;
+    let dev = node.device("watcher", &[("/w", true, false)]).await;
+    let client = reqwest::Client::new();
+    let open = || client.get(format!("{}/api/v1/stream?address=/w", node.base_url())).bearer_auth(&dev).send();
+    let first = open().await.expect("first stream");
+    let second = open().await.expect("second stream");
+    assert!(first.status().is_success() && second.status().is_success());
+    let third = open().await.expect("third request");
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = third.json().await.expect("json body");
+    assert_eq!(body["error"]["code"], json!("too_many_streams"), "{body}");
+    drop(first);
+    let reopened =
+        eventually(Duration::from_secs(5), || async { open().await.map(|r| r.status().is_success()).unwrap_or(false) })
+            .await;
+    assert!(reopened, "closing a stream must free its slot");
+    drop(second);
+    stop(node).await;
+}
