@@ -201,7 +201,21 @@ async fn verify(dir: PathBuf) -> anyhow::Result<ExitCode> {
     // Only this node leads blocks and signs checkpoints on a single-node chain.
     let node_key = kalima_core::keys::NodeKey::load(&dir.join(kalima_core::keys::NODE_KEY_FILE))?;
     let trusted = [node_key.public_hex()];
-    let res = kalima_core::verify::verify_chain_with(&store, &cfg.node.chain, &trusted, |h| {
+    // Checkpoints are signed under the name recorded at genesis, whatever the config says now.
+    let genesis = store.history(kalima_core::registry::CHAIN_ADDRESS, "genesis", u64::MAX >> 1, 1).await.ok();
+    let recorded = genesis
+        .and_then(|g| g.into_iter().next())
+        .and_then(|g| serde_json::from_slice::<serde_json::Value>(&g.tx.content.body).ok())
+        .and_then(|v| v.get("chain").and_then(|c| c.as_str()).map(str::to_string));
+    let chain = match recorded {
+        Some(name) if name != cfg.node.chain => {
+            eprintln!("note: the chain was created as {name:?}; [node] chain says {:?}", cfg.node.chain);
+            name
+        }
+        Some(name) => name,
+        None => cfg.node.chain.clone(),
+    };
+    let res = kalima_core::verify::verify_chain_with(&store, &chain, &trusted, |h| {
         if let Some(b) = &bar {
             b.set_position(h + 1);
         }

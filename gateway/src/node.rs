@@ -26,8 +26,8 @@ pub struct Initialized {
     pub admin_token: String,
 }
 
-/// Files that make up a node; `init` never writes over any of them.
-const NODE_FILES: [&str; 5] = [CONFIG_FILE, NODE_KEY_FILE, DATA_KEYS_FILE, ADMIN_TOKEN_FILE, "kalima.db"];
+/// Files that hold a node's identity, keys or data; `init` never writes over any of them.
+const STATE_FILES: [&str; 4] = [NODE_KEY_FILE, DATA_KEYS_FILE, ADMIN_TOKEN_FILE, "kalima.db"];
 
 /// What a data directory holds.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,14 +40,16 @@ pub enum DirState {
     Incomplete(Vec<&'static str>),
 }
 
-/// Classifies `dir` before `up` decides whether to initialise it.
+/// Classifies `dir` before `up` decides whether to initialise it. A directory holding none
+/// of the node's key or data files (a pre-written kalima.toml, `lost+found`) may be
+/// initialised; one with keys and data key ring is a node (the admin token is only needed
+/// for genesis and may have been removed since).
 pub fn dir_state(dir: &Path) -> DirState {
-    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true);
-    if empty {
+    if !STATE_FILES.iter().any(|f| dir.join(f).exists()) {
         return DirState::Empty;
     }
     let missing: Vec<&'static str> =
-        [NODE_KEY_FILE, DATA_KEYS_FILE, ADMIN_TOKEN_FILE].into_iter().filter(|f| !dir.join(f).exists()).collect();
+        [NODE_KEY_FILE, DATA_KEYS_FILE].into_iter().filter(|f| !dir.join(f).exists()).collect();
     if missing.is_empty() { DirState::Node } else { DirState::Incomplete(missing) }
 }
 
@@ -55,7 +57,7 @@ pub fn dir_state(dir: &Path) -> DirState {
 /// Refuses when any node file is already there: replacing a data key would make every
 /// stored record unreadable.
 pub fn init(dir: &Path, chain: &str) -> anyhow::Result<Initialized> {
-    let present: Vec<&str> = NODE_FILES.into_iter().filter(|f| dir.join(f).exists()).collect();
+    let present: Vec<&str> = STATE_FILES.into_iter().filter(|f| dir.join(f).exists()).collect();
     if !present.is_empty() {
         bail!("{} already holds node files ({}); refusing to overwrite them", dir.display(), present.join(", "));
     }
@@ -64,8 +66,10 @@ pub fn init(dir: &Path, chain: &str) -> anyhow::Result<Initialized> {
     DataKeys::create(&dir.join(DATA_KEYS_FILE))?;
     let admin_token = new_token();
     write_new_private(&dir.join(ADMIN_TOKEN_FILE), format!("{admin_token}\n").as_bytes())?;
-    // The config goes last, so its presence never hides missing keys.
-    std::fs::write(dir.join(CONFIG_FILE), default_toml(chain)).context("writing kalima.toml")?;
+    // A config written beforehand (e.g. by provisioning) is kept.
+    if !dir.join(CONFIG_FILE).exists() {
+        std::fs::write(dir.join(CONFIG_FILE), default_toml(chain)).context("writing kalima.toml")?;
+    }
     Ok(Initialized { dir: dir.to_path_buf(), admin_token })
 }
 
@@ -107,7 +111,7 @@ fn genesis(dir: &Path, chain: &str, node_id: &str) -> anyhow::Result<Vec<TxConte
     Ok(vec![
         TxContent {
             device_id: NODE_DEVICE_ID.into(),
-            address: "/_kalima/chain".into(),
+            address: kalima_core::registry::CHAIN_ADDRESS.into(),
             key: "genesis".into(),
             body: serde_json::to_vec(&info)?,
             ..TxContent::default()

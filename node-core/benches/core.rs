@@ -20,6 +20,35 @@ fn reading(i: u64) -> TxContent {
     }
 }
 
+/// Registers the `bench` device with a write grant on `/bench`, as the admin API would.
+fn genesis() -> Vec<TxContent> {
+    use kalima_core::registry::{DEVICES_ADDRESS, DeviceRecord, GrantRecord, NODE_DEVICE_ID, grants_address};
+    let record = DeviceRecord {
+        token_sha256: String::new(),
+        public_key: None,
+        require_signature: false,
+        admin: false,
+        revoked: false,
+    };
+    let grant = GrantRecord { read: true, write: true };
+    vec![
+        TxContent {
+            device_id: NODE_DEVICE_ID.into(),
+            address: DEVICES_ADDRESS.into(),
+            key: "bench".into(),
+            body: serde_json::to_vec(&record).expect("record"),
+            ..TxContent::default()
+        },
+        TxContent {
+            device_id: NODE_DEVICE_ID.into(),
+            address: grants_address("bench"),
+            key: "/bench".into(),
+            body: serde_json::to_vec(&grant).expect("grant"),
+            ..TxContent::default()
+        },
+    ]
+}
+
 fn rate(label: &str, n: u64, started: Instant) {
     let s = started.elapsed().as_secs_f64();
     println!("{label:<40} {n:>9} in {s:>6.2} s = {:>10.0}/s", n as f64 / s);
@@ -54,7 +83,7 @@ async fn main() {
     let url = storage.unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.path().display()));
     let store = Store::connect(&url, Arc::new(DataKeys::ephemeral())).await.expect("store");
     let config = ChainConfig { checkpoint_interval: None, ..ChainConfig::default() };
-    let (chain, _task) = Chain::open(store, NodeKey::generate(), config, Vec::new()).await.expect("chain");
+    let (chain, _task) = Chain::open(store, NodeKey::generate(), config, genesis()).await.expect("chain");
 
     for (label, batch, writers) in [
         ("chain commits, batches of 1000, 8 writers", 1000u64, 8u64),

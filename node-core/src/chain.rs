@@ -23,6 +23,13 @@ use crate::registry::{DEVICES_ADDRESS, NODE_DEVICE_ID, Registry, is_system_addre
 use crate::store::{BlockRecord, CommittedTx, PendingTx, Store};
 use crate::tx::{Transaction, TxContent};
 
+/// The chain name recorded at genesis, if the chain records one.
+pub fn genesis_chain_name(memcache: &Memcache) -> Option<String> {
+    let g = memcache.get(crate::registry::CHAIN_ADDRESS, "genesis")?;
+    let v: serde_json::Value = serde_json::from_slice(&g.tx.content.body).ok()?;
+    v.get("chain")?.as_str().map(str::to_string)
+}
+
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
 pub struct ChainConfig {
@@ -170,6 +177,16 @@ impl Chain {
         let latest: Vec<Arc<CommittedTx>> = latest.into_iter().map(Arc::new).collect();
         memcache.apply(latest.iter());
         registry.rebuild(&memcache);
+        // Signatures and checkpoints are bound to the chain name: running a chain under
+        // another name would make every one of them fail.
+        if let Some(name) = genesis_chain_name(&memcache)
+            && name != config.chain
+        {
+            return Err(Error::Config(format!(
+                "this chain was created as {name:?} but [node] chain is {:?}; set [node] chain = {name:?}",
+                config.chain
+            )));
+        }
         let window = config.idempotency_window.max(1);
         let recent = store.recent_idempotency_keys(window as u64).await?;
         let mut idem = IdempotencyWindow::new(window);
@@ -571,7 +588,9 @@ impl Sequencer {
                 n += s.items.len();
                 subs.push(s);
             }
-            while n < max {
+            // A guarded submission (registration, grant, revocation) ends its group: writes
+            // queued behind it are checked against the registry it changes.
+            while n < max && subs.last().is_none_or(|s| s.guard.is_none()) {
                 match self.rx.try_recv() {
                     Ok(s) => {
                         n += s.items.len();
@@ -748,9 +767,14 @@ impl Sequencer {
                 Err(e2) => Some(Error::Fatal(format!("{e:#}; the stored head cannot be read: {e2:#}"))),
             };
             if let Some(err) = outcome {
+                let told = if matches!(err, Error::Fatal(_)) {
+                    "the outcome of the write is unknown; retry with the same idempotency key"
+                } else {
+                    "the write was not stored"
+                };
                 for (sub, _) in accepted {
                     if let Some(r) = sub.reply {
-                        let _ = r.send(Err(Error::CommitFailed("the write was not stored".into())));
+                        let _ = r.send(Err(Error::CommitFailed(told.into())));
                     }
                 }
                 return Err(err);

@@ -19,6 +19,8 @@ use crate::tx::{FieldError, TxContent, TxKind, prefix_matches, validate_prefix};
 
 /// Prefix of every system address; only the node and the admin API write below it.
 pub const SYSTEM_PREFIX: &str = "/_kalima";
+/// Address whose `genesis` value records the chain name and the node that created it.
+pub const CHAIN_ADDRESS: &str = "/_kalima/chain";
 /// Address holding one value per device (key = device id).
 pub const DEVICES_ADDRESS: &str = "/_kalima/devices";
 /// Id of the admin device created by `kalima init`.

@@ -33,7 +33,7 @@ pub const MAX_PROPS_BYTES: usize = 4 * 1024;
 /// Longest TTL (ten years, in seconds).
 pub const MAX_TTL_SECS: u32 = 10 * 365 * 24 * 3600;
 /// Domain separator of the device-signature payload.
-pub const SIGNING_DOMAIN: &[u8] = b"kalima-tx-sig-v1\0";
+pub const SIGNING_DOMAIN: &[u8] = b"kalima-tx-sig-v2\0";
 
 /// What a transaction does to `address`/`key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

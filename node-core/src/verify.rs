@@ -234,6 +234,13 @@ pub async fn verify_chain_with(
     if let Some(cp) = checkpoints.front() {
         return Err(corrupt(cp.height, format!("checkpoint at tree size {} is beyond the chain", cp.tree_size)));
     }
+    // Checkpoints past the snapshot were left out above; none may name a size the chain has
+    // not reached even now (a flipped bit in tree_size would otherwise hide the row).
+    let head_size = store.latest_raw_block().await?.map(|b| b.tree_size).unwrap_or(0);
+    let later = store.checkpoints_from(chain, snapshot.tree_size.saturating_add(1), u32::MAX).await?;
+    if let Some(cp) = later.iter().find(|c| c.tree_size > head_size) {
+        return Err(corrupt(cp.height, format!("checkpoint at tree size {} is beyond the chain", cp.tree_size)));
+    }
     // Rows beyond the snapshot belong to blocks committed since; only a quiet store can
     // show rows outside every block.
     let stored = store.tx_count().await?;

@@ -198,8 +198,9 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", doc))
         .fallback(compat::unknown_request)
         .layer(DefaultBodyLimit::max(max_request))
-        .layer(axum::middleware::map_response(timeout_body))
+        // Outside the timeout layer, so the 408 it produces passes through.
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(axum::middleware::map_response(timeout_body))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
             tracing::debug_span!(target: "api", "request", method = %req.method(), path = %path)

@@ -16,7 +16,8 @@ backend_tests!(
     device_signatures_are_checked_against_the_registered_key,
     index_columns_must_match_the_sealed_transaction,
     verify_passes_while_the_node_writes,
-    only_trusted_keys_sign_checkpoints_and_lead_blocks
+    only_trusted_keys_sign_checkpoints_and_lead_blocks,
+    a_checkpoint_size_beyond_the_chain_is_caught
 );
 
 /// Ten blocks after genesis with two transactions each, then one commit of 400 (several blocks;
@@ -300,6 +301,29 @@ async fn only_trusted_keys_sign_checkpoints_and_lead_blocks(db: TestDb) {
     match verify_chain_with(c.chain.store(), CHAIN, &[forger.public_hex()], |_| {}).await {
         Err(Error::Corrupt { height, reason }) => assert_eq!(height, 0, "{reason}"),
         other => panic!("blocks led by an untrusted key passed: {other:?}"),
+    }
+    c.stop().await;
+}
+
+/// A flipped high bit in a checkpoint's tree size puts it beyond the chain; verification must
+/// report it, not skip it as "committed after the snapshot".
+async fn a_checkpoint_size_beyond_the_chain_is_caught(db: TestDb) {
+    let c = db.chain().await;
+    submit_one(&c.chain, put("admin", "/plant-1", "temp", b"1")).await;
+    let cp = c.chain.checkpoint_now().await.unwrap();
+    let store = c.chain.store().clone();
+    drop_immutability_triggers(&store).await;
+    let bumped = cp.tree_size + (1u64 << 40);
+    store
+        .execute_raw(&format!("UPDATE checkpoints SET tree_size = {bumped} WHERE tree_size = {}", cp.tree_size))
+        .await
+        .unwrap();
+    match verify_chain(&store, CHAIN, |_| {}).await {
+        Err(Error::Corrupt { height, reason }) => {
+            assert_eq!(height, cp.height, "{reason}");
+            assert!(reason.contains("beyond the chain"), "{reason}");
+        }
+        other => panic!("a checkpoint beyond the chain verified: {other:?}"),
     }
     c.stop().await;
 }

@@ -163,3 +163,29 @@ async fn existing_node_files_are_never_overwritten() {
     std::fs::rename(tmp.path().join("saved-keys.json"), dir.join("data-keys.json")).expect("restore keys");
     assert_verifies(&dir, &[]).await;
 }
+
+/// A provisioned kalima.toml in an otherwise empty directory is kept by `up`, and the chain
+/// name is fixed at genesis: starting under another name is refused with the name to set,
+/// while `verify` still checks the chain under its recorded name.
+#[tokio::test]
+async fn provisioned_config_is_kept_and_the_chain_name_is_fixed_at_genesis() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("kalima.toml"), "[node]\nchain = \"plant-7\"\n").expect("write config");
+    let node = Node::start(&dir, &[]).await;
+    node.put("/p", "v", serde_json::json!(1)).await;
+    let (s, cp) = node.post_json("/api/v1/checkpoints", &serde_json::json!(null)).await;
+    assert!(s.is_success(), "{cp}");
+    assert_eq!(cp["chain"], serde_json::json!("plant-7"), "the provisioned config was used");
+    node.stop().await;
+    let config = std::fs::read_to_string(dir.join("kalima.toml")).expect("config");
+    assert_eq!(config, "[node]\nchain = \"plant-7\"\n", "the provisioned config was kept");
+
+    let (out, _) = up_expecting_exit(&dir, &[("KALIMA_NODE__CHAIN", "other")]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(stderr(&out).contains("plant-7"), "the error names the recorded chain:\n{}", describe(&out));
+
+    std::fs::remove_file(dir.join("kalima.toml")).expect("remove config");
+    assert_verifies(&dir, &[]).await;
+}
