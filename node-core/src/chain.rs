@@ -344,20 +344,10 @@ impl Chain {
         self.inner.idempotency.lock().get(&(device.to_string(), key.to_string()))
     }
 
-    /// Like [`Chain::idempotency_hit`], asking the store when memory may have forgotten the key.
-    pub async fn idempotency_lookup(&self, device: &str, key: &str) -> Result<Option<Hash>> {
-        if key.is_empty() {
-            return Ok(None);
-        }
-        let (hit, evicted) = {
-            let w = self.inner.idempotency.lock();
-            (w.get(&(device.to_string(), key.to_string())), w.evicted)
-        };
-        match hit {
-            Some(h) => Ok(Some(h)),
-            None if evicted => self.inner.store.idempotency_lookup(device, key).await,
-            None => Ok(None),
-        }
+    /// Which of `items`' idempotency keys were already used, by memory or, once memory has
+    /// forgotten older keys, by the store (one query per device).
+    pub async fn idempotency_used(&self, items: &[TxContent]) -> Result<HashMap<(String, String), Hash>> {
+        used_keys(&self.inner, items).await
     }
 
     /// Runs a Merkle computation, fetching old leaf chunks from the store as it asks for them.
@@ -493,6 +483,32 @@ impl IdempotencyWindow {
             }
         }
     }
+}
+
+/// Which of `items`' idempotency keys were already used, by memory or, once memory has
+/// forgotten older keys, by the store (one query per device).
+async fn used_keys(inner: &Inner, items: &[TxContent]) -> Result<HashMap<(String, String), Hash>> {
+    let mut used = HashMap::new();
+    let mut ask: HashMap<&str, Vec<&str>> = HashMap::new();
+    {
+        let w = inner.idempotency.lock();
+        for c in items.iter().filter(|c| !c.idempotency_key.is_empty()) {
+            let k = (c.device_id.clone(), c.idempotency_key.clone());
+            match w.get(&k) {
+                Some(h) => {
+                    used.insert(k, h);
+                }
+                None if w.evicted => ask.entry(c.device_id.as_str()).or_default().push(c.idempotency_key.as_str()),
+                None => {}
+            }
+        }
+    }
+    for (device, keys) in ask {
+        for (key, h) in inner.store.idempotency_lookup(device, &keys).await? {
+            used.insert((device.to_string(), key), h);
+        }
+    }
+    Ok(used)
 }
 
 /// Pending TTL deletes: at most one per (address, key), ordered by due time, so memory is
@@ -664,9 +680,14 @@ impl Sequencer {
         let mut new_devices: HashSet<String> = HashSet::new();
         let mut building: Vec<Building> = Vec::new();
         let mut accepted: Vec<(Submission, std::ops::Range<usize>)> = Vec::new();
+        // Keys used before, as memory or (for keys it has forgotten) the store knows them: a
+        // duplicate that reached the unique index would fail the whole group commit.
+        let keyed: Vec<TxContent> =
+            subs.iter().flat_map(|s| s.items.iter()).filter(|c| !c.idempotency_key.is_empty()).cloned().collect();
+        let used = if keyed.is_empty() { HashMap::new() } else { used_keys(&inner, &keyed).await? };
 
         for sub in subs {
-            if let Err(rej) = self.check_submission(&sub, &new_idem, &new_devices) {
+            if let Err(rej) = self.check_submission(&sub, &used, &new_idem, &new_devices) {
                 match sub.reply {
                     // The caller (ingest) counts it under its interface.
                     Some(r) => {
@@ -841,6 +862,7 @@ impl Sequencer {
     fn check_submission(
         &self,
         sub: &Submission,
+        used: &HashMap<(String, String), Hash>,
         new_idem: &HashSet<(String, String)>,
         new_devices: &HashSet<String>,
     ) -> std::result::Result<(), Rejection> {
@@ -850,7 +872,7 @@ impl Sequencer {
                 continue;
             }
             let k = (c.device_id.clone(), c.idempotency_key.clone());
-            let existing = self.inner.idempotency.lock().get(&k);
+            let existing = used.get(&k).copied();
             if existing.is_some() || new_idem.contains(&k) || !local.insert(k) {
                 return Err(Rejection::DuplicateIdempotencyKey {
                     key: c.idempotency_key.clone(),

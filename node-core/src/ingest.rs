@@ -110,8 +110,12 @@ impl Ingest {
 
     /// Idempotency keys older than the in-memory window are checked against the store.
     async fn check_old_keys(&self, interface: &'static str, items: &[TxContent]) -> Result<()> {
+        if items.iter().all(|c| c.idempotency_key.is_empty()) {
+            return Ok(());
+        }
+        let used = self.chain.idempotency_used(items).await?;
         for c in items.iter().filter(|c| !c.idempotency_key.is_empty()) {
-            if let Some(existing) = self.chain.idempotency_lookup(&c.device_id, &c.idempotency_key).await? {
+            if let Some(existing) = used.get(&(c.device_id.clone(), c.idempotency_key.clone())) {
                 let r = Rejection::DuplicateIdempotencyKey {
                     key: c.idempotency_key.clone(),
                     existing: hex::encode(existing),

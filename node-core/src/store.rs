@@ -504,16 +504,29 @@ impl Store {
         })
     }
 
-    /// The transaction that used `key` for `device`, if any (through the unique index).
-    pub async fn idempotency_lookup(&self, device: &str, key: &str) -> Result<Option<Hash>> {
-        let h: Option<Vec<u8>> = on_pool!(&self.pool, |p| {
-            sqlx::query_scalar("SELECT hash FROM txs WHERE device_id = $1 AND idem_key = $2")
-                .bind(device)
-                .bind(key)
-                .fetch_optional(p)
-                .await?
-        });
-        h.map(|h| to_hash(&h)).transpose()
+    /// Which of `keys` `device` already used, with the transaction that used each (one query
+    /// per 500 keys, through the unique index).
+    pub async fn idempotency_lookup(&self, device: &str, keys: &[&str]) -> Result<Vec<(String, Hash)>> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(500) {
+            let rows: Vec<(String, Vec<u8>)> = on_pool!(&self.pool, |p| {
+                let mut qb = QueryBuilder::new("SELECT idem_key, hash FROM txs WHERE device_id = ");
+                qb.push_bind(device).push(" AND idem_key IN (");
+                let mut list = qb.separated(", ");
+                for k in chunk {
+                    list.push_bind(*k);
+                }
+                qb.push(")");
+                let rows = qb.build().fetch_all(p).await?;
+                rows.iter()
+                    .map(|r| Ok::<_, Error>((r.try_get("idem_key")?, r.try_get("hash")?)))
+                    .collect::<Result<_>>()?
+            });
+            for (k, h) in rows {
+                found.push((k, to_hash(&h)?));
+            }
+        }
+        Ok(found)
     }
 
     /// Number of transaction rows.

@@ -256,6 +256,15 @@ async fn idempotency_keys_older_than_the_window_are_still_refused(db: TestDb) {
     refused(ingest.write("test", &device, vec![with_key("k1")]).await, ids[0]);
     refused(ingest.write("test", &device, vec![with_key("k3")]).await, ids[2]);
     ingest.write("test", &device, vec![with_key("k4")]).await.unwrap();
+    // Straight to the sequencer (as a write queued before k1 fell out of memory would be):
+    // it must refuse the old key itself rather than let the unique index fail the commit.
+    match c.chain.submit(vec![with_key("k1")], None).await {
+        Err(Error::Rejected(Rejection::DuplicateIdempotencyKey { existing, .. })) => {
+            assert_eq!(existing, hex::encode(ids[0]))
+        }
+        other => panic!("the sequencer accepted an old idempotency key: {other:?}"),
+    }
+    ingest.write("test", &device, vec![with_key("k5")]).await.expect("the chain still commits");
     c.stop().await;
 
     // After a restart only the window is loaded; the rest is still refused.
