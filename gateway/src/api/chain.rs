@@ -74,6 +74,7 @@ pub struct BlocksQuery {
     /// Only blocks at or below this height (default: the head).
     pub before: Option<u64>,
     /// Page size, 1..=1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -165,6 +166,7 @@ pub async fn new_checkpoint(State(state): State<AppState>, auth: Auth) -> Result
 #[into_params(parameter_in = Query)]
 pub struct ConsistencyQuery {
     /// Earlier tree size (>= 1).
+    #[param(minimum = 1)]
     pub first: u64,
     /// Later tree size (<= current size; default: current size).
     pub second: Option<u64>,

@@ -33,9 +33,11 @@ pub fn router() -> axum::Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
     /// Device id (key characters, no `/`, not starting with `_`).
+    #[schema(pattern = "^[A-Za-z0-9 :.@+-][A-Za-z0-9 :.@+_-]*$", min_length = 1, max_length = 64)]
     pub id: String,
     /// Ed25519 public key (64 hex digits); signed writes are verified against it.
     #[serde(default)]
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     pub public_key: Option<String>,
     /// Refuse unsigned writes from this device.
     #[serde(default)]
@@ -75,6 +77,7 @@ pub struct DeviceJson {
 #[serde(deny_unknown_fields)]
 pub struct GrantJson {
     /// Address prefix (`/` for all).
+    #[schema(pattern = "^(/|(/[A-Za-z0-9 :.@+_-]+)+)$", max_length = 128)]
     pub prefix: String,
     /// Read access (values, history, streams, proofs).
     pub read: bool,

@@ -124,6 +124,37 @@ fn describe_metrics() {
     metrics::gauge!("kalima_stream_subscribers").increment(0.0);
 }
 
+/// Every authenticated operation can answer 401 (unknown or revoked token) and 400 (a
+/// malformed query or path); documenting them once here keeps the document complete.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, ResponseBuilder, content::ContentBuilder};
+        let error = |desc: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(desc)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody"))).build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+                if op.security.as_ref().is_none_or(|s| s.is_empty()) {
+                    continue;
+                }
+                let r = &mut op.responses.responses;
+                r.entry("400".into()).or_insert_with(|| error("Malformed request, query or path"));
+                r.entry("401".into()).or_insert_with(|| error("Unknown or revoked device token"));
+            }
+        }
+    }
+}
+
 struct SecurityAddon;
 
 impl utoipa::Modify for SecurityAddon {
@@ -157,7 +188,7 @@ impl utoipa::Modify for SecurityAddon {
         devices::register, devices::list, devices::show, devices::revoke, devices::grant, devices::remove_grant,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
-    modifiers(&SecurityAddon),
+    modifiers(&SecurityAddon, &CommonResponses),
     tags(
         (name = "transactions", description = "Writes (answered after the durable commit unless wait=false) and transactions with proofs"),
         (name = "values", description = "Current values and history"),

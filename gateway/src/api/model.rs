@@ -33,7 +33,6 @@ pub struct TxJson {
     #[schema(value_type = String, example = "put")]
     pub kind: TxKind,
     /// The body parsed as JSON, when it is JSON.
-    #[schema(value_type = Option<Object>)]
     pub body: Option<serde_json::Value>,
     /// The body bytes, base64.
     pub body_b64: String,
@@ -83,18 +82,20 @@ impl From<&CommittedTx> for TxJson {
 #[serde(deny_unknown_fields)]
 pub struct TxRequest {
     /// Target address, e.g. `/plant-1/line-2`.
+    #[schema(pattern = "^(/[A-Za-z0-9 :.@+_-]+)+$", max_length = 256)]
     pub address: String,
     /// Target key, e.g. `temp` (Kalima's rule `^[a-z0-9 :.@+_/-]+$`, case-insensitive).
+    #[schema(pattern = "^[A-Za-z0-9 :.@+_/-]+$", min_length = 1, max_length = 128)]
     pub key: String,
     /// Value as JSON.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub body: Option<serde_json::Value>,
     /// Value as base64 bytes (use this when signing: the signature covers exact bytes).
     #[serde(default)]
     pub body_b64: Option<String>,
-    /// Seconds after which the node deletes the value.
+    /// Seconds after which the node deletes the value (at most ten years).
     #[serde(default)]
+    #[schema(maximum = 315360000)]
     pub ttl: Option<u32>,
     /// String properties.
     #[serde(default)]
@@ -104,10 +105,12 @@ pub struct TxRequest {
     pub client_time_ms: Option<i64>,
     /// Makes retries safe: a second write with the same key from the same device is refused (409).
     #[serde(default)]
+    #[schema(max_length = 128)]
     pub idempotency_key: Option<String>,
     /// Ed25519 signature (hex) over the signing bytes of `openapi/ENCODING.md` (they include
     /// the chain name); a signed write must also carry an `idempotency_key`.
     #[serde(default)]
+    #[schema(pattern = "^[0-9a-fA-F]{128}$")]
     pub signature: Option<String>,
 }
 

@@ -33,6 +33,7 @@ pub fn router() -> axum::Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// 1 to 10,000 writes; all are checked first and committed in one durable commit, or none is.
+    #[schema(min_items = 1, max_items = 10000)]
     pub transactions: Vec<TxRequest>,
 }
 
@@ -48,10 +49,13 @@ pub struct BatchReceipt {
 #[serde(deny_unknown_fields)]
 pub struct MoveRequest {
     /// Where the value is now.
+    #[schema(pattern = "^(/[A-Za-z0-9 :.@+_-]+)+$", max_length = 256)]
     pub from_address: String,
     /// Where it goes.
+    #[schema(pattern = "^(/[A-Za-z0-9 :.@+_-]+)+$", max_length = 256)]
     pub to_address: String,
     /// The key.
+    #[schema(pattern = "^[A-Za-z0-9 :.@+_/-]+$", min_length = 1, max_length = 128)]
     pub key: String,
 }
 
@@ -192,7 +196,7 @@ pub async fn move_value(
 
 /// A transaction by id, with its canonical bytes and an inclusion proof in the current tree.
 #[utoipa::path(get, path = "/api/v1/tx/{id}", tag = "transactions",
-    params(("id" = String, Path, description = "Transaction id (64 hex digits)")),
+    params(("id" = String, Path, description = "Transaction id (64 hex digits)", pattern = "^[0-9a-fA-F]{64}$")),
     responses(
         (status = 200, body = TxWithProof),
         (status = 400, description = "Not a transaction id", body = ErrorBody),

@@ -27,8 +27,10 @@ pub fn router() -> axum::Router<AppState> {
 #[into_params(parameter_in = Query)]
 pub struct ValuesQuery {
     /// Address, e.g. `/plant-1/line-2`.
+    #[param(pattern = "^(/[A-Za-z0-9 :.@+_-]+)+$", max_length = 256)]
     pub address: String,
     /// One key; all keys when absent.
+    #[param(pattern = "^[A-Za-z0-9 :.@+_/-]+$", min_length = 1, max_length = 128)]
     pub key: Option<String>,
 }
 
@@ -73,6 +75,7 @@ pub async fn values(
 #[into_params(parameter_in = Query)]
 pub struct AddressesQuery {
     /// Address prefix (`/` for all).
+    #[param(pattern = "^(/|(/[A-Za-z0-9 :.@+_-]+)+)$", max_length = 256)]
     pub prefix: Option<String>,
 }
 
@@ -102,12 +105,15 @@ pub async fn addresses(
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Address.
+    #[param(pattern = "^(/[A-Za-z0-9 :.@+_-]+)+$", max_length = 256)]
     pub address: String,
     /// Key.
+    #[param(pattern = "^[A-Za-z0-9 :.@+_/-]+$", min_length = 1, max_length = 128)]
     pub key: String,
     /// Only transactions with a global sequence below this (the `next_before` of the previous page).
     pub before: Option<u64>,
     /// Page size, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
