@@ -81,6 +81,9 @@ pub struct RawTx {
     pub sealed: Vec<u8>,
 }
 
+/// Columns read into a [`Checkpoint`].
+const CHECKPOINT_COLUMNS: &str = "tree_size, height, timestamp_ms, root, signer, signature";
+
 /// Columns read into a [`RawTx`].
 // One joined text value instead of four: decoding each value through sqlx is what verification
 // spends its time on.
@@ -552,33 +555,23 @@ impl Store {
 
     /// The checkpoint with the largest tree size.
     pub async fn latest_checkpoint(&self, chain: &str) -> Result<Option<Checkpoint>> {
-        self.checkpoint_where("ORDER BY tree_size DESC LIMIT 1", chain, None).await
+        on_pool!(&self.pool, |p| {
+            let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size DESC LIMIT 1");
+            let row = sqlx::query(&sql).fetch_optional(p).await?;
+            row.map(|r| checkpoint_of(chain, &r)).transpose()
+        })
     }
 
     /// All checkpoints in ascending tree size from `from`, at most `limit`.
     pub async fn checkpoints_from(&self, chain: &str, from: u64, limit: u32) -> Result<Vec<Checkpoint>> {
         let sql = "WHERE tree_size >= $1 ORDER BY tree_size LIMIT $2";
         on_pool!(&self.pool, |p| {
-            let rows = sqlx::query(&format!(
-                "SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}"
-            ))
-            .bind(to_i64(from))
-            .bind(i64::from(limit))
-            .fetch_all(p)
-            .await?;
+            let rows = sqlx::query(&format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints {sql}"))
+                .bind(to_i64(from))
+                .bind(i64::from(limit))
+                .fetch_all(p)
+                .await?;
             rows.iter().map(|r| checkpoint_of(chain, r)).collect()
-        })
-    }
-
-    async fn checkpoint_where(&self, sql: &str, chain: &str, bind: Option<i64>) -> Result<Option<Checkpoint>> {
-        on_pool!(&self.pool, |p| {
-            let q = format!("SELECT tree_size, height, timestamp_ms, root, signer, signature FROM checkpoints {sql}");
-            let mut q = sqlx::query(&q);
-            if let Some(b) = bind {
-                q = q.bind(b);
-            }
-            let row = q.fetch_optional(p).await?;
-            row.map(|r| checkpoint_of(chain, &r)).transpose()
         })
     }
 

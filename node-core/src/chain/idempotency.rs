@@ -41,12 +41,15 @@ impl IdempotencyWindow {
 
 /// Which of `items`' idempotency keys were already used, by memory or, once memory has
 /// forgotten older keys, by the store (one query per device).
-pub(super) async fn used_keys(inner: &Inner, items: &[TxContent]) -> Result<HashMap<(String, String), Hash>> {
+pub(super) async fn used_keys<'a>(
+    inner: &Inner,
+    items: impl IntoIterator<Item = &'a TxContent>,
+) -> Result<HashMap<(String, String), Hash>> {
     let mut used = HashMap::new();
     let mut ask: HashMap<&str, Vec<&str>> = HashMap::new();
     {
         let w = inner.idempotency.lock();
-        for c in items.iter().filter(|c| !c.idempotency_key.is_empty()) {
+        for c in items.into_iter().filter(|c| !c.idempotency_key.is_empty()) {
             let k = (c.device_id.clone(), c.idempotency_key.clone());
             match w.get(&k) {
                 Some(h) => {

@@ -145,9 +145,7 @@ impl Sequencer {
         let mut accepted: Vec<(Submission, std::ops::Range<usize>)> = Vec::new();
         // Keys used before, as memory or (for keys it has forgotten) the store knows them: a
         // duplicate that reached the unique index would fail the whole group commit.
-        let keyed: Vec<TxContent> =
-            subs.iter().flat_map(|s| s.items.iter()).filter(|c| !c.idempotency_key.is_empty()).cloned().collect();
-        let used = if keyed.is_empty() { HashMap::new() } else { used_keys(&inner, &keyed).await? };
+        let used = used_keys(&inner, subs.iter().flat_map(|s| s.items.iter())).await?;
 
         for sub in subs {
             if let Err(rej) = self.check_submission(&sub, &used, &new_idem, &new_devices) {
