@@ -53,6 +53,20 @@ impl Ingest {
         res
     }
 
+    /// The device `id` for an in-process front door that writes as a configured device
+    /// (an adapter); unknown and revoked devices are refused and counted like bad tokens.
+    pub fn device(&self, interface: &'static str, id: &str) -> Result<Arc<Device>, Rejection> {
+        let res = match self.chain.registry().get(id) {
+            None => Err(Rejection::UnknownDevice),
+            Some(d) if d.record.revoked => Err(Rejection::Revoked(d.id.clone())),
+            Some(d) => Ok(d),
+        };
+        if let Err(r) = &res {
+            count_rejection(interface, r);
+        }
+        res
+    }
+
     /// Runs every per-transaction check for `device` on `content`, in DESIGN.md order.
     pub fn check(&self, device: &Device, content: &TxContent) -> Result<(), Rejection> {
         validate_address(&content.address)?;
