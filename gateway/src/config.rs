@@ -28,6 +28,8 @@ pub struct Config {
     pub chain: ChainSection,
     /// Simulated sensors of `kalima up --demo`.
     pub demo: DemoSection,
+    /// Modbus TCP/RTU devices to poll.
+    pub modbus: kalima_adapter_modbus::ModbusSection,
 }
 
 /// `[node]`
@@ -142,7 +144,7 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 5] = ["node", "api", "storage", "chain", "demo"];
+        const SECTIONS: [&str; 6] = ["node", "api", "storage", "chain", "demo", "modbus"];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
                 for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
@@ -156,6 +158,7 @@ impl Config {
             storage: section(&fig, "storage", &mut errs),
             chain: section(&fig, "chain", &mut errs),
             demo: section(&fig, "demo", &mut errs),
+            modbus: section(&fig, "modbus", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -190,6 +193,7 @@ impl Config {
         if self.chain.bus_capacity == 0 {
             errs.push("[chain] bus_capacity must be at least 1".into());
         }
+        errs.extend(self.modbus.validate());
         if self.api.request_timeout_secs == 0 {
             errs.push("[api] request_timeout_secs must be at least 1".into());
         }
@@ -250,6 +254,11 @@ idempotency_window = 1000000
 # Simulated sensors started by `kalima up --demo`.
 sensors = 4
 interval_ms = 1000
+
+# Field adapters. Modbus TCP/RTU devices are listed as [[modbus.devices]] with their
+# [[modbus.devices.points]]; see adapters/modbus/README.md and adapters/modbus/example.toml.
+[modbus]
+kalima_device = "modbus"
 "#
     )
 }

@@ -138,12 +138,17 @@ pub struct Running {
     pub sequencer: JoinHandle<kalima_core::Result<()>>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
+    modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
 }
 
 impl Running {
     /// Stops the API, drains the sequencer and closes storage.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        // Field devices stop first so no reading is queued behind the final commit.
+        if let Some(m) = &self.modbus {
+            m.shutdown();
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -193,7 +198,12 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     if let Some(t) = chain.spawn_checkpoints() {
         tasks.push(t);
     }
-    let state = AppState::new(chain.clone(), config.clone());
+    let mut state = AppState::new(chain.clone(), config.clone());
+    // Adapters start after the chain and before the API, so the status route sees them.
+    if !config.modbus.devices.is_empty() {
+        state.modbus = Some(Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, state.ingest.clone())));
+    }
+    let modbus = state.modbus.clone();
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);
@@ -205,7 +215,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -35,6 +35,8 @@ pub enum ApiError {
     NotFound(String),
     /// A malformed request that the core never saw.
     BadRequest(&'static str, String),
+    /// The request conflicts with how the resource is configured.
+    Conflict(&'static str, String),
     /// The node cannot serve right now.
     Unavailable(String),
     /// The request body is over `[api] max_request_bytes`.
@@ -54,6 +56,7 @@ impl ApiError {
             ApiError::Rejected(r) => (rejection_status(r), r.code()),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(code, _) => (StatusCode::BAD_REQUEST, code),
+            ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::Rejected(r) => r.to_string(),
             ApiError::NotFound(m)
             | ApiError::BadRequest(_, m)
+            | ApiError::Conflict(_, m)
             | ApiError::Unavailable(m)
             | ApiError::TooLarge(m)
             | ApiError::TooMany(m) => m.clone(),

@@ -1,6 +1,7 @@
 //! The REST/OpenAPI server: resources under `/api/v1`, Kalima's own REST paths as a
 //! compatibility surface, operations endpoints, the OpenAPI document and Swagger UI.
 
+pub mod adapters;
 pub mod chain;
 pub mod compat;
 pub mod devices;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
     /// Open live streams per device, bounded by `[api] max_streams_per_device`.
     pub streams: Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
+    /// The Modbus adapter, when `[modbus]` configures devices.
+    pub modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
 }
 
 impl AppState {
@@ -58,6 +61,7 @@ impl AppState {
             metrics: metrics_handle(),
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
             streams: Arc::default(),
+            modbus: None,
         }
     }
 }
@@ -109,6 +113,11 @@ fn describe_metrics() {
     describe_gauge!("kalima_tree_size", "Transactions on the chain");
     describe_gauge!("kalima_memcache_values", "Live values held in the memcache");
     describe_gauge!("kalima_stream_subscribers", "Open SSE and WebSocket subscribers");
+    describe_counter!("kalima_adapter_polls_total", "Field-device requests, by adapter and outcome");
+    describe_counter!("kalima_adapter_readings_total", "Field readings, by adapter and outcome (written, unchanged, invalid, rejected)");
+    describe_counter!("kalima_adapter_setpoints_total", "Set-point writes to field devices, by adapter and outcome");
+    describe_histogram!("kalima_adapter_poll_seconds", metrics::Unit::Seconds, "One poll of a field device's schedule");
+    describe_gauge!("kalima_adapter_devices", "Field devices by adapter and state (connecting, ok, failing, unauthorized)");
     for name in [
         "kalima_tx_committed_total",
         "kalima_blocks_committed_total",
@@ -186,6 +195,7 @@ impl utoipa::Modify for SecurityAddon {
         chain::list_blocks, chain::block, chain::latest_checkpoint, chain::new_checkpoint, chain::consistency,
         stream::sse, stream::ws,
         devices::register, devices::list, devices::show, devices::revoke, devices::grant, devices::remove_grant,
+        adapters::modbus_devices, adapters::modbus_setpoint,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
     modifiers(&SecurityAddon, &CommonResponses),
@@ -195,6 +205,7 @@ impl utoipa::Modify for SecurityAddon {
         (name = "chain", description = "Blocks, signed checkpoints and consistency proofs"),
         (name = "streams", description = "Live committed data (SSE, WebSocket)"),
         (name = "devices", description = "Devices, tokens and grants (admin)"),
+        (name = "adapters", description = "Field adapters: device status and set-points"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -215,6 +226,7 @@ pub fn api_router() -> Router<AppState> {
         .merge(chain::router())
         .merge(stream::router())
         .merge(devices::router())
+        .merge(adapters::router())
 }
 
 /// The whole HTTP application.
