@@ -416,6 +416,62 @@ pub fn schemathesis_bin() -> PathBuf {
     })
 }
 
+/// The Python of the peers venv (`$KALIMA_PEERS_VENV`, else `$KALIMA_PEERS_DIR/venv`, else
+/// `~/.cache/kalima-peers/venv`); panics with the install command when it is missing.
+pub fn peers_python() -> PathBuf {
+    let mut candidates = Vec::new();
+    if let Some(v) = std::env::var_os("KALIMA_PEERS_VENV") {
+        candidates.push(PathBuf::from(v).join("bin/python"));
+    }
+    let peers = std::env::var_os("KALIMA_PEERS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kalima-peers")));
+    if let Some(p) = peers {
+        candidates.push(p.join("venv/bin/python"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("the peers venv is missing: run scripts/peers/install (it installs scripts/peers/requirements.txt)")
+    })
+}
+
+/// The pymodbus simulator (`adapters/modbus/tests/peers/modbus_sim.py`) serving Modbus TCP
+/// on a free loopback port; killed on drop.
+pub struct ModbusSim {
+    child: tokio::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl ModbusSim {
+    /// Starts it with `registers` (the simulator's `--registers` JSON) and waits for `READY`.
+    pub async fn start(registers: &Value) -> ModbusSim {
+        use tokio::io::AsyncBufReadExt;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let script = workspace_root().join("adapters/modbus/tests/peers/modbus_sim.py");
+        let mut child = tokio::process::Command::new(peers_python())
+            .arg(&script)
+            .args(["--tcp", &addr, "--registers", &registers.to_string()])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", script.display()));
+        let stdout = child.stdout.take().expect("simulator stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line()).await;
+        match ready {
+            Ok(Ok(Some(l))) if l.trim() == "READY" => {}
+            other => panic!("Modbus simulator on {addr} did not print READY: {other:?}"),
+        }
+        ModbusSim { child, addr }
+    }
+}
+
+impl Drop for ModbusSim {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -9,6 +9,7 @@ mod conformance;
 mod demo;
 mod durability;
 mod keys;
+mod modbus;
 mod postgres;
 mod shutdown;
 mod startup;
