@@ -201,7 +201,8 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     let mut state = AppState::new(chain.clone(), config.clone());
     // Adapters start after the chain and before the API, so the status route sees them.
     if !config.modbus.devices.is_empty() {
-        state.modbus = Some(Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, state.ingest.clone())));
+        state.modbus =
+            Some(Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, state.ingest.clone())));
     }
     let modbus = state.modbus.clone();
     let stop = state.shutdown.clone();

@@ -308,16 +308,20 @@ impl ModbusSection {
         let mut names = HashSet::new();
         let mut targets = HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
-            let at = if d.name.is_empty() { format!("[[modbus.devices]] #{}", i + 1) } else { format!("modbus device {:?}", d.name) };
+            let at = if d.name.is_empty() {
+                format!("[[modbus.devices]] #{}", i + 1)
+            } else {
+                format!("modbus device {:?}", d.name)
+            };
             if !valid_name(&d.name) {
                 errs.push(format!("{at}: name must be 1-64 of A-Z a-z 0-9 - _ ."));
             } else if !names.insert(d.name.clone()) {
                 errs.push(format!("{at}: name is used twice"));
             }
-            if let Some(k) = &d.kalima_device {
-                if kalima_core::registry::validate_device_id(k).is_err() {
-                    errs.push(format!("{at}: kalima_device = {k:?} is not a valid device id"));
-                }
+            if let Some(k) = &d.kalima_device
+                && kalima_core::registry::validate_device_id(k).is_err()
+            {
+                errs.push(format!("{at}: kalima_device = {k:?} is not a valid device id"));
             }
             match d.transport {
                 Transport::Tcp => {
@@ -362,7 +366,11 @@ impl ModbusSection {
                 let pat = format!("{at}, point {:?}", p.key);
                 errs.extend(validate_point(d, p).into_iter().map(|e| format!("{pat}: {e}")));
                 if !targets.insert((d.point_address(p).to_string(), p.key.clone())) {
-                    errs.push(format!("{pat}: address {:?} key {:?} is written by another point", d.point_address(p), p.key));
+                    errs.push(format!(
+                        "{pat}: address {:?} key {:?} is written by another point",
+                        d.point_address(p),
+                        p.key
+                    ));
                 }
             }
         }
@@ -406,15 +414,13 @@ fn validate_point(d: &DeviceConfig, p: &PointConfig) -> Vec<String> {
     if !p.offset.is_finite() {
         errs.push("offset must be finite".into());
     }
-    if let Some(db) = p.deadband {
-        if !db.is_finite() || db < 0.0 {
-            errs.push("deadband must be a finite number >= 0".into());
-        }
+    if let Some(db) = p.deadband
+        && (!db.is_finite() || db < 0.0)
+    {
+        errs.push("deadband must be a finite number >= 0".into());
     }
-    if let Some(ms) = p.poll_interval_ms {
-        if ms < 10 {
-            errs.push("poll_interval_ms must be at least 10".into());
-        }
+    if p.poll_interval_ms.is_some_and(|ms| ms < 10) {
+        errs.push("poll_interval_ms must be at least 10".into());
     }
     if p.writable && !p.function.is_writable() {
         errs.push(format!("writable = true needs a coil or holding_register, not {}", p.function.as_str()));

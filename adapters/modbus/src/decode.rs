@@ -30,7 +30,9 @@ impl Value {
                     serde_json::Value::String(i.to_string())
                 }
             }
-            Value::Float(f) => serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, serde_json::Value::Number),
+            Value::Float(f) => {
+                serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+            }
             Value::Text(s) => serde_json::Value::String(s.clone()),
         }
     }
@@ -163,10 +165,10 @@ pub fn decode(point: &PointConfig, words: &[u16]) -> Result<Value, DecodeError> 
         DataType::String => return decode_text(point, words),
     };
     let v = scaled(point, raw);
-    if let Value::Float(f) = v {
-        if !f.is_finite() {
-            return Err(DecodeError::NotFinite);
-        }
+    if let Value::Float(f) = v
+        && !f.is_finite()
+    {
+        return Err(DecodeError::NotFinite);
     }
     Ok(v)
 }
@@ -196,7 +198,8 @@ fn type_name(t: DataType) -> &'static str {
 }
 
 fn words_of(point: &PointConfig, be: &[u8]) -> Vec<u16> {
-    let mut words: Vec<u16> = be.chunks(2).map(|c| word_of([c[0], c.get(1).copied().unwrap_or(0)], point.byte_order)).collect();
+    let mut words: Vec<u16> =
+        be.chunks(2).map(|c| word_of([c[0], c.get(1).copied().unwrap_or(0)], point.byte_order)).collect();
     if point.word_order == Order::Little {
         words.reverse();
     }

@@ -114,8 +114,16 @@ impl Link {
                         Parity::Even => tokio_serial::Parity::Even,
                         Parity::Odd => tokio_serial::Parity::Odd,
                     })
-                    .data_bits(if device.data_bits == 7 { tokio_serial::DataBits::Seven } else { tokio_serial::DataBits::Eight })
-                    .stop_bits(if device.stop_bits == 2 { tokio_serial::StopBits::Two } else { tokio_serial::StopBits::One });
+                    .data_bits(if device.data_bits == 7 {
+                        tokio_serial::DataBits::Seven
+                    } else {
+                        tokio_serial::DataBits::Eight
+                    })
+                    .stop_bits(if device.stop_bits == 2 {
+                        tokio_serial::StopBits::Two
+                    } else {
+                        tokio_serial::StopBits::One
+                    });
                 Link {
                     inner: Arc::new(Mutex::new(None)),
                     endpoint: device.serial_port.clone(),
@@ -158,10 +166,8 @@ impl Link {
             Ok(Ok(Err(code))) => Err(LinkError::Exception(format!("{code:?}"))),
             Ok(Ok(Ok(reply))) => Ok(reply),
         };
-        if let Err(e) = &out {
-            if e.breaks_link() {
-                *guard = None;
-            }
+        if out.as_ref().is_err_and(LinkError::breaks_link) {
+            *guard = None;
         }
         out
     }

@@ -65,10 +65,7 @@ pub fn plan(device: &DeviceConfig) -> Vec<Schedule> {
             out.push(request(function, done));
         }
     }
-    schedules
-        .into_iter()
-        .map(|(ms, requests)| Schedule { interval: Duration::from_millis(ms), requests })
-        .collect()
+    schedules.into_iter().map(|(ms, requests)| Schedule { interval: Duration::from_millis(ms), requests }).collect()
 }
 
 fn request(function: Function, (start, end, points): (u32, u32, Vec<usize>)) -> ReadRequest {
@@ -154,6 +151,9 @@ mod tests {
             0,
         );
         let s = plan(&d);
-        assert_eq!(s[0].requests, vec![ReadRequest { function: Function::HoldingRegister, start: 10, count: 2, points: vec![0, 1] }]);
+        assert_eq!(
+            s[0].requests,
+            vec![ReadRequest { function: Function::HoldingRegister, start: 10, count: 2, points: vec![0, 1] }]
+        );
     }
 }

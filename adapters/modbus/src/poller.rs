@@ -109,7 +109,8 @@ pub(crate) struct DeviceHandle {
 impl DeviceHandle {
     fn set_state(&self, st: &mut DeviceStatus, state: DeviceState) {
         if st.state != state {
-            metrics::gauge!("kalima_adapter_devices", "adapter" => INTERFACE, "state" => st.state.label()).decrement(1.0);
+            metrics::gauge!("kalima_adapter_devices", "adapter" => INTERFACE, "state" => st.state.label())
+                .decrement(1.0);
             metrics::gauge!("kalima_adapter_devices", "adapter" => INTERFACE, "state" => state.label()).increment(1.0);
             st.state = state;
         }
@@ -196,14 +197,14 @@ impl Poller {
             resume_at = None;
             let now = tokio::time::Instant::now();
             let mut failed = None;
-            for i in 0..self.schedules.len() {
-                if due[i] > now {
+            for (i, next_due) in due.iter_mut().enumerate() {
+                if *next_due > now {
                     continue;
                 }
                 // Intervals are kept from the planned time, not from when the poll ended.
                 let interval = self.schedules[i].interval;
-                while due[i] <= now {
-                    due[i] += interval;
+                while *next_due <= now {
+                    *next_due += interval;
                 }
                 if let Err(e) = self.poll(i, timeout).await {
                     failed = Some(e);
@@ -253,14 +254,18 @@ impl Poller {
                 let point = &cfg.points[p];
                 let off = usize::from(point.register.saturating_sub(req.start));
                 let v = match &reply {
-                    Reply::Bits(bits) => bits.get(off).map(|b| decode::decode_bit(*b)).ok_or(decode::DecodeError::Short { expected: off + 1, got: bits.len() }),
+                    Reply::Bits(bits) => bits
+                        .get(off)
+                        .map(|b| decode::decode_bit(*b))
+                        .ok_or(decode::DecodeError::Short { expected: off + 1, got: bits.len() }),
                     Reply::Words(words) => decode::decode(point, words.get(off..).unwrap_or_default()),
                     Reply::Written => Err(decode::DecodeError::Short { expected: usize::from(point.len()), got: 0 }),
                 };
                 values.push((p, v));
             }
         }
-        metrics::histogram!("kalima_adapter_poll_seconds", "adapter" => INTERFACE).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("kalima_adapter_poll_seconds", "adapter" => INTERFACE)
+            .record(started.elapsed().as_secs_f64());
         let time = now_ms();
         let mut items = Vec::new();
         let mut written = Vec::new();
@@ -271,7 +276,8 @@ impl Poller {
                 Ok(v) => v,
                 Err(e) => {
                     invalid += 1;
-                    metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "invalid").increment(1);
+                    metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "invalid")
+                        .increment(1);
                     tracing::debug!(target: "adapter::modbus", device = %cfg.name, key = %point.key, error = %e, "Reading not decodable.");
                     let mut st = self.handle.status.lock();
                     st.last_error = Some(format!("point {:?}: {e}", point.key));
@@ -303,7 +309,8 @@ impl Poller {
             });
             written.push((p, v));
         }
-        metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "unchanged").increment(unchanged);
+        metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "unchanged")
+            .increment(unchanged);
         let commit = if items.is_empty() { Ok(()) } else { self.commit(items).await };
         let mut st = self.handle.status.lock();
         st.readings_unchanged += unchanged;
@@ -316,7 +323,8 @@ impl Poller {
             Ok(()) => {
                 let n = written.len() as u64;
                 st.readings_written += n;
-                metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "written").increment(n);
+                metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "written")
+                    .increment(n);
                 let at = Instant::now();
                 for (p, value) in written {
                     self.last.insert(p, LastWrite { value, at });
@@ -324,7 +332,8 @@ impl Poller {
                 self.handle.set_state(&mut st, DeviceState::Ok);
             }
             Err((state, msg)) => {
-                metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "rejected").increment(written.len() as u64);
+                metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "rejected")
+                    .increment(written.len() as u64);
                 st.last_error = Some(msg);
                 st.last_error_ms = Some(time);
                 self.handle.set_state(&mut st, state);

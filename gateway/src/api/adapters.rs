@@ -86,7 +86,10 @@ pub async fn modbus_setpoint(
 ) -> Result<Response, ApiError> {
     let Some(m) = &state.modbus else {
         count_bad("not_found");
-        return Err(ApiError::NotFound(format!("no Modbus device named {:?} (no [modbus] devices configured)", p.name)));
+        return Err(ApiError::NotFound(format!(
+            "no Modbus device named {:?} (no [modbus] devices configured)",
+            p.name
+        )));
     };
     match m.write_setpoint(&auth.0, &p.name, &p.key, &body.value).await {
         Ok(out) => {

@@ -114,10 +114,16 @@ fn describe_metrics() {
     describe_gauge!("kalima_memcache_values", "Live values held in the memcache");
     describe_gauge!("kalima_stream_subscribers", "Open SSE and WebSocket subscribers");
     describe_counter!("kalima_adapter_polls_total", "Field-device requests, by adapter and outcome");
-    describe_counter!("kalima_adapter_readings_total", "Field readings, by adapter and outcome (written, unchanged, invalid, rejected)");
+    describe_counter!(
+        "kalima_adapter_readings_total",
+        "Field readings, by adapter and outcome (written, unchanged, invalid, rejected)"
+    );
     describe_counter!("kalima_adapter_setpoints_total", "Set-point writes to field devices, by adapter and outcome");
     describe_histogram!("kalima_adapter_poll_seconds", metrics::Unit::Seconds, "One poll of a field device's schedule");
-    describe_gauge!("kalima_adapter_devices", "Field devices by adapter and state (connecting, ok, failing, unauthorized)");
+    describe_gauge!(
+        "kalima_adapter_devices",
+        "Field devices by adapter and state (connecting, ok, failing, unauthorized)"
+    );
     for name in [
         "kalima_tx_committed_total",
         "kalima_blocks_committed_total",

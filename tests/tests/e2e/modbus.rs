@@ -79,8 +79,9 @@ deadband = 0
 
     let (s, v) = node.post_json("/api/v1/devices", &json!({ "id": "modbus" })).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
-    let (s, v) =
-        node.post_json("/api/v1/devices/modbus/grants", &json!({ "prefix": "/plant", "read": true, "write": true })).await;
+    let (s, v) = node
+        .post_json("/api/v1/devices/modbus/grants", &json!({ "prefix": "/plant", "read": true, "write": true }))
+        .await;
     assert!(s.is_success(), "{s} {v}");
 
     let temp = wait_for("oil-temp on the chain", &node, || async {
@@ -118,8 +119,16 @@ deadband = 0
 
     // Bad set-points are refused with a reason, and counted.
     for (path, body, want) in [
-        ("/api/v1/adapters/modbus/devices/press-plc/points/pressure-sp", json!({ "value": 1.0e9 }), StatusCode::BAD_REQUEST),
-        ("/api/v1/adapters/modbus/devices/press-plc/points/pressure-sp", json!({ "value": "high" }), StatusCode::BAD_REQUEST),
+        (
+            "/api/v1/adapters/modbus/devices/press-plc/points/pressure-sp",
+            json!({ "value": 1.0e9 }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/v1/adapters/modbus/devices/press-plc/points/pressure-sp",
+            json!({ "value": "high" }),
+            StatusCode::BAD_REQUEST,
+        ),
         ("/api/v1/adapters/modbus/devices/press-plc/points/oil-temp", json!({ "value": 1 }), StatusCode::CONFLICT),
         ("/api/v1/adapters/modbus/devices/nope/points/oil-temp", json!({ "value": 1 }), StatusCode::NOT_FOUND),
     ] {
@@ -127,7 +136,8 @@ deadband = 0
         assert_eq!(s, want, "{path} {body}: {v}");
         assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "no message: {v}");
     }
-    let metrics = node.http().get(node.url("/metrics")).send().await.expect("GET /metrics").text().await.unwrap_or_default();
+    let metrics =
+        node.http().get(node.url("/metrics")).send().await.expect("GET /metrics").text().await.unwrap_or_default();
     for series in [
         r#"kalima_adapter_polls_total{adapter="modbus",outcome="ok"}"#,
         r#"kalima_adapter_setpoints_total{adapter="modbus",outcome="written"}"#,
