@@ -21,6 +21,11 @@ use crate::node;
 pub enum BenchCommand {
     /// Write readings over REST and measure throughput and commit latency.
     Ingest(IngestArgs),
+    /// Poll simulated Modbus TCP devices and measure points/s and the node's CPU use.
+    Modbus(crate::bench_modbus::ModbusArgs),
+    /// The simulated Modbus devices of `bench modbus` (run in their own process).
+    #[command(hide = true)]
+    ModbusSim(crate::bench_modbus::SimArgs),
 }
 
 /// Single writes or batches.
@@ -71,6 +76,8 @@ pub struct IngestArgs {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(a) => ingest(a).await,
+        BenchCommand::Modbus(a) => crate::bench_modbus::run(a).await,
+        BenchCommand::ModbusSim(a) => crate::bench_modbus::serve(a).await,
     }
 }
 

@@ -168,6 +168,11 @@ impl Running {
         Ok(())
     }
 
+    /// The Modbus adapter, when `[modbus]` configures devices.
+    pub fn modbus(&self) -> Option<&Arc<kalima_adapter_modbus::ModbusAdapter>> {
+        self.modbus.as_ref()
+    }
+
     /// Registers a background task to abort on stop.
     pub fn add_task(&mut self, t: JoinHandle<()>) {
         self.tasks.push(t);
