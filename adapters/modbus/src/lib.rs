@@ -16,7 +16,7 @@ use kalima_core::registry::Device;
 use kalima_core::tx::TxContent;
 use kalima_core::{Error as CoreError, Ingest};
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 pub use config::ModbusSection;
 pub use poller::{DeviceState, DeviceStatus, INTERFACE};
@@ -140,15 +140,23 @@ impl ModbusAdapter {
         }
         let encoded = decode::encode(point, value)?;
         let (reply, rx) = oneshot::channel();
-        let cmd = WriteCommand { register: point.register, value: encoded, reply };
+        // The write must start within one poll's worth of waiting; once started it can take a
+        // connect and a request timeout. Waiting past both means every write that reaches the
+        // device is reported, and one that could not start is never sent later.
+        let timeout = Duration::from_millis(dev.config.timeout_ms);
+        let start_by = tokio::time::Instant::now() + 2 * timeout + Duration::from_secs(1);
+        let cmd = WriteCommand { register: point.register, value: encoded, start_by, reply };
         // The device task owns the connection; a queue full of set-points is an error, not a wait.
-        let wait = Duration::from_millis(dev.config.timeout_ms.saturating_mul(2).saturating_add(1000));
         let res: Result<(), LinkError> = match dev.commands.try_send(cmd) {
-            Ok(()) => match tokio::time::timeout(wait, rx).await {
+            Ok(()) => match tokio::time::timeout_at(start_by + 2 * timeout + Duration::from_secs(1), rx).await {
                 Ok(Ok(r)) => r,
-                _ => Err(LinkError::Timeout(dev.config.timeout_ms)),
+                Ok(Err(_)) => Err(LinkError::Stopped),
+                Err(_) => Err(LinkError::Timeout(dev.config.timeout_ms)),
             },
-            Err(_) => Err(LinkError::Io("too many set-points queued for this device".into())),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(LinkError::Io("too many set-points queued for this device".into()))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(LinkError::Stopped),
         };
         let outcome = if res.is_ok() { "written" } else { "failed" };
         metrics::counter!("kalima_adapter_setpoints_total", "adapter" => INTERFACE, "outcome" => outcome).increment(1);

@@ -30,6 +30,12 @@ pub enum LinkError {
     /// The device answered with a Modbus exception.
     #[error("device answered with exception {0}")]
     Exception(String),
+    /// A set-point could not start in time (the line was busy); it was not sent.
+    #[error("the device was busy and the write did not start in time; nothing was sent")]
+    Busy,
+    /// The device's task is not running.
+    #[error("the device's poller is stopped")]
+    Stopped,
 }
 
 impl LinkError {
@@ -40,13 +46,15 @@ impl LinkError {
             LinkError::Timeout(_) => "timeout",
             LinkError::Io(_) => "io",
             LinkError::Exception(_) => "exception",
+            LinkError::Busy => "busy",
+            LinkError::Stopped => "stopped",
         }
     }
 
     /// Whether the connection must be reopened before the next request.
     fn breaks_link(&self) -> bool {
         // After a timeout a late answer could be taken for the next request's: start clean.
-        !matches!(self, LinkError::Exception(_))
+        !matches!(self, LinkError::Exception(_) | LinkError::Busy | LinkError::Stopped)
     }
 }
 

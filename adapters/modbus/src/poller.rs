@@ -94,6 +94,8 @@ fn now_ms() -> i64 {
 pub(crate) struct WriteCommand {
     pub(crate) register: u16,
     pub(crate) value: Encoded,
+    /// Latest time the write may start; past it the requester has been told it failed.
+    pub(crate) start_by: tokio::time::Instant,
     pub(crate) reply: oneshot::Sender<Result<(), LinkError>>,
 }
 
@@ -187,10 +189,22 @@ impl Poller {
                 () = tokio::time::sleep_until(next) => {}
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { return };
+                    // A set-point the requester stopped waiting for is already recorded as
+                    // failed: it must never reach the device afterwards.
+                    if cmd.reply.is_closed() || tokio::time::Instant::now() >= cmd.start_by {
+                        let _ = cmd.reply.send(Err(LinkError::Busy));
+                        continue;
+                    }
                     let res = self.write(cmd.register, &cmd.value, timeout).await;
+                    let written = res.is_ok();
                     let _ = cmd.reply.send(res);
-                    // Read the new value back at once so the chain shows what the device holds.
-                    due.iter_mut().for_each(|d| *d = tokio::time::Instant::now());
+                    if written {
+                        // Read the new value back at once so the chain shows what the device
+                        // holds; the device answered, so any backoff is over.
+                        resume_at = None;
+                        backoff = base_backoff;
+                        due.iter_mut().for_each(|d| *d = tokio::time::Instant::now());
+                    }
                     continue;
                 }
             }
