@@ -1,0 +1,379 @@
+//! LoRaWAN adapter: a Semtech UDP packet-forwarder endpoint for allow-listed gateways,
+//! LoRaWAN 1.0.x ABP and OTAA devices, and payload codecs; uplinks heard by several gateways
+//! are committed once, with their radio provenance in the transaction props.
+
+pub mod codec;
+pub mod config;
+pub mod network;
+pub mod semtech;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kalima_core::Ingest;
+use kalima_core::tx::TxContent;
+use sha2::{Digest, Sha256};
+use tokio::net::UdpSocket;
+
+pub use config::LorawanSection;
+
+use crate::codec::Codec;
+use crate::network::{Accepted, Network};
+use crate::semtech::{FromGateway, Kind, Rxpk, Txpk};
+
+/// Interface label of LoRaWAN writes in metrics.
+pub const INTERFACE: &str = "lorawan";
+
+/// The join-accept window opens this long after the join request (JOIN_ACCEPT_DELAY1).
+const JOIN_ACCEPT_DELAY_US: u32 = 5_000_000;
+
+/// How long a processed uplink is remembered so late copies count as duplicates.
+const SEEN_FOR: Duration = Duration::from_secs(10);
+
+fn count(outcome: &'static str) {
+    metrics::counter!("kalima_adapter_frames_total", "adapter" => INTERFACE, "outcome" => outcome).increment(1);
+}
+
+/// The running adapter.
+#[derive(Debug)]
+pub struct LorawanAdapter {
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LorawanAdapter {
+    /// Binds `[lorawan] listen` and serves gateways; OTAA sessions persist in `sessions_path`.
+    pub async fn start(
+        section: &LorawanSection,
+        ingest: Ingest,
+        sessions_path: Option<PathBuf>,
+    ) -> std::io::Result<LorawanAdapter> {
+        let socket = UdpSocket::bind(&section.listen).await?;
+        let local_addr = socket.local_addr()?;
+        let mut network = Network::new(section, sessions_path);
+        restore_counters(section, &ingest, &mut network);
+        let gateways: HashSet<[u8; 8]> =
+            section.gateways.iter().filter_map(|g| config::hex_bytes::<8>(g)).collect();
+        let server = Server {
+            socket: Arc::new(socket),
+            section: Arc::new(section.clone()),
+            ingest,
+            network,
+            gateways,
+            pull_addrs: HashMap::new(),
+            pending: HashMap::new(),
+            seen: HashMap::new(),
+        };
+        let task = tokio::spawn(server.run());
+        tracing::info!(target: "adapter::lorawan", listen = %local_addr, devices = section.devices.len(), "LoRaWAN packet-forwarder endpoint listening.");
+        Ok(LorawanAdapter { local_addr, task })
+    }
+
+    /// Where gateways send.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops serving.
+    pub fn shutdown(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for LorawanAdapter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Frame counters come back from the chain: the last committed uplink of each session carries
+/// its counter, so a replay after a restart is still refused.
+fn restore_counters(section: &LorawanSection, ingest: &Ingest, network: &mut Network) {
+    for (i, d) in section.devices.iter().enumerate() {
+        let Some(s) = network.session(i) else { continue };
+        let (eui, addr) = (d.dev_eui.to_ascii_lowercase(), hex::encode(s.dev_addr));
+        let last = ingest
+            .chain()
+            .memcache()
+            .values(&d.address)
+            .iter()
+            .filter(|tx| {
+                let p = &tx.tx.content.props;
+                p.get("lorawan_dev_eui") == Some(&eui) && p.get("lorawan_dev_addr") == Some(&addr)
+            })
+            .filter_map(|tx| tx.tx.content.props.get("lorawan_fcnt")?.parse::<u32>().ok())
+            .max();
+        if let Some(f) = last {
+            let dev_addr = s.dev_addr;
+            network.restore_fcnt(i, dev_addr, f);
+        }
+    }
+}
+
+struct Pending {
+    first: Instant,
+    receptions: Vec<([u8; 8], Rxpk)>,
+}
+
+struct Server {
+    socket: Arc<UdpSocket>,
+    section: Arc<LorawanSection>,
+    ingest: Ingest,
+    network: Network,
+    gateways: HashSet<[u8; 8]>,
+    pull_addrs: HashMap<[u8; 8], (SocketAddr, u8)>,
+    pending: HashMap<Vec<u8>, Pending>,
+    seen: HashMap<[u8; 16], Instant>,
+}
+
+fn digest(phy: &[u8]) -> [u8; 16] {
+    let d = Sha256::digest(phy);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+impl Server {
+    async fn run(mut self) {
+        let window = Duration::from_millis(self.section.dedup_window_ms);
+        let mut tick = tokio::time::interval((window / 4).max(Duration::from_millis(5)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => {
+                        let datagram = buf.get(..n).unwrap_or_default().to_vec();
+                        self.datagram(&datagram, from).await;
+                        if window.is_zero() {
+                            self.flush(Duration::ZERO);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "adapter::lorawan", error = %e, "UDP receive failed.");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = tick.tick() => self.flush(window),
+            }
+        }
+    }
+
+    async fn datagram(&mut self, b: &[u8], from: SocketAddr) {
+        let parsed = match semtech::parse(b) {
+            Ok(p) => p,
+            Err(e) => {
+                count(e.reason());
+                tracing::debug!(target: "adapter::lorawan", from = %from, error = %e, "Datagram refused.");
+                return;
+            }
+        };
+        match parsed {
+            FromGateway::PushData { version, token, gateway, uplinks } => {
+                if !self.gateways.contains(&gateway) {
+                    // No ACK: an unknown gateway learns nothing from us.
+                    count("unknown_gateway");
+                    tracing::debug!(target: "adapter::lorawan", from = %from, gateway = %hex::encode(gateway), "PUSH_DATA from a gateway not in [lorawan] gateways.");
+                    return;
+                }
+                let _ = self.socket.send_to(&semtech::ack(version, token, Kind::PushAck), from).await;
+                for u in uplinks {
+                    match u {
+                        Err(e) => count(e.reason()),
+                        Ok(u) if u.rx.stat != 1 => {
+                            count("crc_not_ok");
+                            let _ = u;
+                        }
+                        Ok(u) => {
+                            if self.seen.contains_key(&digest(&u.phy)) {
+                                count("duplicate");
+                                continue;
+                            }
+                            let p = self.pending.entry(u.phy).or_insert_with(|| Pending { first: Instant::now(), receptions: Vec::new() });
+                            if !p.receptions.is_empty() {
+                                count("duplicate");
+                            }
+                            p.receptions.push((gateway, u.rx));
+                        }
+                    }
+                }
+            }
+            FromGateway::PullData { version, token, gateway } => {
+                if !self.gateways.contains(&gateway) {
+                    count("unknown_gateway");
+                    return;
+                }
+                self.pull_addrs.insert(gateway, (from, version));
+                let _ = self.socket.send_to(&semtech::ack(version, token, Kind::PullAck), from).await;
+            }
+            FromGateway::TxAck { error, gateway, .. } => {
+                if error == "NONE" {
+                    count("tx_ack_ok");
+                } else {
+                    count("tx_ack_error");
+                    tracing::debug!(target: "adapter::lorawan", gateway = %hex::encode(gateway), error = %error, "Gateway could not send a downlink.");
+                }
+            }
+        }
+    }
+
+    /// Processes every uplink whose copies have been gathered for `window`.
+    fn flush(&mut self, window: Duration) {
+        let now = Instant::now();
+        self.seen.retain(|_, t| now.duration_since(*t) < SEEN_FOR);
+        let due: Vec<Vec<u8>> =
+            self.pending.iter().filter(|(_, p)| now.duration_since(p.first) >= window).map(|(k, _)| k.clone()).collect();
+        let mut writes: HashMap<(String, String), Vec<TxContent>> = HashMap::new();
+        for phy in due {
+            let Some(p) = self.pending.remove(&phy) else { continue };
+            self.seen.insert(digest(&phy), now);
+            match self.network.handle(&phy) {
+                Err(e) => {
+                    count(e.reason());
+                    tracing::debug!(target: "adapter::lorawan", error = %e, "Uplink refused.");
+                }
+                Ok(Accepted::Join { device, accept }) => self.send_join_accept(device, &accept, &p.receptions),
+                Ok(Accepted::Data { device, fcnt, fport, payload, confirmed }) => {
+                    let Some(d) = self.section.devices.get(device) else { continue };
+                    let Some(fport) = fport.filter(|f| *f != 0) else {
+                        count("mac_only");
+                        continue;
+                    };
+                    count("accepted");
+                    if confirmed {
+                        // No downlink scheduler yet: the device will retry; the retry is refused as a replay.
+                        count("confirmed_not_acked");
+                    }
+                    let dev_addr = self.network.session(device).map(|s| hex::encode(s.dev_addr)).unwrap_or_default();
+                    let props = provenance(d, &dev_addr, fcnt, fport, &p.receptions);
+                    let who = d.kalima_device.clone().unwrap_or_else(|| self.section.kalima_device.clone());
+                    let txs = readings(d, fport, &payload, props);
+                    writes.entry((who, d.address.clone())).or_default().extend(txs);
+                }
+            }
+        }
+        for ((who, _), items) in writes {
+            let ingest = self.ingest.clone();
+            tokio::spawn(async move {
+                let n = items.len() as u64;
+                let outcome = match ingest.device(INTERFACE, &who) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(dev) => ingest.write(INTERFACE, &dev, items).await.map(|_| ()).map_err(|e| e.to_string()),
+                };
+                match outcome {
+                    Ok(()) => metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "written").increment(n),
+                    Err(e) => {
+                        metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "rejected").increment(n);
+                        tracing::warn!(target: "adapter::lorawan", kalima_device = %who, error = %e, "LoRaWAN readings refused by the chain.");
+                    }
+                }
+            });
+        }
+    }
+
+    fn send_join_accept(&self, device: usize, accept: &[u8], receptions: &[([u8; 8], Rxpk)]) {
+        // Answer through the gateway that heard the device best and has a downlink path.
+        let best = receptions
+            .iter()
+            .filter_map(|(gw, rx)| self.pull_addrs.get(gw).map(|a| (a, rx)))
+            .max_by_key(|(_, rx)| rx.rssi);
+        let Some(((addr, version), rx)) = best else {
+            count("no_downlink_path");
+            tracing::warn!(target: "adapter::lorawan", device = device, "Join accepted but no gateway has sent PULL_DATA; cannot answer.");
+            return;
+        };
+        count("join");
+        let txpk = Txpk::rx1(rx, accept, JOIN_ACCEPT_DELAY_US, self.section.downlink_power_dbm);
+        let datagram = semtech::pull_resp(*version, rand::random(), &txpk);
+        let socket = self.socket.clone();
+        let addr = *addr;
+        tokio::spawn(async move {
+            let _ = socket.send_to(&datagram, addr).await;
+        });
+    }
+}
+
+fn provenance(
+    d: &config::DeviceConfig,
+    dev_addr: &str,
+    fcnt: u32,
+    fport: u8,
+    receptions: &[([u8; 8], Rxpk)],
+) -> std::collections::BTreeMap<String, String> {
+    let mut props = std::collections::BTreeMap::new();
+    props.insert("source".to_string(), "lorawan".to_string());
+    props.insert("lorawan_device".to_string(), d.name.clone());
+    props.insert("lorawan_dev_eui".to_string(), d.dev_eui.to_ascii_lowercase());
+    props.insert("lorawan_dev_addr".to_string(), dev_addr.to_string());
+    props.insert("lorawan_fcnt".to_string(), fcnt.to_string());
+    props.insert("lorawan_fport".to_string(), fport.to_string());
+    props.insert("lorawan_gateways".to_string(), receptions.len().to_string());
+    if let Some((gw, rx)) = receptions.iter().max_by_key(|(_, rx)| rx.rssi) {
+        props.insert("lorawan_gateway".to_string(), hex::encode(gw));
+        props.insert("lorawan_rssi".to_string(), rx.rssi.to_string());
+        if let Some(snr) = rx.lsnr {
+            props.insert("lorawan_snr".to_string(), snr.to_string());
+        }
+        props.insert("lorawan_freq".to_string(), rx.freq.to_string());
+        props.insert("lorawan_datr".to_string(), rx.data_rate());
+    }
+    props
+}
+
+fn body(value: &serde_json::Value, unit: Option<&serde_json::Value>) -> Vec<u8> {
+    let mut m = serde_json::Map::new();
+    m.insert("value".into(), value.clone());
+    if let Some(u) = unit.filter(|u| u.as_str().is_some_and(|s| !s.is_empty())) {
+        m.insert("unit".into(), u.clone());
+    }
+    serde_json::to_vec(&m).unwrap_or_default()
+}
+
+/// The transactions of one uplink: one per decoded value, or the raw payload.
+fn readings(
+    d: &config::DeviceConfig,
+    fport: u8,
+    payload: &[u8],
+    mut props: std::collections::BTreeMap<String, String>,
+) -> Vec<TxContent> {
+    let tx = |key: String, body: Vec<u8>, props: &std::collections::BTreeMap<String, String>| TxContent {
+        address: d.address.clone(),
+        key,
+        body,
+        props: props.clone(),
+        ..TxContent::default()
+    };
+    let raw = |props: &std::collections::BTreeMap<String, String>| {
+        let b = serde_json::json!({ "fport": fport, "payload": hex::encode(payload) });
+        vec![tx("payload".into(), serde_json::to_vec(&b).unwrap_or_default(), props)]
+    };
+    match codec::decode(&d.codec, &d.fields, fport, payload) {
+        Ok(v) => match d.codec {
+            Codec::Raw => raw(&props),
+            Codec::CayenneLpp => v["channels"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let key = format!("{}-{}", c["type"].as_str().unwrap_or("value"), c["channel"]);
+                    tx(key, body(&c["value"], c.get("unit")), &props)
+                })
+                .collect(),
+            Codec::Fields => v["values"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(name, f)| tx(name.clone(), body(&f["value"], f.get("unit")), &props))
+                .collect(),
+        },
+        Err(e) => {
+            // Keep the data: an undecodable payload is stored raw with the reason beside it.
+            count("codec_error");
+            props.insert("lorawan_codec_error".into(), e.to_string());
+            raw(&props)
+        }
+    }
+}
