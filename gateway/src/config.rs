@@ -30,6 +30,8 @@ pub struct Config {
     pub demo: DemoSection,
     /// Modbus TCP/RTU devices to poll.
     pub modbus: kalima_adapter_modbus::ModbusSection,
+    /// LoRaWAN gateways (Semtech UDP) and devices.
+    pub lorawan: kalima_adapter_lorawan::LorawanSection,
 }
 
 /// `[node]`
@@ -144,7 +146,7 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 6] = ["node", "api", "storage", "chain", "demo", "modbus"];
+        const SECTIONS: [&str; 7] = ["node", "api", "storage", "chain", "demo", "modbus", "lorawan"];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
                 for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
@@ -159,6 +161,7 @@ impl Config {
             chain: section(&fig, "chain", &mut errs),
             demo: section(&fig, "demo", &mut errs),
             modbus: section(&fig, "modbus", &mut errs),
+            lorawan: section(&fig, "lorawan", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -194,6 +197,7 @@ impl Config {
             errs.push("[chain] bus_capacity must be at least 1".into());
         }
         errs.extend(self.modbus.validate());
+        errs.extend(self.lorawan.validate());
         if self.api.request_timeout_secs == 0 {
             errs.push("[api] request_timeout_secs must be at least 1".into());
         }
@@ -259,6 +263,13 @@ interval_ms = 1000
 # [[modbus.devices.points]]; see adapters/modbus/README.md and adapters/modbus/example.toml.
 [modbus]
 kalima_device = "modbus"
+
+# LoRaWAN: set listen (e.g. "0.0.0.0:1700") to accept Semtech UDP packet forwarders from the
+# gateways listed in `gateways`; devices are [[lorawan.devices]]. See adapters/lorawan/README.md.
+[lorawan]
+listen = ""
+kalima_device = "lorawan"
+gateways = []
 "#
     )
 }

@@ -26,6 +26,8 @@ pub struct Initialized {
     pub admin_token: String,
 }
 
+/// OTAA sessions of LoRaWAN devices (keys and used DevNonces), beside the chain.
+pub const LORAWAN_SESSIONS_FILE: &str = "lorawan-sessions.json";
 /// Files that hold a node's identity, keys or data; `init` never writes over any of them.
 const STATE_FILES: [&str; 4] = [NODE_KEY_FILE, DATA_KEYS_FILE, ADMIN_TOKEN_FILE, "kalima.db"];
 
@@ -139,6 +141,7 @@ pub struct Running {
     stop: Arc<tokio::sync::watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
     modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
+    lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
 }
 
 impl Running {
@@ -148,6 +151,9 @@ impl Running {
         // Field devices stop first so no reading is queued behind the final commit.
         if let Some(m) = &self.modbus {
             m.shutdown();
+        }
+        if let Some(l) = &self.lorawan {
+            l.shutdown();
         }
         for t in &self.tasks {
             t.abort();
@@ -171,6 +177,11 @@ impl Running {
     /// The Modbus adapter, when `[modbus]` configures devices.
     pub fn modbus(&self) -> Option<&Arc<kalima_adapter_modbus::ModbusAdapter>> {
         self.modbus.as_ref()
+    }
+
+    /// Where LoRaWAN gateways send, when `[lorawan] listen` is set.
+    pub fn lorawan_addr(&self) -> Option<SocketAddr> {
+        self.lorawan.as_ref().map(|l| l.local_addr())
     }
 
     /// Registers a background task to abort on stop.
@@ -210,6 +221,23 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             Some(Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, state.ingest.clone())));
     }
     let modbus = state.modbus.clone();
+    let lorawan = if config.lorawan.enabled() {
+        let a = kalima_adapter_lorawan::LorawanAdapter::start(
+            &config.lorawan,
+            state.ingest.clone(),
+            Some(dir.join(LORAWAN_SESSIONS_FILE)),
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for LoRaWAN gateways on {} ({e}): change [lorawan] listen or set KALIMA_LORAWAN__LISTEN",
+                config.lorawan.listen
+            )
+        })?;
+        Some(Arc::new(a))
+    } else {
+        None
+    };
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);
@@ -221,7 +249,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -118,7 +118,9 @@ impl LorawanSection {
         let mut errs = Vec::new();
         if !self.enabled() {
             if !self.devices.is_empty() {
-                errs.push("[lorawan] devices are configured but listen is empty (e.g. listen = \"0.0.0.0:1700\")".into());
+                errs.push(
+                    "[lorawan] devices are configured but listen is empty (e.g. listen = \"0.0.0.0:1700\")".into(),
+                );
             }
             return errs;
         }

@@ -55,8 +55,7 @@ impl LorawanAdapter {
         let local_addr = socket.local_addr()?;
         let mut network = Network::new(section, sessions_path);
         restore_counters(section, &ingest, &mut network);
-        let gateways: HashSet<[u8; 8]> =
-            section.gateways.iter().filter_map(|g| config::hex_bytes::<8>(g)).collect();
+        let gateways: HashSet<[u8; 8]> = section.gateways.iter().filter_map(|g| config::hex_bytes::<8>(g)).collect();
         let server = Server {
             socket: Arc::new(socket),
             section: Arc::new(section.clone()),
@@ -192,7 +191,10 @@ impl Server {
                                 count("duplicate");
                                 continue;
                             }
-                            let p = self.pending.entry(u.phy).or_insert_with(|| Pending { first: Instant::now(), receptions: Vec::new() });
+                            let p = self
+                                .pending
+                                .entry(u.phy)
+                                .or_insert_with(|| Pending { first: Instant::now(), receptions: Vec::new() });
                             if !p.receptions.is_empty() {
                                 count("duplicate");
                             }
@@ -224,8 +226,12 @@ impl Server {
     fn flush(&mut self, window: Duration) {
         let now = Instant::now();
         self.seen.retain(|_, t| now.duration_since(*t) < SEEN_FOR);
-        let due: Vec<Vec<u8>> =
-            self.pending.iter().filter(|(_, p)| now.duration_since(p.first) >= window).map(|(k, _)| k.clone()).collect();
+        let due: Vec<Vec<u8>> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.first) >= window)
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut writes: HashMap<(String, String), Vec<TxContent>> = HashMap::new();
         for phy in due {
             let Some(p) = self.pending.remove(&phy) else { continue };

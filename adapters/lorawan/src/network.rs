@@ -180,7 +180,10 @@ impl Network {
                 Activation::Otaa => {
                     let s = saved.get(&d.dev_eui.to_ascii_lowercase());
                     (
-                        Some((hex_bytes::<8>(&d.app_eui).unwrap_or_default(), hex_bytes::<16>(&d.app_key).unwrap_or_default())),
+                        Some((
+                            hex_bytes::<8>(&d.app_eui).unwrap_or_default(),
+                            hex_bytes::<16>(&d.app_key).unwrap_or_default(),
+                        )),
                         s.and_then(|s| s.session.clone()),
                         s.map(|s| s.dev_nonces.clone()).unwrap_or_default(),
                     )
@@ -352,10 +355,7 @@ impl Network {
             .iter()
             .filter(|d| d.otaa.is_some())
             .map(|d| {
-                (
-                    hex::encode(d.dev_eui),
-                    SavedDevice { session: d.session.clone(), dev_nonces: d.dev_nonces.clone() },
-                )
+                (hex::encode(d.dev_eui), SavedDevice { session: d.session.clone(), dev_nonces: d.dev_nonces.clone() })
             })
             .collect();
         let res = (|| -> std::io::Result<()> {

@@ -244,8 +244,7 @@ pub fn parse(b: &[u8]) -> Result<FromGateway, PacketError> {
     match kind {
         Kind::PushData => {
             let gateway = eui(b)?;
-            let body: PushBody =
-                serde_json::from_slice(&b[12..]).map_err(|e| PacketError::Json(e.to_string()))?;
+            let body: PushBody = serde_json::from_slice(&b[12..]).map_err(|e| PacketError::Json(e.to_string()))?;
             let uplinks = body.rxpk.into_iter().enumerate().map(|(i, v)| check_rxpk(i, v)).collect();
             Ok(FromGateway::PushData { version, token, gateway, uplinks })
         }
@@ -263,11 +262,7 @@ pub fn parse(b: &[u8]) -> Result<FromGateway, PacketError> {
             } else {
                 let v: serde_json::Value =
                     serde_json::from_slice(rest).map_err(|e| PacketError::Json(e.to_string()))?;
-                v.get("txpk_ack")
-                    .and_then(|a| a.get("error"))
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("NONE")
-                    .to_string()
+                v.get("txpk_ack").and_then(|a| a.get("error")).and_then(|e| e.as_str()).unwrap_or("NONE").to_string()
             };
             Ok(FromGateway::TxAck { token, gateway, error })
         }
@@ -368,13 +363,34 @@ mod tests {
     #[test]
     fn inconsistent_entries_are_named() {
         let cases = [
-            (r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF13BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#, "datr"),
-            (r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":2,"data":"AA=="}"#, "size 2"),
-            (r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"5/5","rssi":-1,"size":1,"data":"AA=="}"#, "codr"),
-            (r#"{"tmst":1,"freq":868.1,"stat":3,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#, "stat"),
-            (r#"{"tmst":1,"freq":"868.1","stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#, "invalid type"),
-            (r#"{"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#, "tmst"),
-            (r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"GFSK","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#, "modu"),
+            (
+                r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF13BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#,
+                "datr",
+            ),
+            (
+                r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":2,"data":"AA=="}"#,
+                "size 2",
+            ),
+            (
+                r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"5/5","rssi":-1,"size":1,"data":"AA=="}"#,
+                "codr",
+            ),
+            (
+                r#"{"tmst":1,"freq":868.1,"stat":3,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#,
+                "stat",
+            ),
+            (
+                r#"{"tmst":1,"freq":"868.1","stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#,
+                "invalid type",
+            ),
+            (
+                r#"{"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#,
+                "tmst",
+            ),
+            (
+                r#"{"tmst":1,"freq":868.1,"stat":1,"modu":"GFSK","datr":"SF7BW125","codr":"4/5","rssi":-1,"size":1,"data":"AA=="}"#,
+                "modu",
+            ),
         ];
         for (entry, want) in cases {
             let Ok(FromGateway::PushData { uplinks, .. }) = parse(&push(&format!(r#"{{"rxpk":[{entry}]}}"#))) else {
