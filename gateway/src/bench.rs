@@ -23,6 +23,8 @@ pub enum BenchCommand {
     Ingest(IngestArgs),
     /// Poll simulated Modbus TCP devices and measure points/s and the node's CPU use.
     Modbus(crate::bench_modbus::ModbusArgs),
+    /// Send LoRaWAN uplinks through the Semtech UDP endpoint and measure committed uplinks/s.
+    Lorawan(crate::bench_lorawan::LorawanArgs),
     /// The simulated Modbus devices of `bench modbus` (run in their own process).
     #[command(hide = true)]
     ModbusSim(crate::bench_modbus::SimArgs),
@@ -77,6 +79,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(a) => ingest(a).await,
         BenchCommand::Modbus(a) => crate::bench_modbus::run(a).await,
+        BenchCommand::Lorawan(a) => crate::bench_lorawan::run(a).await,
         BenchCommand::ModbusSim(a) => crate::bench_modbus::serve(a).await,
     }
 }

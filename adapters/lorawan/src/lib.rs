@@ -42,6 +42,7 @@ fn count(outcome: &'static str) {
 pub struct LorawanAdapter {
     local_addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    committer: tokio::task::JoinHandle<()>,
 }
 
 impl LorawanAdapter {
@@ -66,9 +67,11 @@ impl LorawanAdapter {
             pending: HashMap::new(),
             seen: HashMap::new(),
         };
-        let task = tokio::spawn(server.run());
+        let (commits, rx) = tokio::sync::mpsc::channel(COMMIT_QUEUE);
+        let committer = tokio::spawn(commit_loop(server.ingest.clone(), rx));
+        let task = tokio::spawn(server.run(commits));
         tracing::info!(target: "adapter::lorawan", listen = %local_addr, devices = section.devices.len(), "LoRaWAN packet-forwarder endpoint listening.");
-        Ok(LorawanAdapter { local_addr, task })
+        Ok(LorawanAdapter { local_addr, task, committer })
     }
 
     /// Where gateways send.
@@ -79,13 +82,65 @@ impl LorawanAdapter {
     /// Stops serving.
     pub fn shutdown(&self) {
         self.task.abort();
+        self.committer.abort();
     }
 }
 
 impl Drop for LorawanAdapter {
     fn drop(&mut self) {
-        self.task.abort();
+        self.shutdown();
     }
+}
+
+/// Flushes waiting to be committed before new uplinks are dropped (counted as `overloaded`).
+const COMMIT_QUEUE: usize = 256;
+
+/// One flush's readings of one Kalima device.
+struct CommitBatch {
+    who: String,
+    items: Vec<TxContent>,
+}
+
+/// Commits batches one at a time, merging whatever queued meanwhile, so a burst becomes a few
+/// large group commits instead of many small ones.
+async fn commit_loop(ingest: Ingest, mut rx: tokio::sync::mpsc::Receiver<CommitBatch>) {
+    while let Some(first) = rx.recv().await {
+        let mut by_who: HashMap<String, Vec<TxContent>> = HashMap::new();
+        by_who.entry(first.who).or_default().extend(first.items);
+        while let Ok(b) = rx.try_recv() {
+            by_who.entry(b.who).or_default().extend(b.items);
+        }
+        for (who, all) in by_who {
+            let dev = match ingest.device(INTERFACE, &who) {
+                Ok(d) => d,
+                Err(e) => {
+                    readings_outcome("rejected", all.len());
+                    tracing::warn!(target: "adapter::lorawan", kalima_device = %who, error = %e, "LoRaWAN readings refused: register the Kalima device and grant it write access.");
+                    continue;
+                }
+            };
+            // A missing grant refuses only the readings it covers, not the whole batch.
+            let (items, refused): (Vec<_>, Vec<_>) = all.into_iter().partition(|t| dev.can_write(&t.address));
+            if let Some(t) = refused.first() {
+                readings_outcome("rejected", refused.len());
+                tracing::warn!(target: "adapter::lorawan", kalima_device = %who, address = %t.address, "LoRaWAN readings refused: no write grant.");
+            }
+            for chunk in items.chunks(kalima_core::ingest::MAX_BATCH) {
+                match ingest.write(INTERFACE, &dev, chunk.to_vec()).await {
+                    Ok(_) => readings_outcome("written", chunk.len()),
+                    Err(e) => {
+                        readings_outcome("rejected", chunk.len());
+                        tracing::warn!(target: "adapter::lorawan", kalima_device = %who, error = %e, "LoRaWAN readings not committed.");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn readings_outcome(outcome: &'static str, n: usize) {
+    metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => outcome)
+        .increment(n as u64);
 }
 
 /// Frame counters come back from the chain: the last committed uplink of each session carries
@@ -136,7 +191,7 @@ fn digest(phy: &[u8]) -> [u8; 16] {
 }
 
 impl Server {
-    async fn run(mut self) {
+    async fn run(mut self, commits: tokio::sync::mpsc::Sender<CommitBatch>) {
         let window = Duration::from_millis(self.section.dedup_window_ms);
         let mut tick = tokio::time::interval((window / 4).max(Duration::from_millis(5)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,7 +203,7 @@ impl Server {
                         let datagram = buf.get(..n).unwrap_or_default().to_vec();
                         self.datagram(&datagram, from).await;
                         if window.is_zero() {
-                            self.flush(Duration::ZERO);
+                            self.flush(Duration::ZERO, &commits);
                         }
                     }
                     Err(e) => {
@@ -156,7 +211,7 @@ impl Server {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                _ = tick.tick() => self.flush(window),
+                _ = tick.tick() => self.flush(window, &commits),
             }
         }
     }
@@ -223,7 +278,7 @@ impl Server {
     }
 
     /// Processes every uplink whose copies have been gathered for `window`.
-    fn flush(&mut self, window: Duration) {
+    fn flush(&mut self, window: Duration, commits: &tokio::sync::mpsc::Sender<CommitBatch>) {
         let now = Instant::now();
         self.seen.retain(|_, t| now.duration_since(*t) < SEEN_FOR);
         let due: Vec<Vec<u8>> = self
@@ -232,7 +287,7 @@ impl Server {
             .filter(|(_, p)| now.duration_since(p.first) >= window)
             .map(|(k, _)| k.clone())
             .collect();
-        let mut writes: HashMap<(String, String), Vec<TxContent>> = HashMap::new();
+        let mut writes: HashMap<String, Vec<TxContent>> = HashMap::new();
         for phy in due {
             let Some(p) = self.pending.remove(&phy) else { continue };
             self.seen.insert(digest(&phy), now);
@@ -257,26 +312,17 @@ impl Server {
                     let props = provenance(d, &dev_addr, fcnt, fport, &p.receptions);
                     let who = d.kalima_device.clone().unwrap_or_else(|| self.section.kalima_device.clone());
                     let txs = readings(d, fport, &payload, props);
-                    writes.entry((who, d.address.clone())).or_default().extend(txs);
+                    writes.entry(who).or_default().extend(txs);
                 }
             }
         }
-        for ((who, _), items) in writes {
-            let ingest = self.ingest.clone();
-            tokio::spawn(async move {
-                let n = items.len() as u64;
-                let outcome = match ingest.device(INTERFACE, &who) {
-                    Err(e) => Err(e.to_string()),
-                    Ok(dev) => ingest.write(INTERFACE, &dev, items).await.map(|_| ()).map_err(|e| e.to_string()),
-                };
-                match outcome {
-                    Ok(()) => metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "written").increment(n),
-                    Err(e) => {
-                        metrics::counter!("kalima_adapter_readings_total", "adapter" => INTERFACE, "outcome" => "rejected").increment(n);
-                        tracing::warn!(target: "adapter::lorawan", kalima_device = %who, error = %e, "LoRaWAN readings refused by the chain.");
-                    }
-                }
-            });
+        for (who, items) in writes {
+            let n = items.len();
+            if commits.try_send(CommitBatch { who, items }).is_err() {
+                // The chain is behind by COMMIT_QUEUE flushes: shed load rather than grow without bound.
+                readings_outcome("overloaded", n);
+                count("overloaded");
+            }
         }
     }
 

@@ -336,10 +336,10 @@ impl Network {
             fcnt_up: None,
         };
         let d = &mut self.devices[i];
-        if let Some(old) = d.session.replace(session) {
-            if let Some(v) = self.by_addr.get_mut(&old.dev_addr) {
-                v.retain(|&x| x != i);
-            }
+        if let Some(old) = d.session.replace(session)
+            && let Some(v) = self.by_addr.get_mut(&old.dev_addr)
+        {
+            v.retain(|&x| x != i);
         }
         d.dev_nonces.insert(nonce);
         self.by_addr.entry(dev_addr).or_default().push(i);

@@ -173,7 +173,7 @@ fn check_rxpk(index: usize, v: serde_json::Value) -> Result<Uplink, PacketError>
             }
         }
         "FSK" => {
-            if !rx.datr.as_u64().is_some_and(|r| r > 0) {
+            if rx.datr.as_u64().is_none_or(|r| r == 0) {
                 return Err(bad(format!("FSK datr {} is not a bit rate", rx.datr)));
             }
         }
