@@ -149,6 +149,9 @@ pub struct Network {
     sessions_path: Option<PathBuf>,
 }
 
+/// Counter eras (65,536 frames each) searched for a device's first frame.
+const FIRST_FRAME_ERAS: u32 = 64;
+
 fn rev<const N: usize>(mut b: [u8; N]) -> [u8; N] {
     b.reverse();
     b
@@ -244,7 +247,14 @@ impl Network {
             let Some(s) = self.devices[i].session.clone() else { continue };
             let nwk = AES128(s.nwk_skey);
             let fcnt = match s.fcnt_up {
-                None => f16,
+                // No counter known yet (a new ABP device, or one whose frames never reached the
+                // chain): the 16 bits on air may belong to a later era, so search a few.
+                None => {
+                    match (0..=FIRST_FRAME_ERAS).map(|era| (era << 16) | f16).find(|c| enc.validate_mic(&nwk, *c)) {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                }
                 Some(last) => {
                     let same_era = (last & 0xFFFF_0000) | f16;
                     if same_era > last {

@@ -9,6 +9,7 @@ mod conformance;
 mod demo;
 mod durability;
 mod keys;
+mod lorawan;
 mod modbus;
 mod postgres;
 mod shutdown;
