@@ -99,6 +99,7 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
             node::init(dir.path(), "bench")?;
             let mut cfg = Config::load(dir.path())?;
             cfg.api.listen = "127.0.0.1:0".into();
+            cfg.mqtt.listen = "127.0.0.1:0".into();
             cfg.chain.checkpoint_interval_secs = 0;
             if let Some(s) = &a.storage {
                 cfg.storage.url = s.clone();

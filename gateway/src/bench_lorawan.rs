@@ -63,6 +63,7 @@ pub async fn run(a: LorawanArgs) -> anyhow::Result<()> {
     node::init(dir.path(), "bench")?;
     let mut cfg = Config::load(dir.path())?;
     cfg.api.listen = "127.0.0.1:0".into();
+    cfg.mqtt.listen = String::new();
     cfg.chain.checkpoint_interval_secs = 0;
     cfg.lorawan.listen = "127.0.0.1:0".into();
     cfg.lorawan.kalima_device = "admin".into();

@@ -131,6 +131,7 @@ pub async fn run(a: ModbusArgs) -> anyhow::Result<()> {
     node::init(dir.path(), "bench")?;
     let mut cfg = Config::load(dir.path())?;
     cfg.api.listen = "127.0.0.1:0".into();
+    cfg.mqtt.listen = String::new();
     cfg.chain.checkpoint_interval_secs = 0;
     // The node's own device writes the readings, so no registration step skews the start.
     cfg.modbus.kalima_device = "admin".into();

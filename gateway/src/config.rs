@@ -28,6 +28,8 @@ pub struct Config {
     pub chain: ChainSection,
     /// Simulated sensors of `kalima up --demo`.
     pub demo: DemoSection,
+    /// The MQTT server.
+    pub mqtt: kalima_adapter_mqtt::MqttSection,
     /// Modbus TCP/RTU devices to poll.
     pub modbus: kalima_adapter_modbus::ModbusSection,
     /// LoRaWAN gateways (Semtech UDP) and devices.
@@ -146,7 +148,7 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 7] = ["node", "api", "storage", "chain", "demo", "modbus", "lorawan"];
+        const SECTIONS: [&str; 8] = ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan"];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
                 for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
@@ -160,6 +162,7 @@ impl Config {
             storage: section(&fig, "storage", &mut errs),
             chain: section(&fig, "chain", &mut errs),
             demo: section(&fig, "demo", &mut errs),
+            mqtt: section(&fig, "mqtt", &mut errs),
             modbus: section(&fig, "modbus", &mut errs),
             lorawan: section(&fig, "lorawan", &mut errs),
         };
@@ -196,6 +199,7 @@ impl Config {
         if self.chain.bus_capacity == 0 {
             errs.push("[chain] bus_capacity must be at least 1".into());
         }
+        errs.extend(self.mqtt.validate());
         errs.extend(self.modbus.validate());
         errs.extend(self.lorawan.validate());
         if self.api.request_timeout_secs == 0 {
@@ -258,6 +262,15 @@ idempotency_window = 1000000
 # Simulated sensors started by `kalima up --demo`.
 sensors = 4
 interval_ms = 1000
+
+[mqtt]
+# MQTT 3.1.1/5 server: user name = device id, password = its token; publish to
+# kalima/<address>/<key>; PUBACK comes after the durable commit. Empty disables it.
+listen = "0.0.0.0:1883"
+max_packet_bytes = 65536
+max_connections = 10000
+max_inflight = 4096
+connect_timeout_secs = 10
 
 # Field adapters. Modbus TCP/RTU devices are listed as [[modbus.devices]] with their
 # [[modbus.devices.points]]; see adapters/modbus/README.md and adapters/modbus/example.toml.

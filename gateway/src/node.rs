@@ -142,6 +142,7 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
     lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
+    mqtt: Option<Arc<kalima_adapter_mqtt::MqttServer>>,
 }
 
 impl Running {
@@ -154,6 +155,9 @@ impl Running {
         }
         if let Some(l) = &self.lorawan {
             l.shutdown();
+        }
+        if let Some(m) = &self.mqtt {
+            m.shutdown();
         }
         for t in &self.tasks {
             t.abort();
@@ -177,6 +181,11 @@ impl Running {
     /// The Modbus adapter, when `[modbus]` configures devices.
     pub fn modbus(&self) -> Option<&Arc<kalima_adapter_modbus::ModbusAdapter>> {
         self.modbus.as_ref()
+    }
+
+    /// Where MQTT clients connect, when `[mqtt] listen` is set.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().map(|m| m.local_addr())
     }
 
     /// Where LoRaWAN gateways send, when `[lorawan] listen` is set.
@@ -221,6 +230,17 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             Some(Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, state.ingest.clone())));
     }
     let modbus = state.modbus.clone();
+    let mqtt = if config.mqtt.enabled() {
+        let m = kalima_adapter_mqtt::MqttServer::start(&config.mqtt, state.ingest.clone()).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for MQTT on {} ({e}): change [mqtt] listen in kalima.toml or set KALIMA_MQTT__LISTEN (empty disables MQTT)",
+                config.mqtt.listen
+            )
+        })?;
+        Some(Arc::new(m))
+    } else {
+        None
+    };
     let lorawan = if config.lorawan.enabled() {
         let a = kalima_adapter_lorawan::LorawanAdapter::start(
             &config.lorawan,
@@ -249,7 +269,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan, mqtt })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

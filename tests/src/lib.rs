@@ -63,6 +63,8 @@ pub fn kalima_command(env: &[(&str, &str)]) -> Command {
         }
     }
     c.env("NO_COLOR", "1");
+    // Tests run many nodes at once: the MQTT server takes any free port unless a test says otherwise.
+    c.env("KALIMA_MQTT__LISTEN", "127.0.0.1:0");
     c.envs(env.iter().copied());
     c.stdin(Stdio::null());
     c

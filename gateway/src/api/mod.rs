@@ -118,7 +118,12 @@ fn describe_metrics() {
         "kalima_adapter_readings_total",
         "Field readings, by adapter and outcome (written, unchanged, invalid, rejected)"
     );
-    describe_counter!("kalima_adapter_frames_total", "Radio frames and datagrams, by adapter and outcome (accepted, join, duplicate, replay, bad_mic, ...)");
+    describe_counter!("kalima_mqtt_events_total", "MQTT connection events and refusals, by outcome");
+    describe_gauge!("kalima_mqtt_connections", "Open MQTT client connections");
+    describe_counter!(
+        "kalima_adapter_frames_total",
+        "Radio frames and datagrams, by adapter and outcome (accepted, join, duplicate, replay, bad_mic, ...)"
+    );
     describe_counter!("kalima_adapter_setpoints_total", "Set-point writes to field devices, by adapter and outcome");
     describe_histogram!("kalima_adapter_poll_seconds", metrics::Unit::Seconds, "One poll of a field device's schedule");
     describe_gauge!(

@@ -35,6 +35,7 @@ impl TestNode {
         node::init(dir.path(), "test").expect("init");
         let mut cfg = Config::load(dir.path()).expect("config");
         cfg.api.listen = "127.0.0.1:0".into();
+        cfg.mqtt.listen = "127.0.0.1:0".into();
         cfg.chain.checkpoint_interval_secs = 0;
         tweak(&mut cfg);
         let running = node::start(dir.path(), cfg.clone()).await.expect("start");
