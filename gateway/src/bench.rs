@@ -23,6 +23,8 @@ pub enum BenchCommand {
     Ingest(IngestArgs),
     /// Poll simulated Modbus TCP devices and measure points/s and the node's CPU use.
     Modbus(crate::bench_modbus::ModbusArgs),
+    /// QoS 1 MQTT throughput against bare Mosquitto, and publish-to-delivery latency.
+    Mqtt(crate::bench_mqtt::MqttArgs),
     /// Send LoRaWAN uplinks through the Semtech UDP endpoint and measure committed uplinks/s.
     Lorawan(crate::bench_lorawan::LorawanArgs),
     /// The simulated Modbus devices of `bench modbus` (run in their own process).
@@ -80,6 +82,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(a) => ingest(a).await,
         BenchCommand::Modbus(a) => crate::bench_modbus::run(a).await,
         BenchCommand::Lorawan(a) => crate::bench_lorawan::run(a).await,
+        BenchCommand::Mqtt(a) => crate::bench_mqtt::run(a).await,
         BenchCommand::ModbusSim(a) => crate::bench_modbus::serve(a).await,
     }
 }

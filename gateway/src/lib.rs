@@ -5,6 +5,7 @@ pub mod api;
 pub mod bench;
 pub mod bench_lorawan;
 pub mod bench_modbus;
+pub mod bench_mqtt;
 pub mod config;
 pub mod demo;
 pub mod node;

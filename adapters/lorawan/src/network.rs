@@ -149,6 +149,9 @@ pub struct Network {
     sessions_path: Option<PathBuf>,
 }
 
+/// MHDR, AppNonce, NetID, DevAddr, DLSettings, RxDelay and MIC: a join accept without CFList.
+const JOIN_ACCEPT_LEN: usize = 17;
+
 /// Counter eras (65,536 frames each) searched for a device's first frame.
 const FIRST_FRAME_ERAS: u32 = 64;
 
@@ -334,6 +337,9 @@ impl Network {
         let accept = creator
             .build(&AES128(app_key))
             .map_err(|e| FrameError::Malformed(format!("cannot build join accept: {e:?}")))?
+            // The creator's buffer has room for a CFList; without one the accept is 17 bytes.
+            .get(..JOIN_ACCEPT_LEN)
+            .unwrap_or_default()
             .to_vec();
         let key = AppKey::from(app_key);
         let opened = DecryptedJoinAcceptPayload::new(accept.clone(), &key)

@@ -1,0 +1,168 @@
+//! `kalima bench mqtt`: QoS 1 publishes from one pipelining client, acknowledged only after
+//! the durable commit, compared in the same run with bare Mosquitto (which acknowledges from
+//! memory); then publish-to-`kalima/out` delivery latency at a fixed rate.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+use crate::config::Config;
+use crate::node;
+
+/// Options of `kalima bench mqtt`.
+#[derive(Debug, Args)]
+pub struct MqttArgs {
+    /// Seconds of each throughput run.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Unacknowledged publishes the client keeps in flight.
+    #[arg(long, default_value_t = 1000)]
+    inflight: u16,
+    /// Messages per second of the latency run.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Skip the Mosquitto baseline (when `mosquitto` is not installed).
+    #[arg(long)]
+    no_mosquitto: bool,
+}
+
+async fn throughput(port: u16, login: Option<(&str, &str)>, topic: &str, a: &MqttArgs) -> anyhow::Result<f64> {
+    let mut opts = MqttOptions::new(format!("bench-{}", rand::random::<u32>()), "127.0.0.1", port);
+    opts.set_inflight(a.inflight).set_keep_alive(Duration::from_secs(30)).set_request_channel_capacity(10_000);
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut events) = AsyncClient::new(opts, 10_000);
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acks = acked.clone();
+    let poller = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => return Err::<(), _>(anyhow::anyhow!("MQTT connection: {e}")),
+            }
+        }
+    });
+    let payload = br#"{"value":21.5,"unit":"C"}"#.to_vec();
+    let deadline = Instant::now() + Duration::from_secs(a.duration_secs);
+    let mut i = 0u64;
+    // Warm-up, then measure acknowledgements over the window.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start_acks = acked.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    while Instant::now() < deadline {
+        client.publish(format!("{topic}/k{}", i % 1000), QoS::AtLeastOnce, false, payload.clone()).await?;
+        i += 1;
+        if poller.is_finished() {
+            break;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = acked.load(std::sync::atomic::Ordering::Relaxed) - start_acks;
+    let _ = client.disconnect().await;
+    poller.abort();
+    if n == 0 {
+        bail!("no PUBACK from 127.0.0.1:{port}");
+    }
+    Ok(n as f64 / secs)
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(a: MqttArgs) -> anyhow::Result<()> {
+    let mut mosquitto_rate = None;
+    if !a.no_mosquitto {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let mut m = tokio::process::Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting mosquitto (apt install mosquitto, or pass --no-mosquitto)")?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        mosquitto_rate = Some(throughput(port, None, "bench/m", &a).await?);
+        let _ = m.kill().await;
+    }
+
+    let dir = tempfile::tempdir()?;
+    node::init(dir.path(), "bench")?;
+    let mut cfg = Config::load(dir.path())?;
+    cfg.api.listen = "127.0.0.1:0".into();
+    cfg.mqtt.listen = "127.0.0.1:0".into();
+    cfg.chain.checkpoint_interval_secs = 0;
+    let running = node::start(dir.path(), cfg).await?;
+    let port = running.mqtt_addr().context("MQTT server not started")?.port();
+    let token = node::read_admin_token(dir.path())?;
+    let kalima_rate = throughput(port, Some(("admin", &token)), "kalima/bench/mqtt", &a).await?;
+
+    // Delivery latency: a subscriber on kalima/out sees each publish, paced at --rate.
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let mut sub_opts = MqttOptions::new("bench-sub", "127.0.0.1", port);
+    sub_opts.set_credentials("admin", &token).set_keep_alive(Duration::from_secs(30));
+    let (sub, mut sub_events) = AsyncClient::new(sub_opts, 100);
+    sub.subscribe("kalima/out/bench/lat/#", QoS::AtMostOnce).await?;
+    let (s2, h2) = (sent.clone(), hist.clone());
+    let sub_task = tokio::spawn(async move {
+        while let Ok(ev) = sub_events.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                let id = String::from_utf8_lossy(&p.payload).to_string();
+                if let Some(t) = s2.lock().remove(&id) {
+                    let _ = h2.lock().record(t.elapsed().as_micros() as u64);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut opts = MqttOptions::new("bench-lat", "127.0.0.1", port);
+    opts.set_credentials("admin", &token).set_inflight(a.inflight).set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(opts, 10_000);
+    let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let started = Instant::now();
+    let total = a.rate * a.duration_secs.min(5);
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / a.rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let id = format!("m{i}");
+        sent.lock().insert(id.clone(), Instant::now());
+        client.publish(format!("kalima/bench/lat/k{}", i % 100), QoS::AtLeastOnce, false, id.into_bytes()).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let h = hist.lock().clone();
+    let missing = sent.lock().len();
+    sub_task.abort();
+    poller.abort();
+
+    println!("bench mqtt: QoS 1, one client, {} in flight, {} s per run", a.inflight, a.duration_secs);
+    match mosquitto_rate {
+        Some(m) => println!(
+            "  mosquitto (acks from memory): {m:.0} msg/s; kalima (acks after durable commit): {kalima_rate:.0} msg/s; ratio {:.2}",
+            kalima_rate / m
+        ),
+        None => println!("  kalima (acks after durable commit): {kalima_rate:.0} msg/s"),
+    }
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "  publish -> kalima/out delivery at {} msg/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({} delivered, {missing} not seen)",
+        a.rate,
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    running.stop().await?;
+    Ok(())
+}
