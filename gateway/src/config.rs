@@ -272,6 +272,16 @@ max_connections = 10000
 max_inflight = 4096
 connect_timeout_secs = 10
 
+[mqtt.external]
+# An existing broker (Mosquitto, EMQX, HiveMQ) to take kalima/<address>/<key> messages from:
+# persistent session, acknowledged only after the durable commit. Empty disables it.
+broker = ""
+client_id = "kalima-node"
+topics = ["kalima/#"]
+# Kalima device the messages are written as.
+kalima_device = "mqtt-bridge"
+republish = false
+
 # Field adapters. Modbus TCP/RTU devices are listed as [[modbus.devices]] with their
 # [[modbus.devices.points]]; see adapters/modbus/README.md and adapters/modbus/example.toml.
 [modbus]

@@ -143,6 +143,7 @@ pub struct Running {
     modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
     lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
     mqtt: Option<Arc<kalima_adapter_mqtt::MqttServer>>,
+    mqtt_external: Option<Arc<kalima_adapter_mqtt::external::ExternalBroker>>,
 }
 
 impl Running {
@@ -157,6 +158,9 @@ impl Running {
             l.shutdown();
         }
         if let Some(m) = &self.mqtt {
+            m.shutdown();
+        }
+        if let Some(m) = &self.mqtt_external {
             m.shutdown();
         }
         for t in &self.tasks {
@@ -241,6 +245,9 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     } else {
         None
     };
+    let mqtt_external = config.mqtt.external.enabled().then(|| {
+        Arc::new(kalima_adapter_mqtt::external::ExternalBroker::start(&config.mqtt.external, state.ingest.clone()))
+    });
     let lorawan = if config.lorawan.enabled() {
         let a = kalima_adapter_lorawan::LorawanAdapter::start(
             &config.lorawan,
@@ -269,7 +276,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan, mqtt })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan, mqtt, mqtt_external })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -5,6 +5,7 @@
 
 pub mod codec;
 mod connection;
+pub mod external;
 pub mod topic;
 
 use std::net::SocketAddr;
@@ -34,6 +35,8 @@ pub struct MqttSection {
     pub max_inflight: usize,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout_secs: u64,
+    /// An existing broker to take messages from.
+    pub external: external::ExternalSection,
 }
 
 impl Default for MqttSection {
@@ -44,6 +47,7 @@ impl Default for MqttSection {
             max_connections: 10_000,
             max_inflight: 4096,
             connect_timeout_secs: 10,
+            external: external::ExternalSection::default(),
         }
     }
 }
@@ -72,6 +76,7 @@ impl MqttSection {
         if self.connect_timeout_secs == 0 {
             errs.push("[mqtt] connect_timeout_secs must be at least 1".into());
         }
+        errs.extend(self.external.validate());
         errs
     }
 }
