@@ -282,6 +282,13 @@ topics = ["kalima/#"]
 kalima_device = "mqtt-bridge"
 republish = false
 
+[mqtt.sparkplug]
+# Act as a Sparkplug B host application on the external broker: NBIRTH/NDATA/DBIRTH/DDATA
+# metrics are written under address_prefix/<group>/<edge node>[/<device>].
+enabled = false
+host_id = "kalima"
+address_prefix = "/sparkplug"
+
 # Field adapters. Modbus TCP/RTU devices are listed as [[modbus.devices]] with their
 # [[modbus.devices.points]]; see adapters/modbus/README.md and adapters/modbus/example.toml.
 [modbus]

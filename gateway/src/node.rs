@@ -246,7 +246,11 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         None
     };
     let mqtt_external = config.mqtt.external.enabled().then(|| {
-        Arc::new(kalima_adapter_mqtt::external::ExternalBroker::start(&config.mqtt.external, state.ingest.clone()))
+        Arc::new(kalima_adapter_mqtt::external::ExternalBroker::start(
+            &config.mqtt.external,
+            &config.mqtt.sparkplug,
+            state.ingest.clone(),
+        ))
     });
     let lorawan = if config.lorawan.enabled() {
         let a = kalima_adapter_lorawan::LorawanAdapter::start(

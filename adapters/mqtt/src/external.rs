@@ -10,7 +10,16 @@ use kalima_core::{Error as CoreError, Ingest};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde::{Deserialize, Serialize};
 
+use crate::sparkplug::{self, Host, SparkplugSection};
 use crate::topic;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn state_payload(online: bool) -> Vec<u8> {
+    serde_json::json!({ "online": online, "timestamp": now_ms() }).to_string().into_bytes()
+}
 
 /// Interface label of writes from an external broker.
 pub const INTERFACE: &str = "mqtt_external";
@@ -95,9 +104,9 @@ pub struct ExternalBroker {
 
 impl ExternalBroker {
     /// Connects to the broker and keeps the session up (reconnecting with backoff).
-    pub fn start(section: &ExternalSection, ingest: Ingest) -> ExternalBroker {
+    pub fn start(section: &ExternalSection, sparkplug: &SparkplugSection, ingest: Ingest) -> ExternalBroker {
         let cfg = section.clone();
-        let task = tokio::spawn(run(cfg, ingest));
+        let task = tokio::spawn(run(cfg, sparkplug.clone(), ingest));
         ExternalBroker { task }
     }
 
@@ -113,7 +122,7 @@ impl Drop for ExternalBroker {
     }
 }
 
-async fn run(cfg: ExternalSection, ingest: Ingest) {
+async fn run(cfg: ExternalSection, sp: SparkplugSection, ingest: Ingest) {
     let (host, port) = match cfg.broker.rsplit_once(':') {
         Some((h, p)) => (h.to_string(), p.parse::<u16>().unwrap_or(1883)),
         None => (cfg.broker.clone(), 1883),
@@ -126,6 +135,12 @@ async fn run(cfg: ExternalSection, ingest: Ingest) {
         .set_max_packet_size(256 * 1024, 256 * 1024);
     if !cfg.username.is_empty() {
         opts.set_credentials(cfg.username.clone(), cfg.password.clone());
+    }
+    let state_topic = format!("{}/STATE/{}", sparkplug::NAMESPACE, sp.host_id);
+    let mut host = sp.enabled.then(|| Host::new(&sp.address_prefix));
+    if sp.enabled {
+        // Sparkplug 3.0: edge nodes watch the host's STATE; the broker publishes this if we vanish.
+        opts.set_last_will(rumqttc::LastWill::new(state_topic.clone(), state_payload(false), QoS::AtLeastOnce, true));
     }
     let (client, mut events) = AsyncClient::new(opts, usize::from(cfg.inflight).max(16));
     if cfg.republish {
@@ -140,7 +155,7 @@ async fn run(cfg: ExternalSection, ingest: Ingest) {
                 .await;
         match first {
             Err(_) => {
-                commit_and_ack(&client, &ingest, &cfg.kalima_device, std::mem::take(&mut pending)).await;
+                commit_and_ack(&client, &ingest, &cfg.kalima_device, host.as_mut(), std::mem::take(&mut pending)).await;
             }
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                 backoff = Duration::from_millis(500);
@@ -150,11 +165,16 @@ async fn run(cfg: ExternalSection, ingest: Ingest) {
                 for t in &cfg.topics {
                     let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
                 }
+                if sp.enabled {
+                    let _ = client.try_subscribe(format!("{}/#", sparkplug::NAMESPACE), QoS::AtLeastOnce);
+                    let _ = client.try_publish(state_topic.clone(), QoS::AtLeastOnce, true, state_payload(true));
+                }
             }
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 pending.push(p);
                 if pending.len() >= usize::from(cfg.inflight) {
-                    commit_and_ack(&client, &ingest, &cfg.kalima_device, std::mem::take(&mut pending)).await;
+                    commit_and_ack(&client, &ingest, &cfg.kalima_device, host.as_mut(), std::mem::take(&mut pending))
+                        .await;
                 }
             }
             Ok(Ok(_)) => {}
@@ -172,7 +192,13 @@ async fn run(cfg: ExternalSection, ingest: Ingest) {
 
 /// Commits `batch` and acknowledges each message after the commit; a refused message is
 /// acknowledged too (a resend would be refused again) and counted.
-async fn commit_and_ack(client: &AsyncClient, ingest: &Ingest, who: &str, batch: Vec<Publish>) {
+async fn commit_and_ack(
+    client: &AsyncClient,
+    ingest: &Ingest,
+    who: &str,
+    mut host: Option<&mut Host>,
+    batch: Vec<Publish>,
+) {
     if batch.is_empty() {
         return;
     }
@@ -188,6 +214,37 @@ async fn commit_and_ack(client: &AsyncClient, ingest: &Ingest, who: &str, batch:
     let mut accepted = Vec::new();
     for p in &batch {
         let topic = p.topic.clone();
+        if let Some(h) = host.as_deref_mut()
+            && topic.starts_with(sparkplug::NAMESPACE)
+        {
+            match h.handle(&topic, &p.payload, now_ms()) {
+                Ok(actions) => {
+                    for a in actions {
+                        match a {
+                            sparkplug::Action::Write(txs) => {
+                                for mut c in txs {
+                                    c.device_id = device.id.clone();
+                                    match ingest.check(&device, &c) {
+                                        Ok(()) => items.push(c),
+                                        Err(r) => kalima_core::ingest::count_rejection(INTERFACE, &r),
+                                    }
+                                }
+                            }
+                            sparkplug::Action::Rebirth { topic, payload } => {
+                                count("sparkplug_rebirth_requested");
+                                let _ = client.try_publish(topic, QoS::AtMostOnce, false, payload);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    count(e.reason());
+                    tracing::debug!(target: "adapter::mqtt", topic = %topic, error = %e, "Sparkplug message refused.");
+                }
+            }
+            accepted.push(p);
+            continue;
+        }
         let res = topic::parse_put(&topic).map_err(kalima_core::Rejection::Malformed).and_then(|(address, key)| {
             let c = TxContent {
                 device_id: device.id.clone(),
@@ -211,6 +268,9 @@ async fn commit_and_ack(client: &AsyncClient, ingest: &Ingest, who: &str, batch:
         }
     }
     if items.is_empty() {
+        for p in accepted {
+            let _ = client.ack(p).await;
+        }
         return;
     }
     match ingest.write(INTERFACE, &device, items).await {

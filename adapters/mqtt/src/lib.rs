@@ -6,6 +6,7 @@
 pub mod codec;
 mod connection;
 pub mod external;
+pub mod sparkplug;
 pub mod topic;
 
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct MqttSection {
     pub connect_timeout_secs: u64,
     /// An existing broker to take messages from.
     pub external: external::ExternalSection,
+    /// Sparkplug B host application (on the external broker).
+    pub sparkplug: sparkplug::SparkplugSection,
 }
 
 impl Default for MqttSection {
@@ -48,6 +51,7 @@ impl Default for MqttSection {
             max_inflight: 4096,
             connect_timeout_secs: 10,
             external: external::ExternalSection::default(),
+            sparkplug: sparkplug::SparkplugSection::default(),
         }
     }
 }
@@ -77,6 +81,20 @@ impl MqttSection {
             errs.push("[mqtt] connect_timeout_secs must be at least 1".into());
         }
         errs.extend(self.external.validate());
+        if self.sparkplug.enabled {
+            if !self.external.enabled() {
+                errs.push("[mqtt.sparkplug] needs [mqtt.external] broker: edge nodes publish to a broker".into());
+            }
+            if self.sparkplug.host_id.is_empty() || self.sparkplug.host_id.contains(['/', '+', '#']) {
+                errs.push("[mqtt.sparkplug] host_id must be a non-empty topic level".into());
+            }
+            if kalima_core::tx::validate_address(&self.sparkplug.address_prefix).is_err() {
+                errs.push(format!(
+                    "[mqtt.sparkplug] address_prefix = {:?} is not an address",
+                    self.sparkplug.address_prefix
+                ));
+            }
+        }
         errs
     }
 }
