@@ -474,6 +474,55 @@ impl Drop for ModbusSim {
     }
 }
 
+/// A Mosquitto broker (Debian `mosquitto`) on a free loopback port; killed on drop.
+pub struct Mosquitto {
+    child: tokio::process::Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Mosquitto {
+    /// Starts it and waits until it accepts connections.
+    pub async fn start() -> Mosquitto {
+        let port = free_port();
+        let bin = find_on_path("mosquitto")
+            .or_else(|| Some(PathBuf::from("/usr/sbin/mosquitto")).filter(|p| p.is_file()))
+            .unwrap_or_else(|| panic!("mosquitto is missing: run scripts/peers/install"));
+        let child = tokio::process::Command::new(bin)
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start mosquitto");
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "mosquitto did not listen on {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Mosquitto { child, port }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Runs Python `code` in the peers venv with `args`; panics unless it exits 0; returns stdout.
+pub async fn peers_python_run(code: &str, args: &[&str]) -> String {
+    let out =
+        tokio::process::Command::new(peers_python()).arg("-c").arg(code).args(args).output().await.expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
