@@ -59,8 +59,8 @@ async fn external_broker_redelivers_what_the_node_had_not_committed() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("node");
     Node::init(&dir).await;
-    let env = [("KALIMA_MQTT__LISTEN", ""), ("KALIMA_MQTT__EXTERNAL__BROKER", &format!("127.0.0.1:{port}"))];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+    let broker_addr = format!("127.0.0.1:{port}");
+    let env = [("KALIMA_MQTT__LISTEN", ""), ("KALIMA_MQTT__EXTERNAL__BROKER", broker_addr.as_str())];
     let node = Node::start(&dir, &env).await;
     register_bridge(&node, "/ext").await;
     peers_python_run(PUBLISH, &[&port, "1", "5"]).await;
