@@ -143,6 +143,18 @@ fn describe_metrics() {
         metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => reason).increment(0);
     }
     metrics::gauge!("kalima_stream_subscribers").increment(0.0);
+    // Adapter series exist from the start, so dashboards show zero rather than no data.
+    metrics::gauge!("kalima_mqtt_connections").increment(0.0);
+    for adapter in ["modbus", "lorawan"] {
+        for outcome in ["written", "rejected"] {
+            metrics::counter!("kalima_adapter_readings_total", "adapter" => adapter, "outcome" => outcome).increment(0);
+        }
+    }
+    for state in ["ok", "failing", "unauthorized"] {
+        metrics::gauge!("kalima_adapter_devices", "adapter" => "modbus", "state" => state).increment(0.0);
+    }
+    metrics::counter!("kalima_adapter_polls_total", "adapter" => "modbus", "outcome" => "ok").increment(0);
+    metrics::counter!("kalima_adapter_frames_total", "adapter" => "lorawan", "outcome" => "accepted").increment(0);
 }
 
 /// Every authenticated operation can answer 401 (unknown or revoked token) and 400 (a
