@@ -214,6 +214,27 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         )
     })?;
     let api_addr = listener.local_addr()?;
+    // Every listener is bound before storage is touched, so a port conflict leaves nothing behind.
+    let mqtt_listener = if config.mqtt.enabled() {
+        Some(kalima_adapter_mqtt::MqttServer::bind(&config.mqtt).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for MQTT on {} ({e}): change [mqtt] listen in kalima.toml or set KALIMA_MQTT__LISTEN (empty disables MQTT)",
+                config.mqtt.listen
+            )
+        })?)
+    } else {
+        None
+    };
+    let lorawan_socket = if config.lorawan.enabled() {
+        Some(kalima_adapter_lorawan::LorawanAdapter::bind(&config.lorawan).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for LoRaWAN gateways on {} ({e}): change [lorawan] listen or set KALIMA_LORAWAN__LISTEN",
+                config.lorawan.listen
+            )
+        })?)
+    } else {
+        None
+    };
     let node_key = NodeKey::load(&dir.join(NODE_KEY_FILE))?;
     let store = open_store(dir, &config).await?;
     let genesis = if store.latest_block().await?.is_none() {
@@ -234,16 +255,9 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             Some(Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, state.ingest.clone())));
     }
     let modbus = state.modbus.clone();
-    let mqtt = if config.mqtt.enabled() {
-        let m = kalima_adapter_mqtt::MqttServer::start(&config.mqtt, state.ingest.clone()).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen for MQTT on {} ({e}): change [mqtt] listen in kalima.toml or set KALIMA_MQTT__LISTEN (empty disables MQTT)",
-                config.mqtt.listen
-            )
-        })?;
-        Some(Arc::new(m))
-    } else {
-        None
+    let mqtt = match mqtt_listener {
+        Some(l) => Some(Arc::new(kalima_adapter_mqtt::MqttServer::serve(l, &config.mqtt, state.ingest.clone())?)),
+        None => None,
     };
     let mqtt_external = config.mqtt.external.enabled().then(|| {
         Arc::new(kalima_adapter_mqtt::external::ExternalBroker::start(
@@ -252,22 +266,14 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             state.ingest.clone(),
         ))
     });
-    let lorawan = if config.lorawan.enabled() {
-        let a = kalima_adapter_lorawan::LorawanAdapter::start(
+    let lorawan = match lorawan_socket {
+        Some(sock) => Some(Arc::new(kalima_adapter_lorawan::LorawanAdapter::serve(
+            sock,
             &config.lorawan,
             state.ingest.clone(),
             Some(dir.join(LORAWAN_SESSIONS_FILE)),
-        )
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen for LoRaWAN gateways on {} ({e}): change [lorawan] listen or set KALIMA_LORAWAN__LISTEN",
-                config.lorawan.listen
-            )
-        })?;
-        Some(Arc::new(a))
-    } else {
-        None
+        )?)),
+        None => None,
     };
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();

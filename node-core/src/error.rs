@@ -149,6 +149,7 @@ impl Rejection {
             Rejection::Invalid(f) => match f.field {
                 "address" | "prefix" => "invalid_address",
                 "key" => "invalid_key",
+                "topic" => "invalid_topic",
                 _ => "invalid_field",
             },
             Rejection::Malformed(_) => "malformed",

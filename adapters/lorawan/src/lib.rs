@@ -52,7 +52,22 @@ impl LorawanAdapter {
         ingest: Ingest,
         sessions_path: Option<PathBuf>,
     ) -> std::io::Result<LorawanAdapter> {
-        let socket = UdpSocket::bind(&section.listen).await?;
+        let socket = Self::bind(section).await?;
+        Self::serve(socket, section, ingest, sessions_path)
+    }
+
+    /// Binds `[lorawan] listen` (so a port conflict is found before anything else starts).
+    pub async fn bind(section: &LorawanSection) -> std::io::Result<UdpSocket> {
+        UdpSocket::bind(&section.listen).await
+    }
+
+    /// Serves gateways on an already bound socket.
+    pub fn serve(
+        socket: UdpSocket,
+        section: &LorawanSection,
+        ingest: Ingest,
+        sessions_path: Option<PathBuf>,
+    ) -> std::io::Result<LorawanAdapter> {
         let local_addr = socket.local_addr()?;
         let mut network = Network::new(section, sessions_path);
         restore_counters(section, &ingest, &mut network);

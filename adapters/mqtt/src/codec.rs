@@ -213,6 +213,16 @@ fn refusal5_rec(r: Refusal) -> v5::PubRecReason {
 impl Version {
     /// Reads the next complete packet from `buf` (`Ok(None)`: more bytes needed).
     pub fn read(self, buf: &mut BytesMut, max: usize) -> Result<Option<Incoming>, CodecError> {
+        let before = buf.len();
+        match self.read_inner(buf, max) {
+            // The codec consumed a whole frame and then found it short inside: that frame is
+            // malformed, not incomplete (waiting would leave it unanswered forever).
+            Ok(None) if buf.len() != before => Err(CodecError::Malformed("truncated field inside a packet".into())),
+            other => other,
+        }
+    }
+
+    fn read_inner(self, buf: &mut BytesMut, max: usize) -> Result<Option<Incoming>, CodecError> {
         match self {
             Version::V4 => match v4::Packet::read(buf, max) {
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),

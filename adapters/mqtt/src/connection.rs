@@ -32,7 +32,8 @@ fn refusal_of(r: &Rejection) -> Refusal {
         Rejection::UnknownDevice | Rejection::Revoked(_) | Rejection::Forbidden { .. } | Rejection::AdminOnly => {
             Refusal::NotAuthorized
         }
-        Rejection::Invalid(_) => Refusal::TopicNameInvalid,
+        Rejection::Invalid(f) if matches!(f.field, "address" | "key" | "topic") => Refusal::TopicNameInvalid,
+        Rejection::Invalid(_) => Refusal::PayloadFormatInvalid,
         Rejection::TooLarge { .. } | Rejection::Overloaded | Rejection::BatchSize { .. } => Refusal::QuotaExceeded,
         Rejection::Malformed(_) | Rejection::BadSignature(_) | Rejection::SignatureRequired(_) => {
             Refusal::PayloadFormatInvalid
@@ -125,7 +126,8 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         version,
         client_id,
         subs: Arc::new(Mutex::new(Vec::new())),
-        qos2: HashSet::new(),
+        qos2: Arc::new(Mutex::new(HashSet::new())),
+        delivery: None,
         tasks: Vec::new(),
     };
     conn.run(rd, wr, buf, keep_alive).await;
@@ -139,17 +141,23 @@ struct Conn {
     version: Version,
     client_id: String,
     subs: Arc<Mutex<Vec<(String, u8)>>>,
-    qos2: HashSet<u16>,
+    /// QoS 2 packet ids committed and waiting for PUBREL.
+    qos2: Arc<Mutex<HashSet<u16>>>,
+    delivery: Option<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// A put that passed the per-message checks and waits for the batch commit.
-struct Accepted {
+/// A put that passed the per-message checks, with the slot its acknowledgement goes into.
+struct Job {
     content: TxContent,
     qos: u8,
     pkid: u16,
     topic: String,
+    ack: Option<oneshot::Sender<Option<Outgoing>>>,
 }
+
+/// Closes the connection from any task (a slow subscriber, a failed write).
+type Closer = Arc<watch::Sender<bool>>;
 
 impl Conn {
     async fn run(
@@ -160,8 +168,18 @@ impl Conn {
         keep_alive: u16,
     ) {
         let (tx, rx) = mpsc::channel::<Pending>(self.shared.config.max_inflight.max(1));
-        let (closed_tx, mut closed) = watch::channel(false);
-        let writer = tokio::spawn(writer(self.version, wr, rx, closed_tx));
+        let closer: Closer = Arc::new(watch::channel(false).0);
+        let mut closed = closer.subscribe();
+        let writer = tokio::spawn(writer(self.version, wr, rx, closer.clone()));
+        // One committer per connection: puts reach the chain in the order they were sent.
+        let (jobs, jobs_rx) = mpsc::channel::<Vec<Job>>(64);
+        let committer = tokio::spawn(commit_loop(
+            self.shared.clone(),
+            self.device.id.clone(),
+            self.version,
+            self.qos2.clone(),
+            jobs_rx,
+        ));
         if tx.send(Pending::Now(Outgoing::ConnAck(Ok(())))).await.is_err() {
             return;
         }
@@ -183,7 +201,11 @@ impl Conn {
             if n == 0 {
                 break;
             }
-            let mut batch: Vec<Accepted> = Vec::new();
+            // Grants and revocations apply from the next packet, not the next login.
+            if let Some(d) = self.shared.ingest.chain().registry().get(&self.device.id) {
+                self.device = d;
+            }
+            let mut batch: Vec<Job> = Vec::new();
             loop {
                 let pkt = match self.version.read(&mut buf, max) {
                     Ok(Some(p)) => p,
@@ -191,42 +213,46 @@ impl Conn {
                     Err(e) => {
                         count("malformed");
                         tracing::debug!(target: "adapter::mqtt", device = %self.device.id, error = %e, "Malformed packet; closing.");
-                        self.submit(std::mem::take(&mut batch), &tx).await;
+                        let _ = jobs.send(std::mem::take(&mut batch)).await;
                         break 'conn;
                     }
                 };
                 match pkt {
                     Incoming::Publish { qos, dup: _, retain: _, topic, pkid, payload, user_properties } => {
-                        if qos == 2 && self.qos2.contains(&pkid) {
+                        if qos == 2 && self.qos2.lock().contains(&pkid) {
                             // A resend before PUBREL: already committed once.
-                            let _ = tx.send(Pending::Now(Outgoing::PubRec(pkid, None))).await;
+                            if tx.send(Pending::Now(Outgoing::PubRec(pkid, None))).await.is_err() {
+                                break 'conn;
+                            }
                             continue;
                         }
-                        match self.check(&topic, payload, user_properties) {
-                            Ok(content) => batch.push(Accepted { content, qos, pkid, topic }),
+                        // The acknowledgement's place in the queue is taken now, in arrival order.
+                        let ack = if qos > 0 {
+                            let (s, r) = oneshot::channel();
+                            if tx.send(Pending::Later(r)).await.is_err() {
+                                break 'conn;
+                            }
+                            Some(s)
+                        } else {
+                            None
+                        };
+                        match self.check(&topic, payload, user_properties, &batch) {
+                            Ok(content) => batch.push(Job { content, qos, pkid, topic, ack }),
                             Err(r) => {
                                 kalima_core::ingest::count_rejection(INTERFACE, &r);
-                                self.report(&topic, &r);
-                                let why = Some(refusal_of(&r));
-                                let ack = match qos {
-                                    1 => Some(Outgoing::PubAck(pkid, why)),
-                                    2 => Some(Outgoing::PubRec(pkid, why)),
-                                    _ => None,
-                                };
-                                if let Some(a) = ack
-                                    && tx.send(Pending::Now(a)).await.is_err()
-                                {
-                                    break 'conn;
+                                report(&self.shared, &self.device.id, &[topic.as_str()], &r);
+                                if let Some(s) = ack {
+                                    let _ = s.send(Some(ack_for(qos, pkid, Some(refusal_of(&r)))));
                                 }
                             }
                         }
                     }
                     Incoming::PubRel(pkid) => {
-                        self.qos2.remove(&pkid);
+                        self.qos2.lock().remove(&pkid);
                         let _ = tx.send(Pending::Now(Outgoing::PubComp(pkid))).await;
                     }
                     Incoming::Subscribe { pkid, filters } => {
-                        let codes = self.subscribe(&filters, &tx);
+                        let codes = self.subscribe(&filters, &tx, &closer);
                         let _ = tx.send(Pending::Now(Outgoing::SubAck(pkid, codes))).await;
                     }
                     Incoming::Unsubscribe { pkid, filters } => {
@@ -238,35 +264,45 @@ impl Conn {
                     }
                     Incoming::PubAck(_) | Incoming::PubRec(_) | Incoming::PubComp(_) => {}
                     Incoming::Disconnect => {
-                        self.submit(std::mem::take(&mut batch), &tx).await;
+                        let _ = jobs.send(std::mem::take(&mut batch)).await;
                         break 'conn;
                     }
                     Incoming::Connect { .. } | Incoming::ServerOnly(_) => {
                         count("protocol_error");
-                        self.submit(std::mem::take(&mut batch), &tx).await;
+                        let _ = jobs.send(std::mem::take(&mut batch)).await;
                         break 'conn;
                     }
                 }
             }
-            self.submit(batch, &tx).await;
+            if !batch.is_empty() && jobs.send(batch).await.is_err() {
+                break;
+            }
         }
-        // Let every pending acknowledgement go out, then close.
+        // Let the committer finish what was sent and every acknowledgement go out, then close.
+        drop(jobs);
+        let _ = committer.await;
         drop(tx);
         let _ = writer.await;
+        if let Some(d) = &self.delivery {
+            d.abort();
+        }
         for t in &self.tasks {
             t.abort();
         }
         tracing::debug!(target: "adapter::mqtt", device = %self.device.id, client = %self.client_id, "Client disconnected.");
     }
 
-    /// Turns a put into a transaction and runs the per-transaction checks.
+    /// Turns a put into a transaction and runs the per-transaction checks (including
+    /// idempotency keys repeated within the same burst).
     fn check(
         &self,
         topic: &str,
         payload: Bytes,
         user_properties: Vec<(String, String)>,
+        batch: &[Job],
     ) -> Result<TxContent, Rejection> {
-        let (address, key) = topic::parse_put(topic).map_err(Rejection::Malformed)?;
+        let (address, key) =
+            topic::parse_put(topic).map_err(|m| Rejection::Invalid(kalima_core::tx::FieldError::new("topic", m)))?;
         let mut content = TxContent {
             device_id: self.device.id.clone(),
             address,
@@ -283,105 +319,56 @@ impl Conn {
             }
         }
         self.shared.ingest.check(&self.device, &content)?;
+        if !content.idempotency_key.is_empty()
+            && batch.iter().any(|j| j.content.idempotency_key == content.idempotency_key)
+        {
+            return Err(Rejection::DuplicateIdempotencyKey {
+                key: content.idempotency_key.clone(),
+                existing: "earlier in the same burst".into(),
+            });
+        }
         Ok(content)
     }
 
-    /// Publishes a refusal on `kalima/errors/<device>`.
-    fn report(&self, topic: &str, r: &Rejection) {
-        let msg = serde_json::json!({ "topic": topic, "code": r.code(), "message": r.to_string() });
-        let _ = self.shared.errors.send((self.device.id.clone(), Bytes::from(msg.to_string())));
-    }
-
-    /// Commits `batch` in the background; its acknowledgements are queued now, in order.
-    async fn submit(&mut self, batch: Vec<Accepted>, tx: &mpsc::Sender<Pending>) {
-        if batch.is_empty() {
-            return;
-        }
-        let mut acks = Vec::new();
-        for a in &batch {
-            if a.qos == 0 {
-                continue;
-            }
-            if a.qos == 2 {
-                self.qos2.insert(a.pkid);
-            }
-            let (s, r) = oneshot::channel();
-            acks.push((a.qos, a.pkid, a.topic.clone(), s));
-            if tx.send(Pending::Later(r)).await.is_err() {
-                return;
-            }
-        }
-        let ingest = self.shared.ingest.clone();
-        let device = self.device.clone();
-        let version = self.version;
-        let errors = self.shared.errors.clone();
-        let items: Vec<TxContent> = batch.into_iter().map(|a| a.content).collect();
-        tokio::spawn(async move {
-            let n = items.len();
-            let res = ingest.write(INTERFACE, &device, items).await;
-            let refusal = match &res {
-                Ok(_) => None,
-                Err(CoreError::Rejected(r)) => Some((refusal_of(r), r.code(), r.to_string())),
-                Err(e) => Some((Refusal::Unspecified, "commit_failed", e.to_string())),
-            };
-            if let Some((_, code, msg)) = &refusal {
-                tracing::debug!(target: "adapter::mqtt", device = %device.id, messages = n, error = %msg, "Batch not committed.");
-                let m = serde_json::json!({ "code": code, "message": msg, "messages": n });
-                let _ = errors.send((device.id.clone(), Bytes::from(m.to_string())));
-            }
-            for (qos, pkid, _topic, s) in acks {
-                let out = match (&refusal, version) {
-                    (None, _) => {
-                        Some(if qos == 1 { Outgoing::PubAck(pkid, None) } else { Outgoing::PubRec(pkid, None) })
-                    }
-                    (Some((why, _, _)), Version::V5) => Some(if qos == 1 {
-                        Outgoing::PubAck(pkid, Some(*why))
-                    } else {
-                        Outgoing::PubRec(pkid, Some(*why))
-                    }),
-                    // MQTT 3.1.1 cannot refuse a publish: close, so the client resends later.
-                    (Some(_), Version::V4) => None,
-                };
-                let _ = s.send(out);
-            }
-        });
-    }
-
-    /// Grants what the device may follow; starts delivering on the first grant.
-    fn subscribe(&mut self, filters: &[(String, u8)], tx: &mpsc::Sender<Pending>) -> Vec<Option<u8>> {
+    /// Grants what the device may follow; deliveries start with the first grant.
+    fn subscribe(&mut self, filters: &[(String, u8)], tx: &mpsc::Sender<Pending>, closer: &Closer) -> Vec<Option<u8>> {
         let mut codes = Vec::new();
         for (f, qos) in filters {
             match topic::classify(f, &self.device.id) {
                 Some(FilterKind::Out) => {
                     let granted = (*qos).min(1);
-                    let first = self.subs.lock().is_empty();
                     self.subs.lock().push((f.clone(), granted));
-                    if first {
-                        self.tasks.push(tokio::spawn(deliver(
+                    if self.delivery.is_none() {
+                        // Subscribed to the bus before SUBACK goes out, so no commit after it is missed.
+                        let sub = self.shared.ingest.chain().bus().subscribe();
+                        self.delivery = Some(tokio::spawn(deliver(
                             self.shared.clone(),
                             self.device.id.clone(),
                             self.subs.clone(),
+                            sub,
                             tx.clone(),
+                            closer.clone(),
                         )));
                     }
                     codes.push(Some(granted));
                 }
                 Some(FilterKind::Errors) => {
                     let mut rx = self.shared.errors.subscribe();
-                    let (me, tx, t) = (self.device.id.clone(), tx.clone(), f.clone());
+                    let (me, tx, t, closer) = (self.device.id.clone(), tx.clone(), f.clone(), closer.clone());
                     self.tasks.push(tokio::spawn(async move {
-                        while let Ok((dev, payload)) = rx.recv().await {
-                            if dev == me
-                                && tx
-                                    .try_send(Pending::Now(Outgoing::Publish {
-                                        topic: t.clone(),
-                                        payload,
-                                        qos: 0,
-                                        pkid: 0,
-                                    }))
-                                    .is_err()
-                            {
-                                return;
+                        loop {
+                            match rx.recv().await {
+                                Ok((dev, payload)) if dev == me => {
+                                    let p = Outgoing::Publish { topic: t.clone(), payload, qos: 0, pkid: 0 };
+                                    if tx.try_send(Pending::Now(p)).is_err() {
+                                        slow(&closer);
+                                        return;
+                                    }
+                                }
+                                Ok(_) => {}
+                                // Reports of other devices flooding the channel must not end ours.
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => count("errors_lagged"),
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                             }
                         }
                     }));
@@ -397,16 +384,111 @@ impl Conn {
     }
 }
 
+fn ack_for(qos: u8, pkid: u16, why: Option<Refusal>) -> Outgoing {
+    if qos == 2 { Outgoing::PubRec(pkid, why) } else { Outgoing::PubAck(pkid, why) }
+}
+
+/// Publishes a refusal on `kalima/errors/<device>`.
+fn report(shared: &Shared, device: &str, topics: &[&str], r: &Rejection) {
+    let msg = serde_json::json!({
+        "topic": topics.first().copied().unwrap_or_default(),
+        "topics": topics,
+        "code": r.code(),
+        "message": r.to_string(),
+    });
+    let _ = shared.errors.send((device.to_string(), Bytes::from(msg.to_string())));
+}
+
+/// A subscriber that cannot keep up is disconnected (so it can reconnect) and counted.
+fn slow(closer: &Closer) {
+    metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "slow_client").increment(1);
+    let _ = closer.send(true);
+}
+
+/// Commits the connection's puts in order, merging bursts that queued meanwhile; a burst the
+/// chain refuses as a whole is retried put by put, so one bad put does not sink the others.
+async fn commit_loop(
+    shared: Arc<Shared>,
+    device_id: String,
+    version: Version,
+    qos2: Arc<Mutex<HashSet<u16>>>,
+    mut rx: mpsc::Receiver<Vec<Job>>,
+) {
+    while let Some(mut jobs) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            jobs.extend(more);
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let device = match shared.ingest.chain().registry().get(&device_id) {
+            Some(d) => d,
+            None => continue,
+        };
+        let items: Vec<TxContent> = jobs.iter().map(|j| j.content.clone()).collect();
+        match shared.ingest.write(INTERFACE, &device, items).await {
+            Ok(_) => finish(jobs, None, version, &qos2),
+            Err(CoreError::Rejected(_)) if jobs.len() > 1 => {
+                for job in jobs {
+                    let res = shared.ingest.write(INTERFACE, &device, vec![job.content.clone()]).await;
+                    let why = failure(&shared, &device_id, &[job.topic.as_str()], res.err());
+                    finish(vec![job], why, version, &qos2);
+                }
+            }
+            Err(e) => {
+                let topics: Vec<&str> = jobs.iter().map(|j| j.topic.as_str()).collect();
+                let why = failure(&shared, &device_id, &topics, Some(e));
+                finish(jobs, why, version, &qos2);
+            }
+        }
+    }
+}
+
+/// Reports a failed commit; the MQTT 5 reason code to answer with.
+fn failure(shared: &Shared, device: &str, topics: &[&str], e: Option<CoreError>) -> Option<Refusal> {
+    let e = e?;
+    let (why, r) = match e {
+        CoreError::Rejected(r) => (refusal_of(&r), r),
+        other => (Refusal::Unspecified, Rejection::Malformed(format!("not committed: {other}"))),
+    };
+    tracing::debug!(target: "adapter::mqtt", device = %device, messages = topics.len(), error = %r, "Puts not committed.");
+    report(shared, device, topics, &r);
+    Some(why)
+}
+
+/// Fills the acknowledgement slots of `jobs`.
+fn finish(jobs: Vec<Job>, why: Option<Refusal>, version: Version, qos2: &Mutex<HashSet<u16>>) {
+    for j in jobs {
+        if why.is_none() && j.qos == 2 {
+            qos2.lock().insert(j.pkid);
+        }
+        let out = match (why, version) {
+            (None, _) => Some(ack_for(j.qos, j.pkid, None)),
+            (Some(w), Version::V5) => Some(ack_for(j.qos, j.pkid, Some(w))),
+            // MQTT 3.1.1 cannot refuse a publish: close, so the client resends later.
+            (Some(_), Version::V4) => None,
+        };
+        if let Some(s) = j.ack {
+            let _ = s.send(out);
+        }
+    }
+}
+
 /// Sends committed data matching the connection's filters, as far as its read grants allow.
 async fn deliver(
     shared: Arc<Shared>,
     device_id: String,
     subs: Arc<Mutex<Vec<(String, u8)>>>,
+    mut sub: kalima_core::bus::Subscription,
     tx: mpsc::Sender<Pending>,
+    closer: Closer,
 ) {
-    let mut sub = shared.ingest.chain().bus().subscribe();
     let mut pkid: u16 = 0;
-    while let Ok(batch) = sub.next().await {
+    loop {
+        let Ok(batch) = sub.next().await else {
+            slow(&closer);
+            return;
+        };
         // Grants are read per batch, so a revoked grant stops deliveries at once.
         let Some(device) = shared.ingest.chain().registry().get(&device_id).filter(|d| !d.record.revoked) else {
             return;
@@ -429,8 +511,7 @@ async fn deliver(
                 pkid: if qos == 1 { pkid } else { 0 },
             };
             if tx.try_send(Pending::Now(p)).is_err() {
-                // A subscriber that cannot keep up is dropped rather than slowing anyone else.
-                metrics::counter!("kalima_bus_subscribers_dropped_total", "reason" => "slow_client").increment(1);
+                slow(&closer);
                 return;
             }
         }
@@ -438,12 +519,7 @@ async fn deliver(
 }
 
 /// Writes packets in queue order; a pending acknowledgement holds back what follows it.
-async fn writer(
-    version: Version,
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Pending>,
-    closed: watch::Sender<bool>,
-) {
+async fn writer(version: Version, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, closed: Closer) {
     let mut out = BytesMut::with_capacity(16 * 1024);
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);

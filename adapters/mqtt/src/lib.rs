@@ -122,7 +122,17 @@ pub struct MqttServer {
 impl MqttServer {
     /// Binds `[mqtt] listen` and serves clients.
     pub async fn start(section: &MqttSection, ingest: Ingest) -> std::io::Result<MqttServer> {
-        let listener = TcpListener::bind(&section.listen).await?;
+        let listener = Self::bind(section).await?;
+        Self::serve(listener, section, ingest)
+    }
+
+    /// Binds `[mqtt] listen` (so a port conflict is found before anything else starts).
+    pub async fn bind(section: &MqttSection) -> std::io::Result<TcpListener> {
+        TcpListener::bind(&section.listen).await
+    }
+
+    /// Serves clients on an already bound listener.
+    pub fn serve(listener: TcpListener, section: &MqttSection, ingest: Ingest) -> std::io::Result<MqttServer> {
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             ingest,

@@ -11,6 +11,7 @@ mod durability;
 mod keys;
 mod lorawan;
 mod modbus;
+mod mqtt;
 mod mqtt_external;
 mod postgres;
 mod shutdown;
