@@ -155,6 +155,30 @@ impl Ingest {
         res
     }
 
+    /// Checks and enqueues `items` as one unit now; the returned future resolves after the
+    /// durable commit. Calls made one after another reach the chain in that order even when
+    /// their commits are awaited later (ordered pipelining for stream front doors).
+    pub async fn write_pipelined(
+        &self,
+        interface: &'static str,
+        device: &Device,
+        items: Vec<TxContent>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<Receipt>>> + Send + 'static> {
+        let items = self.prepare(interface, device, items)?;
+        self.check_old_keys(interface, &items).await?;
+        let n = items.len() as u64;
+        let pending = self.chain.submit_pipelined(items).await?;
+        Ok(async move {
+            let res = pending.await;
+            match &res {
+                Ok(_) => metrics::counter!("kalima_writes_accepted_total", "interface" => interface).increment(n),
+                Err(Error::Rejected(r)) => count_rejection(interface, r),
+                Err(_) => {}
+            }
+            res
+        })
+    }
+
     /// Checks `items` and queues them without waiting for the commit.
     pub async fn write_nowait(&self, interface: &'static str, device: &Device, items: Vec<TxContent>) -> Result<()> {
         let items = self.prepare(interface, device, items)?;

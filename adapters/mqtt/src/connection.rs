@@ -405,8 +405,11 @@ fn slow(closer: &Closer) {
     let _ = closer.send(true);
 }
 
-/// Commits the connection's puts in order, merging bursts that queued meanwhile; a burst the
-/// chain refuses as a whole is retried put by put, so one bad put does not sink the others.
+/// Commits the connection's puts in order, merging bursts that queued meanwhile. Bursts are
+/// enqueued on the chain one after another without waiting for each commit (order is kept
+/// by the sequencer's queue); a separate task awaits the commits in the same order and fills
+/// the acknowledgements. A burst the chain refuses as a whole is retried put by put, so one
+/// bad put does not sink the others.
 async fn commit_loop(
     shared: Arc<Shared>,
     device_id: String,
@@ -414,6 +417,21 @@ async fn commit_loop(
     qos2: Arc<Mutex<HashSet<u16>>>,
     mut rx: mpsc::Receiver<Vec<Job>>,
 ) {
+    type Receipts =
+        std::pin::Pin<Box<dyn std::future::Future<Output = kalima_core::Result<Vec<kalima_core::Receipt>>> + Send>>;
+    let (inflight, mut done) = mpsc::channel::<(Vec<Job>, Result<Receipts, CoreError>)>(256);
+    let acker = {
+        let (shared, device_id, qos2) = (shared.clone(), device_id.clone(), qos2.clone());
+        tokio::spawn(async move {
+            while let Some((jobs, pending)) = done.recv().await {
+                let res = match pending {
+                    Ok(fut) => fut.await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                settle(&shared, &device_id, version, &qos2, jobs, res).await;
+            }
+        })
+    };
     while let Some(mut jobs) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
             jobs.extend(more);
@@ -421,25 +439,40 @@ async fn commit_loop(
         if jobs.is_empty() {
             continue;
         }
-        let device = match shared.ingest.chain().registry().get(&device_id) {
-            Some(d) => d,
-            None => continue,
-        };
+        let Some(device) = shared.ingest.chain().registry().get(&device_id) else { continue };
         let items: Vec<TxContent> = jobs.iter().map(|j| j.content.clone()).collect();
-        match shared.ingest.write(INTERFACE, &device, items).await {
-            Ok(_) => finish(jobs, None, version, &qos2),
-            Err(CoreError::Rejected(_)) if jobs.len() > 1 => {
-                for job in jobs {
-                    let res = shared.ingest.write(INTERFACE, &device, vec![job.content.clone()]).await;
-                    let why = failure(&shared, &device_id, &[job.topic.as_str()], res.err());
-                    finish(vec![job], why, version, &qos2);
-                }
+        let pending = shared.ingest.write_pipelined(INTERFACE, &device, items).await.map(|f| Box::pin(f) as Receipts);
+        if inflight.send((jobs, pending)).await.is_err() {
+            break;
+        }
+    }
+    drop(inflight);
+    let _ = acker.await;
+}
+
+/// Acknowledges a burst after its commit; a burst refused as a whole is retried put by put.
+async fn settle(
+    shared: &Shared,
+    device_id: &str,
+    version: Version,
+    qos2: &Mutex<HashSet<u16>>,
+    jobs: Vec<Job>,
+    res: Result<(), CoreError>,
+) {
+    match res {
+        Ok(()) => finish(jobs, None, version, qos2),
+        Err(CoreError::Rejected(_)) if jobs.len() > 1 => {
+            let Some(device) = shared.ingest.chain().registry().get(device_id) else { return };
+            for job in jobs {
+                let res = shared.ingest.write(INTERFACE, &device, vec![job.content.clone()]).await;
+                let why = failure(shared, device_id, &[job.topic.as_str()], res.err());
+                finish(vec![job], why, version, qos2);
             }
-            Err(e) => {
-                let topics: Vec<&str> = jobs.iter().map(|j| j.topic.as_str()).collect();
-                let why = failure(&shared, &device_id, &topics, Some(e));
-                finish(jobs, why, version, &qos2);
-            }
+        }
+        Err(e) => {
+            let topics: Vec<&str> = jobs.iter().map(|j| j.topic.as_str()).collect();
+            let why = failure(shared, device_id, &topics, Some(e));
+            finish(jobs, why, version, qos2);
         }
     }
 }

@@ -276,6 +276,18 @@ impl Chain {
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
+    /// Enqueues validated content now and returns the commit's outcome as a future, so a
+    /// caller can keep several submissions in flight while their order on the chain stays
+    /// the order of these calls.
+    pub async fn submit_pipelined(
+        &self,
+        items: Vec<TxContent>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<Receipt>>> + Send + 'static> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(items, None, Some(tx)).await?;
+        Ok(async move { rx.await.map_err(|_| Error::ShuttingDown)? })
+    }
+
     /// Submits validated content without waiting for the commit.
     pub async fn submit_nowait(&self, items: Vec<TxContent>) -> Result<()> {
         self.enqueue(items, None, None).await
