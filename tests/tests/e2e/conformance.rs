@@ -40,9 +40,11 @@ async fn schemathesis_conformance() {
         // Every response must match the document (status codes, schemas, content types) and
         // no input may cause a server error. Cross-field rules (a signature needs an
         // idempotency key; `second` within the tree) cannot be written in a schema, so
-        // "schema-valid request rejected" and its mirror are not checked.
+        // "schema-valid request rejected" and its mirror are not checked. `DELETE
+        // /api/v1/devices/{id}` revokes: the device stays readable as `revoked: true` for the
+        // audit trail (the revocation is itself on the chain), so "use after free" does not apply.
         .args(["--checks", "all"])
-        .args(["--exclude-checks", "positive_data_acceptance,negative_data_rejection"])
+        .args(["--exclude-checks", "positive_data_acceptance,negative_data_rejection,use_after_free"])
         .args(["--max-examples", MAX_EXAMPLES])
         // Streams never end; they are covered by the demo test.
         .args(["--exclude-path", "/api/v1/stream"])
