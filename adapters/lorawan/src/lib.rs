@@ -30,6 +30,9 @@ pub const INTERFACE: &str = "lorawan";
 /// The join-accept window opens this long after the join request (JOIN_ACCEPT_DELAY1).
 const JOIN_ACCEPT_DELAY_US: u32 = 5_000_000;
 
+/// RX1 opens this long after an uplink (RECEIVE_DELAY1; join accepts set RxDelay 1).
+const RECEIVE_DELAY1_US: u32 = 1_000_000;
+
 /// How long a processed uplink is remembered so late copies count as duplicates.
 const SEEN_FOR: Duration = Duration::from_secs(10);
 
@@ -83,7 +86,7 @@ impl LorawanAdapter {
             seen: HashMap::new(),
         };
         let (commits, rx) = tokio::sync::mpsc::channel(COMMIT_QUEUE);
-        let committer = tokio::spawn(commit_loop(server.ingest.clone(), rx));
+        let committer = tokio::spawn(commit_loop(server.ingest.clone(), server.socket.clone(), rx));
         let task = tokio::spawn(server.run(commits));
         tracing::info!(target: "adapter::lorawan", listen = %local_addr, devices = section.devices.len(), "LoRaWAN packet-forwarder endpoint listening.");
         Ok(LorawanAdapter { local_addr, task, committer })
@@ -114,18 +117,25 @@ const COMMIT_QUEUE: usize = 256;
 struct CommitBatch {
     who: String,
     items: Vec<TxContent>,
+    /// Downlinks acknowledging confirmed uplinks, sent once their readings are committed.
+    acks: Vec<AckDownlink>,
 }
+
+/// Address of a confirmed uplink's readings, the gateway to send through, the PULL_RESP.
+type AckDownlink = (String, SocketAddr, Vec<u8>);
 
 /// Commits batches one at a time, merging whatever queued meanwhile, so a burst becomes a few
 /// large group commits instead of many small ones.
-async fn commit_loop(ingest: Ingest, mut rx: tokio::sync::mpsc::Receiver<CommitBatch>) {
+async fn commit_loop(ingest: Ingest, socket: Arc<UdpSocket>, mut rx: tokio::sync::mpsc::Receiver<CommitBatch>) {
+    type Acks = Vec<AckDownlink>;
     while let Some(first) = rx.recv().await {
-        let mut by_who: HashMap<String, Vec<TxContent>> = HashMap::new();
-        by_who.entry(first.who).or_default().extend(first.items);
-        while let Ok(b) = rx.try_recv() {
-            by_who.entry(b.who).or_default().extend(b.items);
+        let mut by_who: HashMap<String, (Vec<TxContent>, Acks)> = HashMap::new();
+        for b in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            let e = by_who.entry(b.who).or_default();
+            e.0.extend(b.items);
+            e.1.extend(b.acks);
         }
-        for (who, all) in by_who {
+        for (who, (all, acks)) in by_who {
             let dev = match ingest.device(INTERFACE, &who) {
                 Ok(d) => d,
                 Err(e) => {
@@ -140,13 +150,25 @@ async fn commit_loop(ingest: Ingest, mut rx: tokio::sync::mpsc::Receiver<CommitB
                 readings_outcome("rejected", refused.len());
                 tracing::warn!(target: "adapter::lorawan", kalima_device = %who, address = %t.address, "LoRaWAN readings refused: no write grant.");
             }
+            let mut all_written = true;
             for chunk in items.chunks(kalima_core::ingest::MAX_BATCH) {
                 match ingest.write(INTERFACE, &dev, chunk.to_vec()).await {
                     Ok(_) => readings_outcome("written", chunk.len()),
                     Err(e) => {
+                        all_written = false;
                         readings_outcome("rejected", chunk.len());
                         tracing::warn!(target: "adapter::lorawan", kalima_device = %who, error = %e, "LoRaWAN readings not committed.");
                     }
+                }
+            }
+            // A confirmed uplink is acknowledged only once its readings are durable; without
+            // the ACK the device sends it again.
+            for (address, gateway, datagram) in acks {
+                if all_written && dev.can_write(&address) {
+                    count("ack_sent");
+                    let _ = socket.send_to(&datagram, gateway).await;
+                } else {
+                    count("ack_withheld");
                 }
             }
         }
@@ -302,7 +324,7 @@ impl Server {
             .filter(|(_, p)| now.duration_since(p.first) >= window)
             .map(|(k, _)| k.clone())
             .collect();
-        let mut writes: HashMap<String, Vec<TxContent>> = HashMap::new();
+        let mut writes: HashMap<String, (Vec<TxContent>, Vec<AckDownlink>)> = HashMap::new();
         for phy in due {
             let Some(p) = self.pending.remove(&phy) else { continue };
             self.seen.insert(digest(&phy), now);
@@ -313,32 +335,50 @@ impl Server {
                 }
                 Ok(Accepted::Join { device, accept }) => self.send_join_accept(device, &accept, &p.receptions),
                 Ok(Accepted::Data { device, fcnt, fport, payload, confirmed }) => {
-                    let Some(d) = self.section.devices.get(device) else { continue };
+                    // The section is shared (`Arc`), so a device can be read while the network changes.
+                    let section = self.section.clone();
+                    let Some(d) = section.devices.get(device) else { continue };
                     let Some(fport) = fport.filter(|f| *f != 0) else {
                         count("mac_only");
                         continue;
                     };
                     count("accepted");
+                    let who = d.kalima_device.clone().unwrap_or_else(|| self.section.kalima_device.clone());
                     if confirmed {
-                        // No downlink scheduler yet: the device will retry; the retry is refused as a replay.
-                        count("confirmed_not_acked");
+                        match self.ack_for(device, &p.receptions) {
+                            Some((gw, datagram)) => {
+                                writes.entry(who.clone()).or_default().1.push((d.address.clone(), gw, datagram))
+                            }
+                            None => count("no_downlink_path"),
+                        }
                     }
                     let dev_addr = self.network.session(device).map(|s| hex::encode(s.dev_addr)).unwrap_or_default();
                     let props = provenance(d, &dev_addr, fcnt, fport, &p.receptions);
-                    let who = d.kalima_device.clone().unwrap_or_else(|| self.section.kalima_device.clone());
                     let txs = readings(d, fport, &payload, props);
-                    writes.entry(who).or_default().extend(txs);
+                    writes.entry(who).or_default().0.extend(txs);
                 }
             }
         }
-        for (who, items) in writes {
+        for (who, (items, acks)) in writes {
             let n = items.len();
-            if commits.try_send(CommitBatch { who, items }).is_err() {
+            if commits.try_send(CommitBatch { who, items, acks }).is_err() {
                 // The chain is behind by COMMIT_QUEUE flushes: shed load rather than grow without bound.
                 readings_outcome("overloaded", n);
                 count("overloaded");
             }
         }
+    }
+
+    /// The PULL_RESP that acknowledges a confirmed uplink in RX1, through the best gateway
+    /// with a downlink path.
+    fn ack_for(&mut self, device: usize, receptions: &[([u8; 8], Rxpk)]) -> Option<(SocketAddr, Vec<u8>)> {
+        let ((addr, version), rx) = receptions
+            .iter()
+            .filter_map(|(gw, rx)| self.pull_addrs.get(gw).map(|a| (*a, rx.clone())))
+            .max_by_key(|(_, rx)| rx.rssi)?;
+        let phy = self.network.ack_downlink(device)?;
+        let txpk = Txpk::rx1(&rx, &phy, RECEIVE_DELAY1_US, self.section.downlink_power_dbm);
+        Some((addr, semtech::pull_resp(version, rand::random(), &txpk)))
     }
 
     fn send_join_accept(&self, device: usize, accept: &[u8], receptions: &[([u8; 8], Rxpk)]) {

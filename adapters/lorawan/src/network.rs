@@ -97,6 +97,9 @@ pub struct Session {
     /// Last accepted uplink counter.
     #[serde(skip)]
     pub fcnt_up: Option<u32>,
+    /// Counter of the next downlink (devices refuse a downlink counter that does not advance).
+    #[serde(default)]
+    pub fcnt_down: u32,
 }
 
 /// What an accepted frame asks for.
@@ -182,7 +185,19 @@ impl Network {
         for (i, d) in section.devices.iter().enumerate() {
             let dev_eui = hex_bytes::<8>(&d.dev_eui).unwrap_or_default();
             let (otaa, session, dev_nonces) = match d.activation {
-                Activation::Abp => (None, abp_session(d), BTreeSet::new()),
+                Activation::Abp => {
+                    let mut s = abp_session(d);
+                    // The downlink counter survives restarts as long as the DevAddr is unchanged.
+                    let saved_down = saved
+                        .get(&d.dev_eui.to_ascii_lowercase())
+                        .and_then(|x| x.session.as_ref())
+                        .filter(|x| s.as_ref().is_some_and(|s| s.dev_addr == x.dev_addr))
+                        .map(|x| x.fcnt_down);
+                    if let (Some(s), Some(f)) = (s.as_mut(), saved_down) {
+                        s.fcnt_down = f;
+                    }
+                    (None, s, BTreeSet::new())
+                }
                 Activation::Otaa => {
                     let s = saved.get(&d.dev_eui.to_ascii_lowercase());
                     (
@@ -350,6 +365,7 @@ impl Network {
             nwk_skey: opened.derive_newskey(&dn, &key).inner().0,
             app_skey: opened.derive_appskey(&dn, &key).inner().0,
             fcnt_up: None,
+            fcnt_down: 0,
         };
         let d = &mut self.devices[i];
         if let Some(old) = d.session.replace(session)
@@ -363,13 +379,31 @@ impl Network {
         Ok(Accepted::Join { device: i, accept })
     }
 
-    /// Writes the OTAA sessions and used DevNonces, atomically, readable by the owner only.
+    /// An unconfirmed data downlink with the ACK bit for device `i` (answering a confirmed
+    /// uplink), using and saving the next downlink counter.
+    pub fn ack_downlink(&mut self, i: usize) -> Option<Vec<u8>> {
+        let s = self.devices.get_mut(i)?.session.as_mut()?;
+        let fcnt = s.fcnt_down;
+        s.fcnt_down = s.fcnt_down.checked_add(1)?;
+        let (addr, nwk, app) = (rev(s.dev_addr), s.nwk_skey, s.app_skey);
+        let mut fctrl = lorawan::parser::FCtrl::new(0, false);
+        fctrl.set_ack();
+        let mut c = lorawan::creator::DataPayloadCreator::new();
+        c.set_uplink(false).set_confirmed(false).set_dev_addr(&addr).set_fctrl(&fctrl).set_fcnt(fcnt);
+        let phy =
+            c.build(&[], &[], &lorawan::keys::NewSKey::from(nwk), &lorawan::keys::AppSKey::from(app)).ok()?.to_vec();
+        self.save();
+        Some(phy)
+    }
+
+    /// Writes the sessions (OTAA keys, used DevNonces, downlink counters), atomically,
+    /// readable by the owner only.
     fn save(&self) {
         let Some(path) = &self.sessions_path else { return };
         let saved: HashMap<String, SavedDevice> = self
             .devices
             .iter()
-            .filter(|d| d.otaa.is_some())
+            .filter(|d| d.session.is_some() || d.otaa.is_some())
             .map(|d| {
                 (hex::encode(d.dev_eui), SavedDevice { session: d.session.clone(), dev_nonces: d.dev_nonces.clone() })
             })
@@ -398,5 +432,6 @@ fn abp_session(d: &DeviceConfig) -> Option<Session> {
         nwk_skey: hex_bytes::<16>(&d.nwk_skey)?,
         app_skey: hex_bytes::<16>(&d.app_skey)?,
         fcnt_up: None,
+        fcnt_down: 0,
     })
 }

@@ -8,6 +8,7 @@ mod support;
 mod codecs;
 mod counters;
 mod dedup;
+mod downlinks;
 mod gateways;
 mod identity;
 mod known_vector;

@@ -288,7 +288,7 @@ pub(crate) async fn lora(request: Value) -> Value {
     answer
 }
 
-fn phy_of(answer: &Value) -> Vec<u8> {
+pub(crate) fn phy_of(answer: &Value) -> Vec<u8> {
     let b64 = answer["phy"].as_str().unwrap_or_else(|| panic!("no phy in {answer}"));
     B64.decode(b64).unwrap_or_else(|e| panic!("phy of {answer} is not base64: {e}"))
 }
