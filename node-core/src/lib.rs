@@ -14,6 +14,8 @@ pub mod memcache;
 pub mod merkle;
 pub mod registry;
 pub mod store;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod tx;
 pub mod verify;
 

@@ -4,7 +4,7 @@
 //! polling helpers that wait for behaviour rather than for fixed times.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -13,13 +13,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use kalima_adapter_lorawan::{LorawanAdapter, LorawanSection};
-use kalima_core::chain::Guard;
-use kalima_core::keys::{DataKeys, NodeKey};
-use kalima_core::registry::{ADMIN_ID, DEVICES_ADDRESS, DeviceRecord, GrantRecord, grants_address, token_digest};
-use kalima_core::tx::TxContent;
-use kalima_core::{Chain, ChainConfig, CommittedTx, Ingest, Store};
+use kalima_core::CommittedTx;
 use serde_json::{Value, json};
-use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 
@@ -544,75 +539,20 @@ pub(crate) fn txpk_phy(txpk: &Value) -> Vec<u8> {
 /// Chain name used by every test.
 pub(crate) const CHAIN: &str = "kalima-it";
 
-/// A chain on a fresh SQLite file, with its ingest.
-pub(crate) struct Node {
-    pub(crate) chain: Chain,
-    pub(crate) ingest: Ingest,
-    _task: tokio::task::JoinHandle<kalima_core::Result<()>>,
-    dir: TempDir,
-}
+/// A chain on a fresh SQLite file, with its ingest (shared harness plus this crate's helpers).
+pub(crate) struct Node(kalima_core::testing::TestChain);
 
-fn registration(id: &str, admin: bool) -> TxContent {
-    let record = DeviceRecord {
-        token_sha256: token_digest(&format!("kal_{id}-token-for-tests")),
-        public_key: None,
-        require_signature: false,
-        admin,
-        revoked: false,
-    };
-    TxContent {
-        device_id: ADMIN_ID.into(),
-        address: DEVICES_ADDRESS.into(),
-        key: id.into(),
-        body: serde_json::to_vec(&record).expect("device record to JSON"),
-        ..TxContent::default()
-    }
-}
-
-fn grant(device: &str, prefix: &str, read: bool, write: bool) -> TxContent {
-    TxContent {
-        device_id: ADMIN_ID.into(),
-        address: grants_address(device),
-        key: prefix.into(),
-        body: serde_json::to_vec(&GrantRecord { read, write }).expect("grant to JSON"),
-        ..TxContent::default()
+impl std::ops::Deref for Node {
+    type Target = kalima_core::testing::TestChain;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
 impl Node {
     /// Genesis registers the admin device, as `kalima init` does.
     pub(crate) async fn start() -> Node {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}/kalima.db", dir.path().display());
-        let store = Store::connect(&url, Arc::new(DataKeys::ephemeral())).await.expect("open SQLite store");
-        let config = ChainConfig { chain: CHAIN.into(), checkpoint_interval: None, ..Default::default() };
-        let (chain, task) = Chain::open(store, NodeKey::from_seed([7; 32]), config, vec![registration(ADMIN_ID, true)])
-            .await
-            .expect("open chain");
-        let ingest = Ingest::new(chain.clone(), 8192);
-        Node { chain, ingest, _task: task, dir }
-    }
-
-    /// The test's private directory.
-    pub(crate) fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Registers device `id` with `(prefix, read, write)` grants, as the admin API does.
-    pub(crate) async fn register(&self, id: &str, grants: &[(&str, bool, bool)]) {
-        let mut items = vec![registration(id, false)];
-        items.extend(grants.iter().map(|(p, r, w)| grant(id, p, *r, *w)));
-        self.chain.submit(items, Some(Guard::DeviceAbsent(id.into()))).await.expect("register device");
-    }
-
-    /// The latest committed transaction of `address`/`key`.
-    pub(crate) fn latest(&self, address: &str, key: &str) -> Option<Arc<CommittedTx>> {
-        self.chain.memcache().get(address, key)
-    }
-
-    /// Every transaction of `address`/`key`, newest first.
-    pub(crate) async fn history(&self, address: &str, key: &str) -> Vec<CommittedTx> {
-        self.chain.store().history(address, key, u64::MAX, 1000).await.expect("history")
+        Node(kalima_core::testing::TestChain::start(CHAIN).await)
     }
 
     /// The frame counters of every transaction of `address`/`key`, oldest first.

@@ -12,15 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kalima_adapter_mqtt::{MqttSection, MqttServer};
-use kalima_core::chain::Guard;
-use kalima_core::keys::{DataKeys, NodeKey};
-use kalima_core::registry::Device;
-use kalima_core::registry::{ADMIN_ID, DEVICES_ADDRESS, DeviceRecord, GrantRecord, grants_address, token_digest};
-use kalima_core::tx::TxContent;
-use kalima_core::{Chain, ChainConfig, CommittedTx, Ingest, Store};
+use kalima_core::CommittedTx;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdin, Command};
@@ -107,114 +101,20 @@ impl V {
 /// Chain name used by every test.
 pub(crate) const CHAIN: &str = "kalima-mqtt-it";
 
-/// The token of test device `id`.
-pub(crate) fn token(id: &str) -> String {
-    format!("kal_{id}-token-for-tests")
-}
+/// A chain on a fresh SQLite file, with its ingest (shared harness plus this crate's helpers).
+pub(crate) struct Node(kalima_core::testing::TestChain);
 
-/// A chain on a fresh SQLite file, with its ingest (8 KB bodies, as the node runs it).
-pub(crate) struct Node {
-    pub(crate) chain: Chain,
-    pub(crate) ingest: Ingest,
-    _task: tokio::task::JoinHandle<kalima_core::Result<()>>,
-    _dir: TempDir,
-}
-
-fn device_record(id: &str, admin: bool, revoked: bool) -> TxContent {
-    let record = DeviceRecord {
-        token_sha256: token_digest(&token(id)),
-        public_key: None,
-        require_signature: false,
-        admin,
-        revoked,
-    };
-    TxContent {
-        device_id: ADMIN_ID.into(),
-        address: DEVICES_ADDRESS.into(),
-        key: id.into(),
-        body: serde_json::to_vec(&record).expect("device record to JSON"),
-        ..TxContent::default()
-    }
-}
-
-fn grant_tx(device: &str, prefix: &str, read: bool, write: bool) -> TxContent {
-    // Both false removes the grant, as `POST /api/v1/devices/{id}/grants` does.
-    let body = if read || write {
-        serde_json::to_vec(&GrantRecord { read, write }).expect("grant to JSON")
-    } else {
-        Vec::new()
-    };
-    TxContent {
-        device_id: ADMIN_ID.into(),
-        address: grants_address(device),
-        key: prefix.into(),
-        body,
-        ..TxContent::default()
+impl std::ops::Deref for Node {
+    type Target = kalima_core::testing::TestChain;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
 impl Node {
     /// Genesis registers the admin device, as `kalima init` does.
     pub(crate) async fn start() -> Node {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}/kalima.db", dir.path().display());
-        let store = Store::connect(&url, Arc::new(DataKeys::ephemeral())).await.expect("open SQLite store");
-        let config = ChainConfig { chain: CHAIN.into(), checkpoint_interval: None, ..Default::default() };
-        let (chain, task) =
-            Chain::open(store, NodeKey::from_seed([9; 32]), config, vec![device_record(ADMIN_ID, true, false)])
-                .await
-                .expect("open chain");
-        let ingest = Ingest::new(chain.clone(), kalima_core::tx::MAX_BODY);
-        Node { chain, ingest, _task: task, _dir: dir }
-    }
-
-    /// Registers device `id` (token [`token`]) with `(prefix, read, write)` grants, as the admin API does.
-    pub(crate) async fn register(&self, id: &str, grants: &[(&str, bool, bool)]) -> Arc<Device> {
-        let mut items = vec![device_record(id, false, false)];
-        items.extend(grants.iter().map(|(p, r, w)| grant_tx(id, p, *r, *w)));
-        self.chain.submit(items, Some(Guard::DeviceAbsent(id.into()))).await.expect("register device");
-        self.device(id)
-    }
-
-    /// Sets (or, with both false, removes) a grant of a registered device.
-    pub(crate) async fn grant(&self, id: &str, prefix: &str, read: bool, write: bool) {
-        self.chain
-            .submit(vec![grant_tx(id, prefix, read, write)], Some(Guard::DevicePresent(id.into())))
-            .await
-            .expect("grant");
-    }
-
-    /// Revokes a device, as `DELETE /api/v1/devices/{id}` does: its record again, revoked.
-    pub(crate) async fn revoke(&self, id: &str) {
-        self.chain
-            .submit(vec![device_record(id, false, true)], Some(Guard::DevicePresent(id.into())))
-            .await
-            .expect("revoke");
-        assert!(self.device(id).record.revoked, "revocation of {id} did not take");
-    }
-
-    /// A registered device.
-    pub(crate) fn device(&self, id: &str) -> Arc<Device> {
-        self.chain.registry().get(id).unwrap_or_else(|| panic!("device {id:?} is not registered"))
-    }
-
-    /// The latest committed transaction of `address`/`key`.
-    pub(crate) fn latest(&self, address: &str, key: &str) -> Option<Arc<CommittedTx>> {
-        self.chain.memcache().get(address, key)
-    }
-
-    /// Every stored transaction of `address`/`key`, oldest first.
-    pub(crate) async fn history(&self, address: &str, key: &str) -> Vec<CommittedTx> {
-        let mut all = Vec::new();
-        let mut before = i64::MAX as u64;
-        loop {
-            let page = self.chain.store().history(address, key, before, 1000).await.expect("history");
-            let Some(last) = page.last() else { break };
-            before = last.tx.global_sequence;
-            all.extend(page);
-        }
-        all.reverse();
-        all
+        Node(kalima_core::testing::TestChain::start(CHAIN).await)
     }
 
     /// The bodies of every stored transaction of `address`/`key`, oldest first.
@@ -238,7 +138,23 @@ impl Node {
             .unwrap_or_else(|e| panic!("the stored chain does not verify: {e:#}"));
         assert!(report.transactions > 0, "verification checked no transaction: {report:?}");
     }
+
+    /// Every stored transaction of `address`/`key`, oldest first.
+    pub(crate) async fn history(&self, address: &str, key: &str) -> Vec<CommittedTx> {
+        let mut all = Vec::new();
+        let mut before = i64::MAX as u64;
+        loop {
+            let page = self.chain.store().history(address, key, before, 1000).await.expect("history");
+            let Some(last) = page.last() else { break };
+            before = last.tx.global_sequence;
+            all.extend(page);
+        }
+        all.reverse();
+        all
+    }
 }
+
+pub(crate) use kalima_core::testing::token;
 
 // ----------------------------------------------------------------------------------------
 // The server under test.

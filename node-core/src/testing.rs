@@ -1,0 +1,113 @@
+//! A chain for other crates' tests: SQLite in a temporary directory, the admin device in
+//! genesis (as `kalima init` registers it), and the admin API's device and grant changes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::chain::Guard;
+use crate::keys::{DataKeys, NodeKey};
+use crate::registry::{ADMIN_ID, DEVICES_ADDRESS, Device, DeviceRecord, GrantRecord, grants_address, token_digest};
+use crate::tx::TxContent;
+use crate::{Chain, ChainConfig, CommittedTx, Ingest, Store};
+
+/// The token of test device `id`.
+pub fn token(id: &str) -> String {
+    format!("kal_{id}-token-for-tests")
+}
+
+fn device_record(id: &str, admin: bool, revoked: bool) -> TxContent {
+    let record =
+        DeviceRecord { token_sha256: token_digest(&token(id)), public_key: None, require_signature: false, admin, revoked };
+    TxContent {
+        device_id: ADMIN_ID.into(),
+        address: DEVICES_ADDRESS.into(),
+        key: id.into(),
+        body: serde_json::to_vec(&record).unwrap_or_default(),
+        ..TxContent::default()
+    }
+}
+
+fn grant_tx(device: &str, prefix: &str, read: bool, write: bool) -> TxContent {
+    // Both false removes the grant, as `POST /api/v1/devices/{id}/grants` does.
+    let body = if read || write { serde_json::to_vec(&GrantRecord { read, write }).unwrap_or_default() } else { Vec::new() };
+    TxContent { device_id: ADMIN_ID.into(), address: grants_address(device), key: prefix.into(), body, ..TxContent::default() }
+}
+
+/// A running chain on a fresh SQLite file, with its ingest (8 KB bodies, as the node runs it).
+pub struct TestChain {
+    /// The chain.
+    pub chain: Chain,
+    /// Its write path.
+    pub ingest: Ingest,
+    _task: tokio::task::JoinHandle<crate::Result<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl TestChain {
+    /// Opens a chain named `name` whose genesis registers the admin device.
+    pub async fn start(name: &str) -> TestChain {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}/kalima.db", dir.path().display());
+        let store = Store::connect(&url, Arc::new(DataKeys::ephemeral())).await.expect("open SQLite store");
+        let config = ChainConfig { chain: name.into(), checkpoint_interval: None, ..Default::default() };
+        let (chain, task) = Chain::open(store, NodeKey::from_seed([7; 32]), config, vec![device_record(ADMIN_ID, true, false)])
+            .await
+            .expect("open chain");
+        let ingest = Ingest::new(chain.clone(), crate::tx::MAX_BODY);
+        TestChain { chain, ingest, _task: task, dir }
+    }
+
+    /// The test's private directory (the database lives there).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Registers device `id` (token [`token`]) with `(prefix, read, write)` grants.
+    pub async fn register(&self, id: &str, grants: &[(&str, bool, bool)]) -> Arc<Device> {
+        let mut items = vec![device_record(id, false, false)];
+        items.extend(grants.iter().map(|(p, r, w)| grant_tx(id, p, *r, *w)));
+        self.chain.submit(items, Some(Guard::DeviceAbsent(id.into()))).await.expect("register device");
+        self.device(id)
+    }
+
+    /// Sets (or, with both false, removes) a grant of a registered device.
+    pub async fn grant(&self, id: &str, prefix: &str, read: bool, write: bool) -> Arc<Device> {
+        self.chain
+            .submit(vec![grant_tx(id, prefix, read, write)], Some(Guard::DevicePresent(id.into())))
+            .await
+            .expect("grant");
+        self.device(id)
+    }
+
+    /// Revokes a device, as `DELETE /api/v1/devices/{id}` does.
+    pub async fn revoke(&self, id: &str) {
+        self.chain
+            .submit(vec![device_record(id, false, true)], Some(Guard::DevicePresent(id.into())))
+            .await
+            .expect("revoke");
+        assert!(self.device(id).record.revoked, "revocation of {id} did not take");
+    }
+
+    /// A registered device.
+    pub fn device(&self, id: &str) -> Arc<Device> {
+        self.chain.registry().get(id).unwrap_or_else(|| panic!("device {id:?} is not registered"))
+    }
+
+    /// The latest committed transaction of `address`/`key`.
+    pub fn latest(&self, address: &str, key: &str) -> Option<Arc<CommittedTx>> {
+        self.chain.memcache().get(address, key)
+    }
+
+    /// Every stored transaction of `address`/`key`, newest first.
+    pub async fn history(&self, address: &str, key: &str) -> Vec<CommittedTx> {
+        let mut all = Vec::new();
+        let mut before = u64::MAX;
+        loop {
+            let page = self.chain.store().history(address, key, before, 1000).await.expect("history");
+            let Some(last) = page.last() else { break };
+            before = last.tx.global_sequence;
+            all.extend(page);
+        }
+        all
+    }
+}
