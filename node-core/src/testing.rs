@@ -16,8 +16,13 @@ pub fn token(id: &str) -> String {
 }
 
 fn device_record(id: &str, admin: bool, revoked: bool) -> TxContent {
-    let record =
-        DeviceRecord { token_sha256: token_digest(&token(id)), public_key: None, require_signature: false, admin, revoked };
+    let record = DeviceRecord {
+        token_sha256: token_digest(&token(id)),
+        public_key: None,
+        require_signature: false,
+        admin,
+        revoked,
+    };
     TxContent {
         device_id: ADMIN_ID.into(),
         address: DEVICES_ADDRESS.into(),
@@ -29,8 +34,15 @@ fn device_record(id: &str, admin: bool, revoked: bool) -> TxContent {
 
 fn grant_tx(device: &str, prefix: &str, read: bool, write: bool) -> TxContent {
     // Both false removes the grant, as `POST /api/v1/devices/{id}/grants` does.
-    let body = if read || write { serde_json::to_vec(&GrantRecord { read, write }).unwrap_or_default() } else { Vec::new() };
-    TxContent { device_id: ADMIN_ID.into(), address: grants_address(device), key: prefix.into(), body, ..TxContent::default() }
+    let body =
+        if read || write { serde_json::to_vec(&GrantRecord { read, write }).unwrap_or_default() } else { Vec::new() };
+    TxContent {
+        device_id: ADMIN_ID.into(),
+        address: grants_address(device),
+        key: prefix.into(),
+        body,
+        ..TxContent::default()
+    }
 }
 
 /// A running chain on a fresh SQLite file, with its ingest (8 KB bodies, as the node runs it).
@@ -50,9 +62,10 @@ impl TestChain {
         let url = format!("sqlite://{}/kalima.db", dir.path().display());
         let store = Store::connect(&url, Arc::new(DataKeys::ephemeral())).await.expect("open SQLite store");
         let config = ChainConfig { chain: name.into(), checkpoint_interval: None, ..Default::default() };
-        let (chain, task) = Chain::open(store, NodeKey::from_seed([7; 32]), config, vec![device_record(ADMIN_ID, true, false)])
-            .await
-            .expect("open chain");
+        let (chain, task) =
+            Chain::open(store, NodeKey::from_seed([7; 32]), config, vec![device_record(ADMIN_ID, true, false)])
+                .await
+                .expect("open chain");
         let ingest = Ingest::new(chain.clone(), crate::tx::MAX_BODY);
         TestChain { chain, ingest, _task: task, dir }
     }
