@@ -130,6 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = Config::load(&dir)?;
             tracing::info!(target: "node", version = env!("CARGO_PKG_VERSION"), dir = %dir.display(), "Starting Kalima node.");
             let demo_cfg = cfg.demo.clone();
+            let stop_signal = node::shutdown_signal();
             let mut running = node::start(&dir, cfg).await?;
             if demo {
                 let chain = running.chain.clone();
@@ -149,7 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir.join(config::ADMIN_TOKEN_FILE).display()
             );
             tokio::select! {
-                _ = node::shutdown_signal() => tracing::info!(target: "node", "Stopping."),
+                _ = stop_signal => tracing::info!(target: "node", "Stopping."),
                 r = &mut running.server => {
                     // The server stopping on its own is fatal: report it rather than linger.
                     anyhow::bail!("API server stopped: {:?}", r);
