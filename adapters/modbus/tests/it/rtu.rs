@@ -101,3 +101,52 @@ async fn rtu_readings_and_setpoints_over_a_serial_line() {
     let ok = crate::support::status(&adapter, "meter-7").polls_ok;
     wait_status(&adapter, "meter-7", "still polled", |s| s.polls_ok > ok && s.state == DeviceState::Ok).await;
 }
+
+/// Several units on one serial line (an RS-485 bus) all answer: the adapter opens the port
+/// once and the devices take turns on it, each polled on its own schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_units_share_one_serial_line() {
+    let pty = PtyPair::start().await;
+    // Unit 0 makes the simulator answer every unit id, standing in for two meters on one bus.
+    let _sim = ModbusSim::rtu(&pty.a, 0, json!({ "holding": { "0": 111, "1": 222 } })).await;
+    let node = Node::start().await;
+    node.register("modbus", &[("/bus", true, true)]).await;
+    let cfg = section(&format!(
+        r#"
+        [modbus]
+        [[modbus.devices]]
+        name = "unit-1"
+        transport = "rtu"
+        serial_port = "{port}"
+        unit_id = 1
+        address = "/bus/unit-1"
+        poll_interval_ms = 150
+        [[modbus.devices.points]]
+        key = "v"
+        register = 0
+
+        [[modbus.devices]]
+        name = "unit-2"
+        transport = "rtu"
+        serial_port = "{port}"
+        unit_id = 2
+        address = "/bus/unit-2"
+        poll_interval_ms = 150
+        [[modbus.devices.points]]
+        key = "v"
+        register = 1
+        "#,
+        port = pty.b,
+    ));
+    let adapter = ModbusAdapter::start(&cfg, node.ingest.clone());
+    let describe = || format!("{:#?}", adapter.status());
+    for (address, want) in [("/bus/unit-1", 111), ("/bus/unit-2", 222)] {
+        let c = wait_for(&format!("{address} over the shared line"), || node.latest(address, "v"), describe).await;
+        assert_eq!(body_json(&c), json!({ "value": want }), "{address}");
+    }
+    // Both keep polling: neither starves the other on the shared port.
+    let before: Vec<u64> = adapter.status().iter().map(|s| s.polls_ok).collect();
+    wait_status(&adapter, "unit-2", "more polls", |s| s.polls_ok >= before[1] + 5).await;
+    wait_status(&adapter, "unit-1", "more polls", |s| s.polls_ok >= before[0] + 5).await;
+    assert!(adapter.status().iter().all(|s| s.state == DeviceState::Ok && s.polls_failed == 0), "{}", describe());
+}
