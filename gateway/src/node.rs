@@ -275,6 +275,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         )?)),
         None => None,
     };
+    state.lorawan = lorawan.clone();
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);

@@ -6,6 +6,7 @@ pub mod codec;
 pub mod config;
 pub mod network;
 pub mod semtech;
+pub mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -44,6 +45,7 @@ fn count(outcome: &'static str) {
 #[derive(Debug)]
 pub struct LorawanAdapter {
     local_addr: SocketAddr,
+    status: Arc<parking_lot::Mutex<status::Status>>,
     task: tokio::task::JoinHandle<()>,
     committer: tokio::task::JoinHandle<()>,
 }
@@ -74,6 +76,44 @@ impl LorawanAdapter {
         let local_addr = socket.local_addr()?;
         let mut network = Network::new(section, sessions_path);
         restore_counters(section, &ingest, &mut network);
+        let status = Arc::new(parking_lot::Mutex::new(status::Status {
+            devices: section
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| status::DeviceStatus {
+                    name: d.name.clone(),
+                    dev_eui: d.dev_eui.to_ascii_lowercase(),
+                    activation: match d.activation {
+                        config::Activation::Abp => "abp".into(),
+                        config::Activation::Otaa => "otaa".into(),
+                    },
+                    address: d.address.clone(),
+                    joined: network.session(i).is_some(),
+                    dev_addr: network.session(i).map(|s| hex::encode(s.dev_addr)),
+                    uplinks: 0,
+                    joins: 0,
+                    last_fcnt: network.session(i).and_then(|s| s.fcnt_up),
+                    fcnt_down: network.session(i).map(|s| s.fcnt_down),
+                    last_seen_ms: None,
+                    last_gateway: None,
+                    last_rssi: None,
+                    last_snr: None,
+                })
+                .collect(),
+            gateways: section
+                .gateways
+                .iter()
+                .map(|g| status::GatewayStatus {
+                    eui: g.to_ascii_lowercase(),
+                    push_data: 0,
+                    last_push_ms: None,
+                    last_pull_ms: None,
+                    downlink_path: false,
+                    tx_errors: 0,
+                })
+                .collect(),
+        }));
         let gateways: HashSet<[u8; 8]> = section.gateways.iter().filter_map(|g| config::hex_bytes::<8>(g)).collect();
         let server = Server {
             socket: Arc::new(socket),
@@ -84,12 +124,18 @@ impl LorawanAdapter {
             pull_addrs: HashMap::new(),
             pending: HashMap::new(),
             seen: HashMap::new(),
+            status: status.clone(),
         };
         let (commits, rx) = tokio::sync::mpsc::channel(COMMIT_QUEUE);
         let committer = tokio::spawn(commit_loop(server.ingest.clone(), server.socket.clone(), rx));
         let task = tokio::spawn(server.run(commits));
         tracing::info!(target: "adapter::lorawan", listen = %local_addr, devices = section.devices.len(), "LoRaWAN packet-forwarder endpoint listening.");
-        Ok(LorawanAdapter { local_addr, task, committer })
+        Ok(LorawanAdapter { local_addr, status, task, committer })
+    }
+
+    /// What the adapter has seen of each device and gateway.
+    pub fn status(&self) -> status::Status {
+        self.status.lock().clone()
     }
 
     /// Where gateways send.
@@ -218,6 +264,7 @@ struct Server {
     pull_addrs: HashMap<[u8; 8], (SocketAddr, u8)>,
     pending: HashMap<Vec<u8>, Pending>,
     seen: HashMap<[u8; 16], Instant>,
+    status: Arc<parking_lot::Mutex<status::Status>>,
 }
 
 fn digest(phy: &[u8]) -> [u8; 16] {
@@ -271,6 +318,10 @@ impl Server {
                     return;
                 }
                 let _ = self.socket.send_to(&semtech::ack(version, token, Kind::PushAck), from).await;
+                self.gateway_status(&gateway, |g| {
+                    g.push_data += 1;
+                    g.last_push_ms = Some(status::now_ms());
+                });
                 for u in uplinks {
                     match u {
                         Err(e) => count(e.reason()),
@@ -301,6 +352,10 @@ impl Server {
                     return;
                 }
                 self.pull_addrs.insert(gateway, (from, version));
+                self.gateway_status(&gateway, |g| {
+                    g.last_pull_ms = Some(status::now_ms());
+                    g.downlink_path = true;
+                });
                 let _ = self.socket.send_to(&semtech::ack(version, token, Kind::PullAck), from).await;
             }
             FromGateway::TxAck { error, gateway, .. } => {
@@ -308,6 +363,7 @@ impl Server {
                     count("tx_ack_ok");
                 } else {
                     count("tx_ack_error");
+                    self.gateway_status(&gateway, |g| g.tx_errors += 1);
                     tracing::debug!(target: "adapter::lorawan", gateway = %hex::encode(gateway), error = %error, "Gateway could not send a downlink.");
                 }
             }
@@ -333,7 +389,10 @@ impl Server {
                     count(e.reason());
                     tracing::debug!(target: "adapter::lorawan", error = %e, "Uplink refused.");
                 }
-                Ok(Accepted::Join { device, accept }) => self.send_join_accept(device, &accept, &p.receptions),
+                Ok(Accepted::Join { device, accept }) => {
+                    self.device_seen(device, None, &p.receptions, true);
+                    self.send_join_accept(device, &accept, &p.receptions);
+                }
                 Ok(Accepted::Data { device, fcnt, fport, payload, confirmed }) => {
                     // The section is shared (`Arc`), so a device can be read while the network changes.
                     let section = self.section.clone();
@@ -352,6 +411,7 @@ impl Server {
                             None => count("no_downlink_path"),
                         }
                     }
+                    self.device_seen(device, Some(fcnt), &p.receptions, false);
                     let dev_addr = self.network.session(device).map(|s| hex::encode(s.dev_addr)).unwrap_or_default();
                     let props = provenance(d, &dev_addr, fcnt, fport, &p.receptions);
                     let txs = readings(d, fport, &payload, props);
@@ -366,6 +426,34 @@ impl Server {
                 readings_outcome("overloaded", n);
                 count("overloaded");
             }
+        }
+    }
+
+    fn gateway_status(&self, eui: &[u8; 8], f: impl FnOnce(&mut status::GatewayStatus)) {
+        let e = hex::encode(eui);
+        if let Some(g) = self.status.lock().gateways.iter_mut().find(|g| g.eui == e) {
+            f(g);
+        }
+    }
+
+    fn device_seen(&self, device: usize, fcnt: Option<u32>, receptions: &[([u8; 8], Rxpk)], join: bool) {
+        let session = self.network.session(device);
+        let mut st = self.status.lock();
+        let Some(d) = st.devices.get_mut(device) else { return };
+        if join {
+            d.joins += 1;
+        } else {
+            d.uplinks += 1;
+            d.last_fcnt = fcnt;
+        }
+        d.joined = session.is_some();
+        d.dev_addr = session.map(|s| hex::encode(s.dev_addr));
+        d.fcnt_down = session.map(|s| s.fcnt_down);
+        d.last_seen_ms = Some(status::now_ms());
+        if let Some((gw, rx)) = receptions.iter().max_by_key(|(_, rx)| rx.rssi) {
+            d.last_gateway = Some(hex::encode(gw));
+            d.last_rssi = Some(rx.rssi);
+            d.last_snr = rx.lsnr;
         }
     }
 

@@ -19,6 +19,37 @@ pub fn router() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/adapters/modbus/devices", get(modbus_devices))
         .route("/adapters/modbus/devices/{name}/points/{key}", post(modbus_setpoint))
+        .route("/adapters/lorawan", get(lorawan_status))
+}
+
+/// LoRaWAN devices and gateways as the adapter has seen them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LorawanStatus {
+    /// Whether `[lorawan] listen` is set.
+    pub enabled: bool,
+    /// Devices whose address the caller may read (all for admins).
+    pub devices: Vec<kalima_adapter_lorawan::status::DeviceStatus>,
+    /// Allow-listed gateways (admins only; empty for other devices).
+    pub gateways: Vec<kalima_adapter_lorawan::status::GatewayStatus>,
+}
+
+/// Status of the LoRaWAN adapter: per device whether it joined, its counters, when and through
+/// which gateway it was last heard; per gateway its last contact and whether downlinks can
+/// reach it.
+#[utoipa::path(get, path = "/api/v1/adapters/lorawan", tag = "adapters",
+    responses((status = 200, body = LorawanStatus)),
+    security(("bearer" = [])))]
+pub async fn lorawan_status(State(state): State<AppState>, auth: Auth) -> Json<LorawanStatus> {
+    let Some(l) = &state.lorawan else {
+        return Json(LorawanStatus { enabled: false, devices: Vec::new(), gateways: Vec::new() });
+    };
+    let s = l.status();
+    let admin = auth.0.is_admin();
+    Json(LorawanStatus {
+        enabled: true,
+        devices: s.devices.into_iter().filter(|d| admin || auth.0.can_read(&d.address)).collect(),
+        gateways: if admin { s.gateways } else { Vec::new() },
+    })
 }
 
 /// Modbus devices the caller may read.

@@ -48,6 +48,8 @@ pub struct AppState {
     pub streams: Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
     /// The Modbus adapter, when `[modbus]` configures devices.
     pub modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
+    /// The LoRaWAN adapter, when `[lorawan] listen` is set.
+    pub lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
 }
 
 impl AppState {
@@ -62,6 +64,7 @@ impl AppState {
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
             streams: Arc::default(),
             modbus: None,
+            lorawan: None,
         }
     }
 }
@@ -219,7 +222,7 @@ impl utoipa::Modify for SecurityAddon {
         chain::list_blocks, chain::block, chain::latest_checkpoint, chain::new_checkpoint, chain::consistency,
         stream::sse, stream::ws,
         devices::register, devices::list, devices::show, devices::revoke, devices::grant, devices::remove_grant,
-        adapters::modbus_devices, adapters::modbus_setpoint,
+        adapters::modbus_devices, adapters::modbus_setpoint, adapters::lorawan_status,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
     modifiers(&SecurityAddon, &CommonResponses),

@@ -120,6 +120,19 @@ codec = "cayenne_lpp"
     assert_eq!(s, StatusCode::OK, "{hum}");
     assert_eq!(hum["values"][0]["body"], json!({ "value": 55.0, "unit": "%" }));
 
+    // The status route shows what the adapter has seen of the device and the gateway.
+    let (s, st) = node.get_json("/api/v1/adapters/lorawan").await;
+    assert_eq!(s, StatusCode::OK, "{st}");
+    let dev = &st["devices"][0];
+    assert_eq!((dev["name"].as_str(), dev["joined"].as_bool()), (Some("soil-1"), Some(true)), "{st}");
+    assert_eq!(dev["uplinks"], 1, "{st}");
+    assert_eq!(dev["last_fcnt"], 70000, "{st}");
+    assert_eq!(dev["last_gateway"], hex::encode(GATEWAY), "{st}");
+    assert_eq!(dev["last_rssi"], -71, "{st}");
+    let gw = &st["gateways"][0];
+    assert_eq!(gw["eui"], hex::encode(GATEWAY), "{st}");
+    assert_eq!(gw["push_data"], 1, "only the allow-listed gateway's datagram counts: {st}");
+    assert_eq!(gw["downlink_path"], false, "no PULL_DATA was sent: {st}");
     let metrics =
         node.http().get(node.url("/metrics")).send().await.expect("GET /metrics").text().await.unwrap_or_default();
     for series in [
