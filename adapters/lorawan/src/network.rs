@@ -98,8 +98,12 @@ pub struct Session {
     #[serde(skip)]
     pub fcnt_up: Option<u32>,
     /// Counter of the next downlink (devices refuse a downlink counter that does not advance).
+    /// On disk: the counter reserved up to, so a restart never reuses one.
     #[serde(default)]
     pub fcnt_down: u32,
+    /// Counters below this are reserved on disk.
+    #[serde(skip)]
+    pub reserved_down: u32,
 }
 
 /// What an accepted frame asks for.
@@ -152,6 +156,9 @@ pub struct Network {
     sessions_path: Option<PathBuf>,
 }
 
+/// Downlink counters reserved on disk at a time.
+const DOWNLINK_RESERVATION: u32 = 64;
+
 /// MHDR, AppNonce, NetID, DevAddr, DLSettings, RxDelay and MIC: a join accept without CFList.
 const JOIN_ACCEPT_LEN: usize = 17;
 
@@ -195,6 +202,7 @@ impl Network {
                         .map(|x| x.fcnt_down);
                     if let (Some(s), Some(f)) = (s.as_mut(), saved_down) {
                         s.fcnt_down = f;
+                        s.reserved_down = f;
                     }
                     (None, s, BTreeSet::new())
                 }
@@ -205,7 +213,10 @@ impl Network {
                             hex_bytes::<8>(&d.app_eui).unwrap_or_default(),
                             hex_bytes::<16>(&d.app_key).unwrap_or_default(),
                         )),
-                        s.and_then(|s| s.session.clone()),
+                        s.and_then(|s| s.session.clone()).map(|mut s| {
+                            s.reserved_down = s.fcnt_down;
+                            s
+                        }),
                         s.map(|s| s.dev_nonces.clone()).unwrap_or_default(),
                     )
                 }
@@ -366,6 +377,7 @@ impl Network {
             app_skey: opened.derive_appskey(&dn, &key).inner().0,
             fcnt_up: None,
             fcnt_down: 0,
+            reserved_down: 0,
         };
         let d = &mut self.devices[i];
         if let Some(old) = d.session.replace(session)
@@ -385,6 +397,11 @@ impl Network {
         let s = self.devices.get_mut(i)?.session.as_mut()?;
         let fcnt = s.fcnt_down;
         s.fcnt_down = s.fcnt_down.checked_add(1)?;
+        // Counters are reserved on disk in blocks, so most downlinks cost no file write.
+        let reserve = fcnt >= s.reserved_down;
+        if reserve {
+            s.reserved_down = fcnt.saturating_add(DOWNLINK_RESERVATION);
+        }
         let (addr, nwk, app) = (rev(s.dev_addr), s.nwk_skey, s.app_skey);
         let mut fctrl = lorawan::parser::FCtrl::new(0, false);
         fctrl.set_ack();
@@ -392,7 +409,9 @@ impl Network {
         c.set_uplink(false).set_confirmed(false).set_dev_addr(&addr).set_fctrl(&fctrl).set_fcnt(fcnt);
         let phy =
             c.build(&[], &[], &lorawan::keys::NewSKey::from(nwk), &lorawan::keys::AppSKey::from(app)).ok()?.to_vec();
-        self.save();
+        if reserve {
+            self.save();
+        }
         Some(phy)
     }
 
@@ -405,7 +424,11 @@ impl Network {
             .iter()
             .filter(|d| d.session.is_some() || d.otaa.is_some())
             .map(|d| {
-                (hex::encode(d.dev_eui), SavedDevice { session: d.session.clone(), dev_nonces: d.dev_nonces.clone() })
+                let session = d.session.clone().map(|mut s| {
+                    s.fcnt_down = s.reserved_down.max(s.fcnt_down);
+                    s
+                });
+                (hex::encode(d.dev_eui), SavedDevice { session, dev_nonces: d.dev_nonces.clone() })
             })
             .collect();
         let res = (|| -> std::io::Result<()> {
@@ -433,5 +456,6 @@ fn abp_session(d: &DeviceConfig) -> Option<Session> {
         app_skey: hex_bytes::<16>(&d.app_skey)?,
         fcnt_up: None,
         fcnt_down: 0,
+        reserved_down: 0,
     })
 }

@@ -55,11 +55,13 @@ async fn confirmed_uplinks_get_an_ack_after_the_commit() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(gw.pull_resps().is_empty(), "unexpected downlinks: {:?}", gw.pull_resps());
 
-    // The downlink counter survives a restart (devices refuse counters that go back).
+    // The downlink counter never goes back across a restart (devices refuse that); counters
+    // are reserved on disk in blocks, so it may jump ahead.
     h.restart().await;
     let gw = h.gateway(GW1).await;
     gw.pull().await;
     gw.uplink(&confirmed(13, "04").await, -60).await;
     let d = parse_downlink(&gw.expect_pull_resp().await).await;
-    assert_eq!(d["fcnt"], 2, "{d}");
+    assert!(d["fcnt"].as_u64().is_some_and(|f| f >= 2), "the counter went back after the restart: {d}");
+    assert_eq!(d["mic_ok"], true, "{d}");
 }
