@@ -3,6 +3,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 use crate::chain::Guard;
 use crate::keys::{DataKeys, NodeKey};
@@ -122,5 +125,49 @@ impl TestChain {
             all.extend(page);
         }
         all
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`; panics after `patience` with `what` and
+/// the state `describe` gives, so a failure says what was being waited for.
+pub async fn wait_for<T>(
+    patience: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+    describe: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {patience:?} waiting for {what}; last state:\n{}", describe());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The body of a committed transaction as JSON.
+pub fn body_json(c: &CommittedTx) -> Value {
+    serde_json::from_slice(&c.tx.content.body)
+        .unwrap_or_else(|e| panic!("body of {}/{} is not JSON: {e}", c.tx.content.address, c.tx.content.key))
+}
+
+/// Whether two JSON values are equal, floats within a relative 1e-9 (integers and every
+/// other kind exactly, so an integer must not come out as a float).
+pub fn json_close(actual: &Value, expected: &Value) -> bool {
+    match (actual, expected) {
+        (Value::Number(a), Value::Number(e)) if e.is_f64() => {
+            a.is_f64() && {
+                let (a, e) = (a.as_f64().unwrap_or(f64::NAN), e.as_f64().unwrap_or(f64::NAN));
+                (a - e).abs() <= 1e-9 * e.abs().max(1.0)
+            }
+        }
+        (Value::Object(a), Value::Object(e)) => {
+            a.len() == e.len() && e.iter().all(|(k, ev)| a.get(k).is_some_and(|av| json_close(av, ev)))
+        }
+        (Value::Array(a), Value::Array(e)) => a.len() == e.len() && a.iter().zip(e).all(|(a, e)| json_close(a, e)),
+        _ => actual == expected,
     }
 }

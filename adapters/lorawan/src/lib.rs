@@ -325,10 +325,7 @@ impl Server {
                 for u in uplinks {
                     match u {
                         Err(e) => count(e.reason()),
-                        Ok(u) if u.rx.stat != 1 => {
-                            count("crc_not_ok");
-                            let _ = u;
-                        }
+                        Ok(u) if u.rx.stat != 1 => count("crc_not_ok"),
                         Ok(u) => {
                             if self.seen.contains_key(&digest(&u.phy)) {
                                 count("duplicate");

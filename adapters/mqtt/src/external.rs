@@ -10,6 +10,7 @@ use kalima_core::{Error as CoreError, Ingest};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde::{Deserialize, Serialize};
 
+use crate::count;
 use crate::sparkplug::{self, Host, SparkplugSection};
 use crate::topic;
 
@@ -90,10 +91,6 @@ impl ExternalSection {
         }
         errs
     }
-}
-
-fn count(outcome: &'static str) {
-    metrics::counter!("kalima_mqtt_events_total", "outcome" => outcome).increment(1);
 }
 
 /// The running bridge to an external broker.

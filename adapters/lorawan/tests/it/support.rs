@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,25 +22,17 @@ use tokio::net::UdpSocket;
 /// may be busy building other crates. Tests never assert that something is fast.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
 
+/// Polls `check` until it returns `Some`; panics after [`PATIENCE`] with `what` and `describe`.
+pub(crate) async fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>, describe: impl Fn() -> String) -> T {
+    kalima_core::testing::wait_for(PATIENCE, what, check, describe).await
+}
+
+pub(crate) use kalima_core::testing::{body_json, json_close};
+
 const INSTALL_HINT: &str = "run scripts/peers/install from the workspace root";
 
 // ----------------------------------------------------------------------------------------
 // Waiting.
-
-/// Polls `check` every 20 ms until it returns `Some`; panics after [`PATIENCE`] with `what`
-/// and the last state `describe` gives.
-pub(crate) async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>, describe: impl Fn() -> String) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {PATIENCE:?} waiting for {what}; last state:\n{}", describe());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Absence cannot be awaited, so negative checks run after a later frame (a barrier) has been
 /// committed: the adapter handles frames in arrival order, and anything a refused frame would
@@ -581,30 +573,6 @@ pub(crate) fn fcnt_of(c: &CommittedTx) -> u32 {
 /// A prop of a committed transaction; panics naming the props when it is missing.
 pub(crate) fn prop<'a>(c: &'a CommittedTx, name: &str) -> &'a str {
     c.tx.content.props.get(name).unwrap_or_else(|| panic!("no prop {name:?} in {:#?}", c.tx.content.props))
-}
-
-/// The body of a committed transaction as JSON.
-pub(crate) fn body_json(c: &CommittedTx) -> Value {
-    serde_json::from_slice(&c.tx.content.body)
-        .unwrap_or_else(|e| panic!("body of {}/{} is not JSON: {e}", c.tx.content.address, c.tx.content.key))
-}
-
-/// Whether two JSON values are equal, floats within a relative 1e-9 (integers and every
-/// other kind exactly, so an integer must not come out as a float).
-pub(crate) fn json_close(actual: &Value, expected: &Value) -> bool {
-    match (actual, expected) {
-        (Value::Number(a), Value::Number(e)) if e.is_f64() => {
-            a.is_f64() && {
-                let (a, e) = (a.as_f64().unwrap_or(f64::NAN), e.as_f64().unwrap_or(f64::NAN));
-                (a - e).abs() <= 1e-9 * e.abs().max(1.0)
-            }
-        }
-        (Value::Object(a), Value::Object(e)) => {
-            a.len() == e.len() && e.iter().all(|(k, ev)| a.get(k).is_some_and(|av| json_close(av, ev)))
-        }
-        (Value::Array(a), Value::Array(e)) => a.len() == e.len() && a.iter().zip(e).all(|(a, e)| json_close(a, e)),
-        _ => actual == expected,
-    }
 }
 
 // ----------------------------------------------------------------------------------------

@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kalima_adapter_modbus::{DeviceStatus, ModbusAdapter, ModbusSection};
-use kalima_core::CommittedTx;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -22,25 +21,17 @@ use tokio_modbus::prelude::*;
 /// may be busy building other crates. Tests never assert that something is fast.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
 
+/// Polls `check` until it returns `Some`; panics after [`PATIENCE`] with `what` and `describe`.
+pub(crate) async fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>, describe: impl Fn() -> String) -> T {
+    kalima_core::testing::wait_for(PATIENCE, what, check, describe).await
+}
+
+pub(crate) use kalima_core::testing::{body_json, json_close};
+
 const INSTALL_HINT: &str = "run scripts/peers/install from the workspace root";
 
 // ----------------------------------------------------------------------------------------
 // Waiting.
-
-/// Polls `check` every 20 ms until it returns `Some`; panics after [`PATIENCE`] with `what`
-/// and the last state `describe` gives.
-pub(crate) async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>, describe: impl Fn() -> String) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {PATIENCE:?} waiting for {what}; last state:\n{}", describe());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// The status of device `name`; panics when the adapter has no such device.
 pub(crate) fn status(adapter: &ModbusAdapter, name: &str) -> DeviceStatus {
@@ -441,30 +432,6 @@ impl Node {
     /// The latest body of `address`/`key` as JSON.
     pub(crate) fn body(&self, address: &str, key: &str) -> Option<Value> {
         self.latest(address, key).map(|c| body_json(&c))
-    }
-}
-
-/// The body of a committed transaction as JSON.
-pub(crate) fn body_json(c: &CommittedTx) -> Value {
-    serde_json::from_slice(&c.tx.content.body)
-        .unwrap_or_else(|e| panic!("body of {}/{} is not JSON: {e}", c.tx.content.address, c.tx.content.key))
-}
-
-/// Whether two JSON values are equal, floats within a relative 1e-9 (integers and every
-/// other kind exactly, so an integer register must not come out as a float).
-pub(crate) fn json_close(actual: &Value, expected: &Value) -> bool {
-    match (actual, expected) {
-        (Value::Number(a), Value::Number(e)) if e.is_f64() => {
-            a.is_f64() && {
-                let (a, e) = (a.as_f64().unwrap_or(f64::NAN), e.as_f64().unwrap_or(f64::NAN));
-                (a - e).abs() <= 1e-9 * e.abs().max(1.0)
-            }
-        }
-        (Value::Object(a), Value::Object(e)) => {
-            a.len() == e.len() && e.iter().all(|(k, ev)| a.get(k).is_some_and(|av| json_close(av, ev)))
-        }
-        (Value::Array(a), Value::Array(e)) => a.len() == e.len() && a.iter().zip(e).all(|(a, e)| json_close(a, e)),
-        _ => actual == expected,
     }
 }
 

@@ -23,6 +23,11 @@ use tokio::process::{Child, ChildStdin, Command};
 /// may be busy building other crates. Tests never assert that something is fast.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Polls `check` until it returns `Some`; panics after [`PATIENCE`] with `what` and `describe`.
+pub(crate) async fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>, describe: impl Fn() -> String) -> T {
+    kalima_core::testing::wait_for(PATIENCE, what, check, describe).await
+}
+
 /// How long a test watches for something that must NOT happen, when no later event can
 /// mark the end of the window.
 pub(crate) const QUIET: Duration = Duration::from_millis(700);
@@ -40,21 +45,6 @@ pub(crate) mod rc {
 
 // ----------------------------------------------------------------------------------------
 // Waiting.
-
-/// Polls `check` every 20 ms until it returns `Some`; panics after [`PATIENCE`] with `what`
-/// and the last state `describe` gives.
-pub(crate) async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>, describe: impl Fn() -> String) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {PATIENCE:?} waiting for {what}; last state:\n{}", describe());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 // ----------------------------------------------------------------------------------------
 // Protocol versions.
