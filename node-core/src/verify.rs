@@ -13,7 +13,7 @@ use crate::block::BlockHeader;
 use crate::error::{Error, Result};
 use crate::merkle::{Frontier, Hash};
 use crate::registry::{DEVICES_ADDRESS, DeviceRecord};
-use crate::store::{CommittedTx, RawTx, Store};
+use crate::store::{CommittedTx, IndexDigest, RawBody, Store};
 
 /// Blocks read per round trip.
 const PAGE_BLOCKS: u32 = 200;
@@ -74,17 +74,29 @@ impl Signers {
     }
 }
 
-/// Decrypts, decodes and hashes rows on every core; results keep the rows' order.
-fn open_parallel(store: &Store, txs: &[RawTx]) -> Vec<Result<CommittedTx>> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if threads == 1 || txs.len() < 256 {
-        return txs.iter().map(|r| store.open_raw(r)).collect();
+/// What opening one body produced: its transactions and the index rows they imply.
+type Opened = Result<(Vec<CommittedTx>, IndexDigest)>;
+
+fn open_one(store: &Store, raw: &RawBody) -> Opened {
+    let txs = store.open_body(raw)?;
+    let mut digest = IndexDigest::default();
+    for c in &txs {
+        digest.add(&store.index_rows(c));
     }
-    let per = txs.len().div_ceil(threads);
+    Ok((txs, digest))
+}
+
+/// Decrypts, decodes and hashes bodies on every core; results keep the bodies' order.
+fn open_parallel(store: &Store, bodies: &[RawBody]) -> Vec<Opened> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if threads == 1 || bodies.len() < 4 {
+        return bodies.iter().map(|r| open_one(store, r)).collect();
+    }
+    let per = bodies.len().div_ceil(threads);
     std::thread::scope(|s| {
-        let handles: Vec<_> = txs
+        let handles: Vec<_> = bodies
             .chunks(per)
-            .map(|chunk| s.spawn(move || chunk.iter().map(|r| store.open_raw(r)).collect::<Vec<_>>()))
+            .map(|chunk| s.spawn(move || chunk.iter().map(|r| open_one(store, r)).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
@@ -114,6 +126,7 @@ pub async fn verify_chain_with(
     let mut prev_hash: Hash = [0; 32];
     let mut next_height = 0u64;
     let mut signers = Signers::default();
+    let mut expected_index = IndexDigest::default();
     // A running node keeps committing: verify the chain up to the head seen now, and only the
     // checkpoints made by then.
     let Some(snapshot) = store.latest_raw_block().await? else {
@@ -178,33 +191,31 @@ pub async fn verify_chain_with(
         let (Some(first), Some(last)) = (headers.first(), headers.last()) else {
             break;
         };
-        let txs = store.raw_txs(first.first_sequence(), last.tree_size).await?;
+        let bodies = store.raw_bodies(first.height, u32::try_from(headers.len()).unwrap_or(PAGE_BLOCKS)).await?;
         // Decryption and hashing dominate; spread them over the cores, then check in order.
-        let opened = open_parallel(store, &txs);
-        let mut it = txs.iter().zip(opened);
+        let opened = open_parallel(store, &bodies);
+        let mut it = bodies.iter().zip(opened);
         for header in &headers {
-            for expected in header.first_sequence()..header.tree_size {
-                let Some((raw, opened)) = it.next() else {
-                    return Err(corrupt(header.height, format!("transaction {expected} is missing")));
-                };
-                if raw.global_seq != expected {
-                    return Err(corrupt(header.height, format!("transaction {expected} is missing")));
-                }
-                if raw.height != header.height {
-                    return Err(corrupt(
-                        header.height,
-                        format!("transaction {expected} is filed under height {}", raw.height),
-                    ));
-                }
-                let c = opened.map_err(|e| match e {
-                    // open_raw already names the fault; keep its message, report this block.
-                    Error::Corrupt { reason, .. } => corrupt(header.height, reason),
-                    e => corrupt(header.height, format!("transaction {expected}: {e}")),
-                })?;
-                signers.check(chain, &c).map_err(|reason| corrupt(header.height, reason))?;
+            let Some((raw, opened)) = it.next().filter(|(raw, _)| raw.height == header.height) else {
+                return Err(corrupt(header.height, "the block's transactions are missing"));
+            };
+            if raw.first_seq != header.first_sequence() {
+                return Err(corrupt(header.height, format!("transactions stored from {} instead of {}", raw.first_seq, header.first_sequence())));
+            }
+            let (txs, digest) = opened.map_err(|e| match e {
+                // open_body already names the fault; keep its message, report this block.
+                Error::Corrupt { reason, .. } => corrupt(header.height, reason),
+                e => corrupt(header.height, format!("transactions: {e}")),
+            })?;
+            if txs.len() as u64 != u64::from(header.tx_count) {
+                return Err(corrupt(header.height, format!("{} transactions stored for {} in the header", txs.len(), header.tx_count)));
+            }
+            expected_index.merge(&digest);
+            report.bytes += raw.stored_len() as u64;
+            for c in &txs {
+                signers.check(chain, c).map_err(|reason| corrupt(header.height, reason))?;
                 frontier.push(c.id);
                 report.transactions += 1;
-                report.bytes += raw.sealed.len() as u64 + raw.hash.len() as u64;
                 while let Some(cp) = checkpoints.front() {
                     if cp.tree_size > frontier.len() {
                         break;
@@ -244,11 +255,20 @@ pub async fn verify_chain_with(
     // Rows beyond the snapshot belong to blocks committed since; only a quiet store can
     // show rows outside every block.
     let stored = store.tx_count().await?;
+    let bodies = store.body_count().await?;
     let head_now = store.latest_raw_block().await?.map(|b| b.hash);
-    if head_now.as_ref() == Some(&snapshot.hash) && stored != frontier.len() {
+    if head_now.as_ref() == Some(&snapshot.hash) && (stored != frontier.len() || bodies != report.blocks) {
         return Err(corrupt(
             last_height,
-            format!("{} transactions stored outside any block", stored.saturating_sub(frontier.len())),
+            format!("{} transactions stored outside any block", stored.saturating_sub(frontier.len()).max(1)),
+        ));
+    }
+    // The lookup indexes are derived from the transactions: compare them as multisets.
+    let stored_index = store.stored_index_digest(snapshot.tree_size).await?;
+    if let Some((table, rows, expected)) = stored_index.first_difference(&expected_index) {
+        return Err(corrupt(
+            last_height,
+            format!("index {table} does not match the transactions ({rows} rows stored, {expected} expected)"),
         ));
     }
     report.signatures = signers.signatures;
