@@ -58,13 +58,13 @@ CREATE TABLE store_meta (
 
 CREATE TRIGGER block_txs_no_update BEFORE UPDATE ON block_txs BEGIN SELECT RAISE(ABORT, 'transactions are immutable'); END;
 CREATE TRIGGER block_txs_no_delete BEFORE DELETE ON block_txs BEGIN SELECT RAISE(ABORT, 'transactions are immutable'); END;
-CREATE TRIGGER tx_ids_no_update BEFORE UPDATE ON tx_ids BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
-CREATE TRIGGER tx_ids_no_delete BEFORE DELETE ON tx_ids BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
-CREATE TRIGGER tx_by_stream_no_update BEFORE UPDATE ON tx_by_stream BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
-CREATE TRIGGER tx_by_stream_no_delete BEFORE DELETE ON tx_by_stream BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
-CREATE TRIGGER tx_by_address_no_update BEFORE UPDATE ON tx_by_address BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
-CREATE TRIGGER tx_by_address_no_delete BEFORE DELETE ON tx_by_address BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
-CREATE TRIGGER tx_idempotency_no_update BEFORE UPDATE ON tx_idempotency BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
-CREATE TRIGGER tx_idempotency_no_delete BEFORE DELETE ON tx_idempotency BEGIN SELECT RAISE(ABORT, 'indexes are append-only'); END;
+CREATE TRIGGER tx_ids_no_update BEFORE UPDATE ON tx_ids BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
+CREATE TRIGGER tx_ids_no_delete BEFORE DELETE ON tx_ids BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
+CREATE TRIGGER tx_by_stream_no_update BEFORE UPDATE ON tx_by_stream BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
+CREATE TRIGGER tx_by_stream_no_delete BEFORE DELETE ON tx_by_stream BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
+CREATE TRIGGER tx_by_address_no_update BEFORE UPDATE ON tx_by_address BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
+CREATE TRIGGER tx_by_address_no_delete BEFORE DELETE ON tx_by_address BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
+CREATE TRIGGER tx_idempotency_no_update BEFORE UPDATE ON tx_idempotency BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
+CREATE TRIGGER tx_idempotency_no_delete BEFORE DELETE ON tx_idempotency BEGIN SELECT RAISE(ABORT, 'index rows are immutable'); END;
 CREATE TRIGGER store_meta_no_update BEFORE UPDATE ON store_meta BEGIN SELECT RAISE(ABORT, 'store metadata is immutable'); END;
 CREATE TRIGGER store_meta_no_delete BEFORE DELETE ON store_meta BEGIN SELECT RAISE(ABORT, 'store metadata is immutable'); END;

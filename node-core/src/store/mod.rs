@@ -468,10 +468,9 @@ impl Store {
     /// against the stored leaf hashes.
     fn open_bytes(&self, raw: &RawBody) -> Result<Vec<Vec<u8>>> {
         let corrupt = |reason: String| Error::Corrupt { height: raw.height, reason };
-        let plain = self
-            .keys
-            .open(raw.key_id, &raw.sealed, &body_aad(raw.height, raw.key_id))
-            .map_err(|e| corrupt(format!("block body does not open: {e}")))?;
+        // A wrong key ring and a damaged row look alike to GCM: keep the key error, which
+        // names the key, and let verification attribute it to the block.
+        let plain = self.keys.open(raw.key_id, &raw.sealed, &body_aad(raw.height, raw.key_id))?;
         let txs = unpack(&plain).map_err(|e| corrupt(e.to_string()))?;
         if raw.leaves.len() != 32 * txs.len() {
             return Err(corrupt(format!(
@@ -803,10 +802,10 @@ impl Store {
         use futures::TryStreamExt;
         let mut d = IndexDigest::default();
         let tables: [(&str, &str); 4] = [
-            ("tx_ids", "h, global_seq, height, 0"),
-            ("tx_by_stream", "stream, global_seq, height, 0"),
+            ("tx_ids", "h, global_seq, height, CAST(0 AS BIGINT)"),
+            ("tx_by_stream", "stream, global_seq, height, CAST(0 AS BIGINT)"),
             ("tx_by_address", "address, seq, global_seq, height"),
-            ("tx_idempotency", "h, global_seq, height, 0"),
+            ("tx_idempotency", "h, global_seq, height, CAST(0 AS BIGINT)"),
         ];
         for (i, (table, cols)) in tables.iter().enumerate() {
             let sql = format!("SELECT {cols} FROM {table} WHERE global_seq < $1");

@@ -283,18 +283,20 @@ pub(crate) fn blob_literal(backend: Backend, bytes: &[u8]) -> String {
 /// Turns the immutability triggers off, as someone with write access to the database could.
 pub(crate) async fn drop_immutability_triggers(store: &Store) {
     let sql = match store.backend() {
-        Backend::Sqlite => {
-            "DROP TRIGGER blocks_no_update; DROP TRIGGER blocks_no_delete; \
-             DROP TRIGGER txs_no_update; DROP TRIGGER txs_no_delete; \
-             DROP TRIGGER checkpoints_no_update; DROP TRIGGER checkpoints_no_delete;"
-        }
+        Backend::Sqlite => CHAIN_TABLES
+            .iter()
+            .map(|t| format!("DROP TRIGGER {t}_no_update; DROP TRIGGER {t}_no_delete;"))
+            .collect::<String>(),
         Backend::Postgres => {
-            "ALTER TABLE blocks DISABLE TRIGGER USER; ALTER TABLE txs DISABLE TRIGGER USER; \
-             ALTER TABLE checkpoints DISABLE TRIGGER USER;"
+            CHAIN_TABLES.iter().map(|t| format!("ALTER TABLE {t} DISABLE TRIGGER USER;")).collect::<String>()
         }
     };
-    store.execute_raw(sql).await.expect("drop immutability triggers");
+    store.execute_raw(&sql).await.expect("drop immutability triggers");
 }
+
+/// Every table the node only ever appends to.
+pub(crate) const CHAIN_TABLES: [&str; 8] =
+    ["blocks", "block_txs", "tx_ids", "tx_by_stream", "tx_by_address", "tx_idempotency", "checkpoints", "store_meta"];
 
 /// Data-key ring JSON with the given keys, as `data-keys.json` stores it.
 pub(crate) fn key_ring_json(active: u32, keys: &BTreeMap<u32, String>) -> String {

@@ -21,18 +21,24 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 async fn bodies_are_sealed_at_rest(db: TestDb) {
     let c = db.chain().await;
-    let r = submit_one(&c.chain, put("admin", "/plant-1/line-2", "secret", MARKER)).await;
+    let r = submit_one(&c.chain, put("admin", "/plant-1/line-2", "secret-key-7d1e", MARKER)).await;
     let store = c.chain.store().clone();
 
-    let raw = store.raw_txs(r.global_sequence, r.global_sequence + 1).await.unwrap();
+    let raw = store.raw_bodies(r.height, 1).await.unwrap();
     assert_eq!(raw.len(), 1);
+    let body = &raw[0];
+    assert_eq!(body.height, r.height);
     let committed = store.tx_by_id(&r.id).await.unwrap().expect("reads back");
     assert_eq!(committed.tx.content.body, MARKER, "decrypted on read");
     let canonical = committed.tx.encode();
-    assert!(!contains(&raw[0].sealed, MARKER), "the sealed column holds the body in clear");
-    assert!(!contains(&raw[0].sealed, &canonical[..40]), "the sealed column holds the canonical bytes in clear");
-    // Nonce (12) + ciphertext (same length as the plaintext) + GCM tag (16).
-    assert_eq!(raw[0].sealed.len(), 12 + canonical.len() + 16);
+    assert!(!contains(&body.sealed, MARKER), "the sealed column holds the body in clear");
+    assert!(!contains(&body.sealed, &canonical[..40]), "the sealed column holds the canonical bytes in clear");
+    // The block holds this one transaction: nonce (12) + packed bytes (version, count, one
+    // length, the canonical bytes) + GCM tag (16); its leaf is the transaction id.
+    let opened = store.open_body(body).unwrap();
+    assert_eq!(opened.len(), 1);
+    assert_eq!(body.sealed.len(), 12 + 1 + 4 + 4 + canonical.len() + 16);
+    assert_eq!(body.leaves, r.id.to_vec());
 
     if db.backend == Backend::Sqlite {
         // Nowhere in the database files either (main file and write-ahead log).
@@ -41,6 +47,9 @@ async fn bodies_are_sealed_at_rest(db: TestDb) {
             let path = db.dir.path().join(name);
             if let Ok(bytes) = std::fs::read(&path) {
                 assert!(!contains(&bytes, MARKER), "{} holds the body in clear", path.display());
+                // Lookups go through salted hashes: addresses and keys are not stored either.
+                assert!(!contains(&bytes, b"/plant-1/line-2"), "{} holds the address in clear", path.display());
+                assert!(!contains(&bytes, b"secret-key-7d1e"), "{} holds the key in clear", path.display());
             }
         }
     }
@@ -70,16 +79,17 @@ async fn key_rotation_keeps_old_rows_readable(db: TestDb) {
 
     let store = db.store().await;
     assert_eq!(store.keys().ids(), vec![1, 2, 3]);
-    let raw = store.raw_txs(0, u64::MAX).await.unwrap();
+    let raw = store.raw_bodies(0, u32::MAX).await.unwrap();
     for (generation, r) in &written {
-        let row = raw.iter().find(|t| t.global_seq == r.global_sequence).expect("row");
-        assert_eq!(row.key_id, *generation, "row {} was written under key {generation}", r.global_sequence);
+        let body = raw.iter().find(|b| b.height == r.height).expect("block body");
+        assert_eq!(body.key_id, *generation, "block {} was written under key {generation}", r.height);
         let got = store.tx_by_sequence(r.global_sequence).await.unwrap().expect("readable");
         assert_eq!(got.id, r.id);
     }
-    // The genesis row was sealed with the first key.
+    // The genesis block was sealed with the first key.
     assert_eq!(raw[0].key_id, 1);
-    assert_eq!(all_txs(&store).await.len(), raw.len());
+    let opened: usize = raw.iter().map(|b| store.open_body(b).unwrap().len()).sum();
+    assert_eq!(all_txs(&store).await.len(), opened);
     verify_chain(&store, CHAIN, |_| {}).await.unwrap();
 }
 

@@ -20,4 +20,5 @@ mod ingest;
 mod proofs;
 mod restart;
 mod store;
+mod upgrade;
 mod verify;

@@ -180,13 +180,19 @@ async fn proofs_refuse_tampered_leaf_rows(db: TestDb) {
     let store = chain.store().clone();
     let victim = 10u64; // in chunk 0, long out of memory
     assert!(victim < CHUNK_SIZE);
-    let raw = store.raw_txs(victim, victim + 1).await.unwrap().remove(0);
+    let body = store
+        .raw_bodies(0, u32::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.first_seq <= victim && victim < b.first_seq + (b.leaves.len() / 32) as u64)
+        .expect("the victim's block");
     drop_immutability_triggers(&store).await;
-    let mut bad = raw.hash.clone();
-    bad[0] ^= 1;
+    let mut bad = body.leaves.clone();
+    bad[32 * (victim - body.first_seq) as usize] ^= 1;
     let b = store.backend();
     store
-        .execute_raw(&format!("UPDATE txs SET hash = {} WHERE global_seq = {victim}", blob_literal(b, &bad)))
+        .execute_raw(&format!("UPDATE block_txs SET leaves = {} WHERE height = {}", blob_literal(b, &bad), body.height))
         .await
         .unwrap();
 

@@ -14,7 +14,8 @@ backend_tests!(
     healthy_chain_verifies,
     tampering_is_detected_at_its_height,
     device_signatures_are_checked_against_the_registered_key,
-    index_columns_must_match_the_sealed_transaction,
+    index_rows_must_match_the_sealed_transactions,
+    bodies_outside_the_chain_are_caught,
     verify_passes_while_the_node_writes,
     only_trusted_keys_sign_checkpoints_and_lead_blocks,
     a_checkpoint_size_beyond_the_chain_is_caught
@@ -70,12 +71,16 @@ enum Target {
     /// The header rewritten *with* a matching hash: its timestamp no longer matches the
     /// `timestamp_ms` column (and the next block's link breaks).
     BlockHeaderRehashed,
-    /// A byte (in the GCM tag) of the `txs.sealed` column.
-    TxSealed,
-    /// A byte of the `txs.hash` (leaf hash) column.
-    TxHash,
-    /// The `txs.key_id` column pointing at another key.
-    TxKeyId,
+    /// A byte (in the GCM tag) of the `block_txs.sealed` column.
+    BodySealed,
+    /// A byte of the first leaf hash in the `block_txs.leaves` column.
+    BodyLeaves,
+    /// The `block_txs.key_id` column pointing at another key.
+    BodyKeyId,
+    /// The `block_txs.first_seq` column moved far away.
+    BodyFirstSeq,
+    /// The block's `block_txs` row deleted.
+    BodyDeleted,
 }
 
 struct Case {
@@ -95,9 +100,11 @@ async fn tampering_is_detected_at_its_height(db: TestDb) {
         Case { target: Target::BlockHeader, reported_offset: 0 },
         Case { target: Target::BlockHash, reported_offset: 0 },
         Case { target: Target::BlockHeaderRehashed, reported_offset: 0 },
-        Case { target: Target::TxSealed, reported_offset: 0 },
-        Case { target: Target::TxHash, reported_offset: 0 },
-        Case { target: Target::TxKeyId, reported_offset: 0 },
+        Case { target: Target::BodySealed, reported_offset: 0 },
+        Case { target: Target::BodyLeaves, reported_offset: 0 },
+        Case { target: Target::BodyKeyId, reported_offset: 0 },
+        Case { target: Target::BodyFirstSeq, reported_offset: 0 },
+        Case { target: Target::BodyDeleted, reported_offset: 0 },
     ];
     // A block in the middle, one inside the bulk commit, the genesis block and the head.
     let head = c.chain.head().block.header.height;
@@ -125,8 +132,7 @@ async fn tamper(store: &Store, target: Target, height: u64) -> String {
     let b = store.backend();
     let block: RawBlock = store.raw_blocks(height, 1).await.unwrap().remove(0);
     let header = kalima_core::block::BlockHeader::decode(&block.header).unwrap();
-    // The first transaction of the block, or for an empty block (genesis has one) nothing.
-    let tx = store.raw_txs(header.first_sequence(), header.tree_size).await.unwrap().into_iter().next();
+    let body = store.raw_bodies(height, 1).await.unwrap().into_iter().find(|r| r.height == height);
     let flip = |v: &[u8], i: usize| {
         let mut v = v.to_vec();
         v[i] ^= 0x01;
@@ -164,30 +170,47 @@ async fn tamper(store: &Store, target: Target, height: u64) -> String {
                 ),
             )
         }
-        Target::TxSealed => {
-            let tx = tx.expect("block holds a transaction");
-            let bad = flip(&tx.sealed, tx.sealed.len() - 1);
-            let seq = tx.global_seq;
+        Target::BodySealed => {
+            let body = body.expect("block holds transactions");
+            let bad = flip(&body.sealed, body.sealed.len() - 1);
             (
-                format!("UPDATE txs SET sealed = {} WHERE global_seq = {seq}", blob_literal(b, &bad)),
-                format!("UPDATE txs SET sealed = {} WHERE global_seq = {seq}", blob_literal(b, &tx.sealed)),
+                format!("UPDATE block_txs SET sealed = {} WHERE height = {height}", blob_literal(b, &bad)),
+                format!("UPDATE block_txs SET sealed = {} WHERE height = {height}", blob_literal(b, &body.sealed)),
             )
         }
-        Target::TxHash => {
-            let tx = tx.expect("block holds a transaction");
-            let bad = flip(&tx.hash, 0);
-            let seq = tx.global_seq;
+        Target::BodyLeaves => {
+            let body = body.expect("block holds transactions");
+            let bad = flip(&body.leaves, 0);
             (
-                format!("UPDATE txs SET hash = {} WHERE global_seq = {seq}", blob_literal(b, &bad)),
-                format!("UPDATE txs SET hash = {} WHERE global_seq = {seq}", blob_literal(b, &tx.hash)),
+                format!("UPDATE block_txs SET leaves = {} WHERE height = {height}", blob_literal(b, &bad)),
+                format!("UPDATE block_txs SET leaves = {} WHERE height = {height}", blob_literal(b, &body.leaves)),
             )
         }
-        Target::TxKeyId => {
-            let tx = tx.expect("block holds a transaction");
-            let seq = tx.global_seq;
+        Target::BodyKeyId => {
+            let body = body.expect("block holds transactions");
             (
-                format!("UPDATE txs SET key_id = {} WHERE global_seq = {seq}", tx.key_id + 1),
-                format!("UPDATE txs SET key_id = {} WHERE global_seq = {seq}", tx.key_id),
+                format!("UPDATE block_txs SET key_id = {} WHERE height = {height}", body.key_id + 1),
+                format!("UPDATE block_txs SET key_id = {} WHERE height = {height}", body.key_id),
+            )
+        }
+        Target::BodyFirstSeq => {
+            let body = body.expect("block holds transactions");
+            (
+                format!("UPDATE block_txs SET first_seq = {} WHERE height = {height}", body.first_seq + (1 << 40)),
+                format!("UPDATE block_txs SET first_seq = {} WHERE height = {height}", body.first_seq),
+            )
+        }
+        Target::BodyDeleted => {
+            let body = body.expect("block holds transactions");
+            (
+                format!("DELETE FROM block_txs WHERE height = {height}"),
+                format!(
+                    "INSERT INTO block_txs (height, first_seq, key_id, leaves, sealed) VALUES ({height}, {}, {}, {}, {})",
+                    body.first_seq,
+                    body.key_id,
+                    blob_literal(b, &body.leaves),
+                    blob_literal(b, &body.sealed)
+                ),
             )
         }
     };
@@ -230,24 +253,128 @@ async fn device_signatures_are_checked_against_the_registered_key(db: TestDb) {
     c.stop().await;
 }
 
-/// The plaintext columns that indexes and grant checks rely on are checked against the
-/// sealed, hashed transaction: moving a reading to another address by editing its row is
-/// caught by verify and refused by reads.
-async fn index_columns_must_match_the_sealed_transaction(db: TestDb) {
-    let c = db.chain().await;
-    let r = submit_one(&c.chain, put("admin", "/plant-1", "temp", b"21.5")).await;
+/// The lookup indexes are derived from the sealed transactions: a row added, removed or
+/// redirected in any of them is caught by verify (naming the table), and a row that points a
+/// reading at another address is never served by reads, which check what they decrypt.
+async fn index_rows_must_match_the_sealed_transactions(db: TestDb) {
+    let c = build(&db).await;
     let store = c.chain.store().clone();
+    let r = submit_one(&c.chain, {
+        let mut p = put("admin", "/plant-1", "temp", b"21.5");
+        p.idempotency_key = "reading-1".into();
+        p
+    })
+    .await;
+    let tx = store.tx_by_id(&r.id).await.unwrap().expect("committed");
+    let rows = store.index_rows(&tx);
     drop_immutability_triggers(&store).await;
+    let g = r.global_sequence;
+    let tables: [(&str, &str, String); 4] = [
+        ("tx_ids", "h, global_seq, height", join(&rows.id)),
+        ("tx_by_stream", "stream, global_seq, height", join(&rows.stream)),
+        ("tx_by_address", "address, seq, global_seq, height", join(&rows.address)),
+        ("tx_idempotency", "h, global_seq, height", join(&rows.idempotency.expect("idempotency row"))),
+    ];
+    for (table, cols, values) in &tables {
+        let stray = {
+            // The same row for a transaction of an earlier block.
+            let mut v: Vec<String> = values.split(", ").map(String::from).collect();
+            let n = v.len();
+            v[n - 2] = "3".into();
+            v[n - 1] = "1".into();
+            v.join(", ")
+        };
+        let faults = [
+            (
+                format!("DELETE FROM {table} WHERE global_seq = {g}"),
+                format!("INSERT INTO {table} ({cols}) VALUES ({values})"),
+            ),
+            (
+                format!("UPDATE {table} SET height = height - 1 WHERE global_seq = {g}"),
+                format!("UPDATE {table} SET height = height + 1 WHERE global_seq = {g}"),
+            ),
+            (
+                format!("INSERT INTO {table} ({cols}) VALUES ({stray})"),
+                format!(
+                    "DELETE FROM {table} WHERE global_seq = 3 AND height = 1 AND {} = {}",
+                    first_col(cols),
+                    first_val(values)
+                ),
+            ),
+        ];
+        for (set, undo) in faults {
+            let name = format!("{:?} `{set}`", db.backend);
+            assert_eq!(store.execute_raw(&set).await.unwrap_or_else(|e| panic!("{name}: {e:#}")), 1, "{name}");
+            match verify_chain(&store, CHAIN, |_| {}).await {
+                Err(Error::Corrupt { reason, .. }) => assert!(reason.contains(table), "{name}: {reason}"),
+                other => panic!("{name}: expected Error::Corrupt, got {other:?}"),
+            }
+            store.execute_raw(&undo).await.unwrap_or_else(|e| panic!("{name}: undo: {e:#}"));
+            verify_chain(&store, CHAIN, |_| {}).await.unwrap_or_else(|e| panic!("{name}: after undo: {e:#}"));
+        }
+    }
+
+    // Point /plant-2's history at the /plant-1 reading: verify names the index, and reads
+    // refuse to present the reading as /plant-2's.
+    let mut moved = tx.clone();
+    moved.tx.content.address = "/plant-2".into();
+    let fake = store.index_rows(&moved);
     store
-        .execute_raw(&format!("UPDATE txs SET address = '/plant-2' WHERE global_seq = {}", r.global_sequence))
+        .execute_raw(&format!("INSERT INTO tx_by_stream (stream, global_seq, height) VALUES ({})", join(&fake.stream)))
         .await
         .unwrap();
     match verify_chain(&store, CHAIN, |_| {}).await {
-        Err(Error::Corrupt { height, reason }) => assert_eq!(height, r.height, "{reason}"),
-        other => panic!("an edited address column verified: {other:?}"),
+        Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("tx_by_stream"), "{reason}"),
+        other => panic!("a redirected index row verified: {other:?}"),
     }
-    assert!(store.history("/plant-2", "temp", u64::MAX >> 1, 10).await.is_err(), "a read served the moved row");
+    assert!(
+        store.history("/plant-2", "temp", u64::MAX >> 1, 10).await.unwrap().is_empty(),
+        "a read served the moved row"
+    );
+    let own = store.history("/plant-1", "temp", u64::MAX >> 1, 10).await.unwrap();
+    assert_eq!(own.iter().map(|c| c.id).collect::<Vec<_>>(), vec![r.id]);
     c.stop().await;
+}
+
+/// Body rows outside every block are reported.
+async fn bodies_outside_the_chain_are_caught(db: TestDb) {
+    let c = build(&db).await;
+    let store = c.chain.store().clone();
+    let head = c.chain.head().block.header;
+    let body = store.raw_bodies(head.height, 1).await.unwrap().remove(0);
+    drop_immutability_triggers(&store).await;
+    let b = store.backend();
+    store
+        .execute_raw(&format!(
+            "INSERT INTO block_txs (height, first_seq, key_id, leaves, sealed) VALUES ({}, {}, {}, {}, {})",
+            head.height + 1,
+            head.tree_size,
+            body.key_id,
+            blob_literal(b, &body.leaves),
+            blob_literal(b, &body.sealed)
+        ))
+        .await
+        .unwrap();
+    match verify_chain(&store, CHAIN, |_| {}).await {
+        Err(Error::Corrupt { height, reason }) => {
+            assert_eq!(height, head.height, "{reason}");
+            assert!(reason.contains("outside any block"), "{reason}");
+        }
+        other => panic!("a body beyond the head verified: {other:?}"),
+    }
+    c.stop().await;
+}
+
+fn first_col(cols: &str) -> &str {
+    cols.split(", ").next().unwrap_or(cols)
+}
+
+fn first_val(values: &str) -> &str {
+    values.split(", ").next().unwrap_or(values)
+}
+
+fn join(v: &[i64]) -> String {
+    v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// Verifying a running node (as an operator may do against SQLite WAL or PostgreSQL) must not
