@@ -200,7 +200,10 @@ pub async fn verify_chain_with(
                 return Err(corrupt(header.height, "the block's transactions are missing"));
             };
             if raw.first_seq != header.first_sequence() {
-                return Err(corrupt(header.height, format!("transactions stored from {} instead of {}", raw.first_seq, header.first_sequence())));
+                return Err(corrupt(
+                    header.height,
+                    format!("transactions stored from {} instead of {}", raw.first_seq, header.first_sequence()),
+                ));
             }
             let (txs, digest) = opened.map_err(|e| match e {
                 // open_body already names the fault; keep its message, report this block.
@@ -208,7 +211,10 @@ pub async fn verify_chain_with(
                 e => corrupt(header.height, format!("transactions: {e}")),
             })?;
             if txs.len() as u64 != u64::from(header.tx_count) {
-                return Err(corrupt(header.height, format!("{} transactions stored for {} in the header", txs.len(), header.tx_count)));
+                return Err(corrupt(
+                    header.height,
+                    format!("{} transactions stored for {} in the header", txs.len(), header.tx_count),
+                ));
             }
             expected_index.merge(&digest);
             report.bytes += raw.stored_len() as u64;

@@ -23,7 +23,14 @@ fn v1_aad(global_seq: u64, key_id: u32) -> [u8; 12] {
 }
 
 /// Opens a v1 row, checking it against its hash, sequence and height columns.
-fn open_v1(store: &Store, seq: i64, height: i64, hash: &[u8], key_id: i64, sealed: &[u8]) -> Result<(CommittedTx, Vec<u8>)> {
+fn open_v1(
+    store: &Store,
+    seq: i64,
+    height: i64,
+    hash: &[u8],
+    key_id: i64,
+    sealed: &[u8],
+) -> Result<(CommittedTx, Vec<u8>)> {
     let (seq, height) = (to_u64(seq), to_u64(height));
     let key_id = u32::try_from(key_id).unwrap_or(u32::MAX);
     let corrupt = |reason: String| Error::Corrupt { height, reason };
@@ -64,12 +71,13 @@ pub(super) async fn repack(store: &Store) -> Result<()> {
         let mut dbtx = pool.begin().await?;
         let mut next = 0i64;
         loop {
-            let blocks: Vec<(i64, i64, i64)> =
-                sqlx::query_as("SELECT height, tree_size, tx_count FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2")
-                    .bind(next)
-                    .bind(PAGE)
-                    .fetch_all(&mut *dbtx)
-                    .await?;
+            let blocks: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT height, tree_size, tx_count FROM blocks WHERE height >= $1 ORDER BY height LIMIT $2",
+            )
+            .bind(next)
+            .bind(PAGE)
+            .fetch_all(&mut *dbtx)
+            .await?;
             let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else { break };
             let rows = sqlx::query(
                 "SELECT global_seq, height, hash, key_id, sealed FROM txs WHERE global_seq >= $1 AND global_seq < $2 ORDER BY global_seq",

@@ -121,10 +121,13 @@ pub struct PendingTx {
     pub bytes: Vec<u8>,
 }
 
+/// A `block_txs` row: height, first sequence, key id, leaves, sealed body.
+type BodyRow = (i64, i64, i64, Vec<u8>, Vec<u8>);
+
 /// Rows of one commit, ready for the database.
 #[derive(Default)]
 struct Rows {
-    bodies: Vec<(i64, i64, i64, Vec<u8>, Vec<u8>)>,
+    bodies: Vec<BodyRow>,
     ids: Vec<[i64; 3]>,
     streams: Vec<[i64; 3]>,
     addresses: Vec<[i64; 4]>,
@@ -473,11 +476,7 @@ impl Store {
         let plain = self.keys.open(raw.key_id, &raw.sealed, &body_aad(raw.height, raw.key_id))?;
         let txs = unpack(&plain).map_err(|e| corrupt(e.to_string()))?;
         if raw.leaves.len() != 32 * txs.len() {
-            return Err(corrupt(format!(
-                "{} leaf hash bytes stored for {} transactions",
-                raw.leaves.len(),
-                txs.len()
-            )));
+            return Err(corrupt(format!("{} leaf hash bytes stored for {} transactions", raw.leaves.len(), txs.len())));
         }
         Ok(txs.into_iter().map(<[u8]>::to_vec).collect())
     }
@@ -634,8 +633,10 @@ impl Store {
             let next = at.last().map(|a| to_i64(a.0)).unwrap_or(0);
             Ok((at, next))
         };
-        self.collect_filtered(limit, to_i64(before), page, |c| c.tx.content.address == address && c.tx.content.key == key)
-            .await
+        self.collect_filtered(limit, to_i64(before), page, |c| {
+            c.tx.content.address == address && c.tx.content.key == key
+        })
+        .await
     }
 
     /// Transactions of `address` with per-address sequence in `(after, before)`, ascending or
@@ -739,10 +740,7 @@ impl Store {
     /// The `limit` most recent (device, idempotency key, transaction id), newest first.
     pub async fn recent_idempotency_keys(&self, limit: u64) -> Result<Vec<(String, String, Hash)>> {
         let at = self
-            .locate(
-                "SELECT global_seq, height FROM tx_idempotency ORDER BY global_seq DESC LIMIT $1",
-                &[to_i64(limit)],
-            )
+            .locate("SELECT global_seq, height FROM tx_idempotency ORDER BY global_seq DESC LIMIT $1", &[to_i64(limit)])
             .await?;
         let mut out = Vec::with_capacity(at.len());
         for chunk in at.chunks(10_000) {
@@ -781,11 +779,10 @@ impl Store {
 
     /// Number of stored transactions (those of every stored body).
     pub async fn tx_count(&self) -> Result<u64> {
-        let n: i64 = on_pool!(&self.pool, |p| sqlx::query_scalar(
-            "SELECT COALESCE(SUM(length(leaves) / 32), 0) FROM block_txs"
-        )
-        .fetch_one(p)
-        .await?);
+        let n: i64 =
+            on_pool!(&self.pool, |p| sqlx::query_scalar("SELECT COALESCE(SUM(length(leaves) / 32), 0) FROM block_txs")
+                .fetch_one(p)
+                .await?);
         Ok(to_u64(n))
     }
 
@@ -883,7 +880,9 @@ async fn index_salt(pool: &Pool) -> Result<[u8; 32]> {
             .await?;
         sqlx::query_scalar("SELECT value FROM store_meta WHERE name = 'index_salt'").fetch_one(p).await?
     });
-    salt.as_slice().try_into().map_err(|_| Error::Corrupt { height: 0, reason: "the stored index salt is not 32 bytes".into() })
+    salt.as_slice()
+        .try_into()
+        .map_err(|_| Error::Corrupt { height: 0, reason: "the stored index salt is not 32 bytes".into() })
 }
 
 /// Copies committed WAL frames into the database file off the commit path. PASSIVE never

@@ -31,10 +31,6 @@ fn fixture_keys() -> Arc<DataKeys> {
     Arc::new(DataKeys::load(&fixture().join("data-keys.json")).expect("fixture data keys"))
 }
 
-fn unhex(s: &str) -> [u8; 32] {
-    hex::decode(s).expect("hex").try_into().expect("32 bytes")
-}
-
 /// Puts the fixture's v1 database at `db.url`, with `flip_seq` (if any) having one byte of
 /// its sealed column flipped.
 async fn load_v1(db: &TestDb, flip_seq: Option<i64>) {

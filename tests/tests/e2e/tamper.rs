@@ -1,5 +1,5 @@
 //! Invariant 2 on disk: `kalima verify` names the height of one flipped byte in a block or
-//! transaction row (edited behind the node's back with the `sqlite3` CLI), and the storage
+//! block body row (edited behind the node's back with the `sqlite3` CLI), and the storage
 //! triggers refuse every UPDATE and DELETE of chain rows.
 
 use std::path::Path;
@@ -76,15 +76,21 @@ const TAMPERS: &[Tamper] = &[
     Tamper { name: "block header byte", table: "blocks", column: "header", at: At::Middle, byte: Byte::Middle },
     Tamper { name: "genesis block header byte", table: "blocks", column: "header", at: At::Genesis, byte: Byte::Last },
     Tamper { name: "block hash", table: "blocks", column: "hash", at: At::Middle, byte: Byte::First },
-    Tamper { name: "tx sealed byte (ciphertext)", table: "txs", column: "sealed", at: At::Middle, byte: Byte::Middle },
     Tamper {
-        name: "tx sealed byte (nonce) in the last block",
-        table: "txs",
+        name: "block body byte (ciphertext)",
+        table: "block_txs",
+        column: "sealed",
+        at: At::Middle,
+        byte: Byte::Middle,
+    },
+    Tamper {
+        name: "block body byte (nonce) in the last block",
+        table: "block_txs",
         column: "sealed",
         at: At::Last,
         byte: Byte::First,
     },
-    Tamper { name: "tx hash", table: "txs", column: "hash", at: At::Middle, byte: Byte::Last },
+    Tamper { name: "leaf hash", table: "block_txs", column: "leaves", at: At::Middle, byte: Byte::Last },
     Tamper {
         name: "checkpoint signature",
         table: "checkpoints",
@@ -103,8 +109,7 @@ async fn flip(db: &Path, t: &Tamper, chain: &Chain) -> u64 {
         At::Checkpoint => chain.checkpoint,
     };
     let row = match t.table {
-        "blocks" => format!("height = {height}"),
-        "txs" => format!("global_seq = (SELECT min(global_seq) FROM txs WHERE height = {height})"),
+        "blocks" | "block_txs" => format!("height = {height}"),
         _ => format!("tree_size = {}", chain.checkpoint_tree_size),
     };
     let select = format!("SELECT hex({}) FROM {} WHERE {row}", t.column, t.table);
@@ -118,7 +123,7 @@ async fn flip(db: &Path, t: &Tamper, chain: &Chain) -> u64 {
     };
     bytes[i] ^= 0x01;
     let sql = format!(
-        "DROP TRIGGER blocks_no_update; DROP TRIGGER txs_no_update; DROP TRIGGER checkpoints_no_update; \
+        "DROP TRIGGER blocks_no_update; DROP TRIGGER block_txs_no_update; DROP TRIGGER checkpoints_no_update; \
          UPDATE {} SET {} = X'{}' WHERE {row};",
         t.table,
         t.column,
@@ -165,17 +170,21 @@ async fn immutability_triggers() {
     let dir = tmp.path().join("data");
     small_chain(&dir).await;
     let db = dir.join("kalima.db");
-    let counts = "SELECT (SELECT count(*) FROM blocks) || ' ' || (SELECT count(*) FROM txs) || ' ' || (SELECT count(*) FROM checkpoints)";
+    let counts = "SELECT (SELECT count(*) FROM blocks) || ' ' || (SELECT count(*) FROM block_txs) || ' ' || \
+                  (SELECT count(*) FROM tx_by_stream) || ' ' || (SELECT count(*) FROM checkpoints)";
     let before = sqlite3_query(&db, counts).await;
     let statements = [
         "UPDATE blocks SET tx_count = tx_count + 1 WHERE height = 1",
         "UPDATE blocks SET hash = zeroblob(32)",
         "DELETE FROM blocks WHERE height = (SELECT max(height) FROM blocks)",
         "DELETE FROM blocks",
-        "UPDATE txs SET address = '/forged' WHERE global_seq = 2",
-        "UPDATE txs SET sealed = X'00'",
-        "DELETE FROM txs WHERE global_seq = (SELECT max(global_seq) FROM txs)",
-        "DELETE FROM txs",
+        "UPDATE block_txs SET key_id = 9 WHERE height = 2",
+        "UPDATE block_txs SET sealed = X'00'",
+        "DELETE FROM block_txs WHERE height = (SELECT max(height) FROM block_txs)",
+        "DELETE FROM block_txs",
+        "UPDATE tx_by_stream SET height = 0 WHERE global_seq = 2",
+        "DELETE FROM tx_by_address",
+        "DELETE FROM tx_ids WHERE global_seq = 1",
         "UPDATE checkpoints SET root = zeroblob(32)",
         "DELETE FROM checkpoints",
     ];
