@@ -74,12 +74,21 @@ impl Signers {
     }
 }
 
+/// A task that stops when verification returns early.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What opening one body produced: its transactions and the index rows they imply.
 type Opened = Result<(Vec<CommittedTx>, IndexDigest)>;
 
-fn open_one(store: &Store, raw: &RawBody) -> Opened {
+fn open_one(store: &Store, raw: &RawBody, empty: &IndexDigest) -> Opened {
     let txs = store.open_body(raw)?;
-    let mut digest = IndexDigest::default();
+    let mut digest = empty.empty_like();
     for c in &txs {
         digest.add(&store.index_rows(c));
     }
@@ -87,16 +96,16 @@ fn open_one(store: &Store, raw: &RawBody) -> Opened {
 }
 
 /// Decrypts, decodes and hashes bodies on every core; results keep the bodies' order.
-fn open_parallel(store: &Store, bodies: &[RawBody]) -> Vec<Opened> {
+fn open_parallel(store: &Store, bodies: &[RawBody], empty: &IndexDigest) -> Vec<Opened> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if threads == 1 || bodies.len() < 4 {
-        return bodies.iter().map(|r| open_one(store, r)).collect();
+        return bodies.iter().map(|r| open_one(store, r, empty)).collect();
     }
     let per = bodies.len().div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = bodies
             .chunks(per)
-            .map(|chunk| s.spawn(move || chunk.iter().map(|r| open_one(store, r)).collect::<Vec<_>>()))
+            .map(|chunk| s.spawn(move || chunk.iter().map(|r| open_one(store, r, empty)).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
@@ -126,13 +135,19 @@ pub async fn verify_chain_with(
     let mut prev_hash: Hash = [0; 32];
     let mut next_height = 0u64;
     let mut signers = Signers::default();
-    let mut expected_index = IndexDigest::default();
+    let mut expected_index = IndexDigest::random();
     // A running node keeps committing: verify the chain up to the head seen now, and only the
     // checkpoints made by then.
     let Some(snapshot) = store.latest_raw_block().await? else {
         return Ok(report);
     };
     let last_height = snapshot.height;
+    // The stored index tables are read while the bodies are checked (one is database-bound,
+    // the other CPU-bound).
+    let mut stored_index = {
+        let (store, empty, size) = (store.clone(), expected_index.empty_like(), snapshot.tree_size);
+        AbortOnDrop(tokio::spawn(async move { store.stored_index_digest(size, &empty).await }))
+    };
     let mut checkpoints: VecDeque<_> = store
         .checkpoints_from(chain, 0, u32::MAX)
         .await?
@@ -193,7 +208,7 @@ pub async fn verify_chain_with(
         };
         let bodies = store.raw_bodies(first.height, u32::try_from(headers.len()).unwrap_or(PAGE_BLOCKS)).await?;
         // Decryption and hashing dominate; spread them over the cores, then check in order.
-        let opened = open_parallel(store, &bodies);
+        let opened = open_parallel(store, &bodies, &expected_index);
         let mut it = bodies.iter().zip(opened);
         for header in &headers {
             let Some((raw, opened)) = it.next().filter(|(raw, _)| raw.height == header.height) else {
@@ -270,7 +285,7 @@ pub async fn verify_chain_with(
         ));
     }
     // The lookup indexes are derived from the transactions: compare them as multisets.
-    let stored_index = store.stored_index_digest(snapshot.tree_size).await?;
+    let stored_index = (&mut stored_index.0).await.map_err(|e| Error::Fatal(format!("index digest task: {e}")))??;
     if let Some((table, rows, expected)) = stored_index.first_difference(&expected_index) {
         return Err(corrupt(
             last_height,

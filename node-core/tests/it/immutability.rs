@@ -29,7 +29,7 @@ async fn chain_rows_cannot_be_rewritten(db: TestDb) {
                 .map(|t| (t.height, t.first_seq, t.leaves.clone(), t.key_id, t.sealed.clone()))
                 .collect::<Vec<_>>(),
             cps,
-            s.stored_index_digest(u64::MAX).await.unwrap(),
+            s.stored_index_digest(u64::MAX, &kalima_core::store::IndexDigest::new(&[1; 64])).await.unwrap(),
         )
     };
     let before = snapshot(store.clone()).await;
