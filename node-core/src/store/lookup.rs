@@ -41,6 +41,11 @@ impl Store {
 
     /// `(global_seq, height)` pairs selected by `sql` with integer binds.
     async fn locate(&self, sql: &str, binds: &[i64]) -> Result<Vec<(u64, u64)>> {
+        Ok(self.int_rows::<2>(sql, binds).await?.into_iter().map(|[g, h]| (to_u64(g), to_u64(h))).collect())
+    }
+
+    /// Rows of `N` integer columns selected by `sql` with integer binds.
+    async fn int_rows<const N: usize>(&self, sql: &str, binds: &[i64]) -> Result<Vec<[i64; N]>> {
         on_pool!(&self.pool, |p| {
             let mut q = sqlx::query(sql);
             for b in binds {
@@ -48,7 +53,13 @@ impl Store {
             }
             let rows = q.fetch_all(p).await?;
             rows.iter()
-                .map(|r| Ok::<_, Error>((to_u64(r.try_get(0)?), to_u64(r.try_get(1)?))))
+                .map(|r| {
+                    let mut a = [0i64; N];
+                    for (i, v) in a.iter_mut().enumerate() {
+                        *v = r.try_get(i)?;
+                    }
+                    Ok::<_, Error>(a)
+                })
                 .collect::<Result<Vec<_>>>()
         })
     }
@@ -161,7 +172,7 @@ impl Store {
         let page = |cursor: i64| async move {
             let (lo, hi, order) = if descending { (after, cursor, "DESC") } else { (cursor, before, "ASC") };
             let at = self
-                .locate_with_seq(
+                .int_rows::<3>(
                     &format!(
                         "SELECT global_seq, height, seq FROM tx_by_address WHERE address = $1 AND seq > $2 \
                          AND seq < $3 ORDER BY seq {order}, global_seq LIMIT $4"
@@ -169,24 +180,11 @@ impl Store {
                     &[addr, lo, hi, i64::from(limit)],
                 )
                 .await?;
-            let next = at.last().map(|a| a.2).unwrap_or(cursor);
-            Ok((at.into_iter().map(|a| (a.0, a.1)).collect(), next))
+            let next = at.last().map(|a| a[2]).unwrap_or(cursor);
+            Ok((at.into_iter().map(|a| (to_u64(a[0]), to_u64(a[1]))).collect(), next))
         };
         let start = if descending { before } else { after };
         self.collect_filtered(limit, start, page, |c| c.tx.content.address == address).await
-    }
-
-    async fn locate_with_seq(&self, sql: &str, binds: &[i64]) -> Result<Vec<(u64, u64, i64)>> {
-        on_pool!(&self.pool, |p| {
-            let mut q = sqlx::query(sql);
-            for b in binds {
-                q = q.bind(*b);
-            }
-            let rows = q.fetch_all(p).await?;
-            rows.iter()
-                .map(|r| Ok::<_, Error>((to_u64(r.try_get(0)?), to_u64(r.try_get(1)?), r.try_get(2)?)))
-                .collect::<Result<Vec<_>>>()
-        })
     }
 
     /// Leaf hashes with global sequence in `[from, to)`, ascending.
