@@ -235,76 +235,8 @@ impl TxContent {
         }
     }
 
-    fn write_client_fields(&self, w: &mut Writer) {
-        w.u8(self.kind().code());
-        w.str16(&self.device_id);
-        w.str16(&self.address);
-        w.str16(&self.key);
-        w.u32(self.ttl_secs);
-        match self.client_time_ms {
-            Some(t) => {
-                w.u8(1);
-                w.i64(t);
-            }
-            None => w.u8(0),
-        }
-        w.u16(self.props.len() as u16);
-        for (k, v) in &self.props {
-            w.str16(k);
-            w.str16(v);
-        }
-        w.str16(&self.idempotency_key);
-        w.bytes32(&self.body);
-    }
-}
-
-/// A sequenced transaction: the client content plus what the node assigned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transaction {
-    /// Position in the whole chain (0-based, gap-free); also the Merkle leaf index.
-    pub global_sequence: u64,
-    /// Position among the transactions of this address (1-based, gap-free).
-    pub sequence: u64,
-    /// Node (leader) time in ms since the Unix epoch.
-    pub timestamp_ms: i64,
-    /// Id of the previous transaction on the same address and key; zero when none.
-    pub previous: Hash,
-    /// What the client sent.
-    pub content: TxContent,
-}
-
-impl Transaction {
-    /// Canonical bytes (version 1); see `openapi/ENCODING.md`.
-    pub fn encode(&self) -> Vec<u8> {
-        let c = &self.content;
-        let mut w = Writer::with_capacity(c.body.len() + c.address.len() + c.key.len() + 128);
-        w.u8(TX_VERSION);
-        w.u64(self.global_sequence);
-        w.u64(self.sequence);
-        w.i64(self.timestamp_ms);
-        w.raw(&self.previous);
-        c.write_client_fields(&mut w);
-        match &c.signature {
-            Some(sig) => {
-                w.u8(1);
-                w.raw(sig);
-            }
-            None => w.u8(0),
-        }
-        w.0
-    }
-
-    /// Parses canonical bytes, rejecting trailing data and unknown versions.
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(bytes);
-        let version = r.u8()?;
-        if version != TX_VERSION {
-            return Err(DecodeError(format!("unknown transaction version {version}")));
-        }
-        let global_sequence = r.u64()?;
-        let sequence = r.u64()?;
-        let timestamp_ms = r.i64()?;
-        let previous = r.array::<32>()?;
+    /// Parses what [`TxContent::write_client_fields`] and the signature flag wrote.
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let kind = TxKind::from_code(r.u8()?).ok_or_else(|| DecodeError("unknown kind".into()))?;
         let device_id = r.str16()?;
         let address = r.str16()?;
@@ -335,12 +267,128 @@ impl Transaction {
             1 => Some(r.array::<64>()?),
             f => return Err(DecodeError(format!("bad signature flag {f}"))),
         };
-        r.finish()?;
         let content =
             TxContent { device_id, address, key, body, props, ttl_secs, client_time_ms, idempotency_key, signature };
         if content.kind() != kind {
             return Err(DecodeError("kind does not match body".into()));
         }
+        Ok(content)
+    }
+
+    fn write_signature(&self, w: &mut Writer) {
+        match &self.signature {
+            Some(sig) => {
+                w.u8(1);
+                w.raw(sig);
+            }
+            None => w.u8(0),
+        }
+    }
+
+    /// The content alone, in the canonical field encoding (what node links carry).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(self.body.len() + self.address.len() + self.key.len() + 64);
+        self.write_client_fields(&mut w);
+        self.write_signature(&mut w);
+        w.0
+    }
+
+    /// Parses [`TxContent::encode`] output, rejecting trailing data.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let c = TxContent::read(&mut r)?;
+        r.finish()?;
+        Ok(c)
+    }
+
+    fn write_client_fields(&self, w: &mut Writer) {
+        w.u8(self.kind().code());
+        w.str16(&self.device_id);
+        w.str16(&self.address);
+        w.str16(&self.key);
+        w.u32(self.ttl_secs);
+        match self.client_time_ms {
+            Some(t) => {
+                w.u8(1);
+                w.i64(t);
+            }
+            None => w.u8(0),
+        }
+        w.u16(self.props.len() as u16);
+        for (k, v) in &self.props {
+            w.str16(k);
+            w.str16(v);
+        }
+        w.str16(&self.idempotency_key);
+        w.bytes32(&self.body);
+    }
+}
+
+impl Serialize for TxContent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.encode())
+    }
+}
+
+impl<'de> Deserialize<'de> for TxContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = TxContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("canonical transaction content bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<TxContent, E> {
+                TxContent::decode(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
+}
+
+/// A sequenced transaction: the client content plus what the node assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// Position in the whole chain (0-based, gap-free); also the Merkle leaf index.
+    pub global_sequence: u64,
+    /// Position among the transactions of this address (1-based, gap-free).
+    pub sequence: u64,
+    /// Node (leader) time in ms since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Id of the previous transaction on the same address and key; zero when none.
+    pub previous: Hash,
+    /// What the client sent.
+    pub content: TxContent,
+}
+
+impl Transaction {
+    /// Canonical bytes (version 1); see `openapi/ENCODING.md`.
+    pub fn encode(&self) -> Vec<u8> {
+        let c = &self.content;
+        let mut w = Writer::with_capacity(c.body.len() + c.address.len() + c.key.len() + 128);
+        w.u8(TX_VERSION);
+        w.u64(self.global_sequence);
+        w.u64(self.sequence);
+        w.i64(self.timestamp_ms);
+        w.raw(&self.previous);
+        c.write_client_fields(&mut w);
+        c.write_signature(&mut w);
+        w.0
+    }
+
+    /// Parses canonical bytes, rejecting trailing data and unknown versions.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8()?;
+        if version != TX_VERSION {
+            return Err(DecodeError(format!("unknown transaction version {version}")));
+        }
+        let global_sequence = r.u64()?;
+        let sequence = r.u64()?;
+        let timestamp_ms = r.i64()?;
+        let previous = r.array::<32>()?;
+        let content = TxContent::read(&mut r)?;
+        r.finish()?;
         Ok(Transaction { global_sequence, sequence, timestamp_ms, previous, content })
     }
 

@@ -4,6 +4,7 @@
 //! memcache, the registry and the bus and answers the writers. Also issues TTL deletes and
 //! signed checkpoints, and serves proofs.
 
+mod apply;
 mod expiries;
 mod idempotency;
 mod sequencer;
@@ -27,6 +28,8 @@ use crate::registry::Registry;
 use crate::store::{BlockRecord, CommittedTx, Store};
 use crate::tx::TxContent;
 
+pub(crate) use apply::Applier;
+pub use apply::{Batch, Outcome, Proposal};
 use expiries::Expiries;
 use idempotency::{IdempotencyWindow, used_keys};
 use sequencer::Sequencer;
@@ -69,7 +72,7 @@ impl Default for ChainConfig {
 }
 
 /// Where a committed transaction landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Receipt {
     /// Transaction id (leaf hash).
     pub id: Hash,
@@ -82,7 +85,7 @@ pub struct Receipt {
 }
 
 /// A condition checked by the sequencer, atomically with the write.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Guard {
     /// The device id must not be registered yet (registration).
     DeviceAbsent(String),
@@ -90,11 +93,11 @@ pub enum Guard {
     DevicePresent(String),
 }
 
-struct Submission {
-    items: Vec<TxContent>,
-    guard: Option<Guard>,
-    reply: Option<oneshot::Sender<Result<Vec<Receipt>>>>,
-    enqueued: Instant,
+/// A proposal waiting for the sequencer, with the writer to answer.
+pub(crate) struct Submission {
+    pub(crate) proposal: Proposal,
+    pub(crate) reply: Option<oneshot::Sender<Result<Vec<Receipt>>>>,
+    pub(crate) enqueued: Instant,
 }
 
 /// The committed head: the latest block and tree size.
@@ -114,6 +117,8 @@ struct Inner {
     tree: RwLock<MerkleTree>,
     head: RwLock<Head>,
     idempotency: Mutex<IdempotencyWindow>,
+    expiries: Mutex<Expiries>,
+    has_genesis: std::sync::atomic::AtomicBool,
     ready: std::sync::atomic::AtomicBool,
     shutdown: tokio::sync::Notify,
 }
@@ -146,6 +151,41 @@ impl Chain {
         config: ChainConfig,
         genesis: Vec<TxContent>,
     ) -> Result<(Chain, JoinHandle<Result<()>>)> {
+        let (chain, applier, rx) = Chain::restore(store, node_key, config).await?;
+        let mut seq = Sequencer { applier, rx };
+        if !seq.applier.has_genesis() {
+            let sub = Submission {
+                proposal: Proposal { items: genesis, guard: None },
+                reply: None,
+                enqueued: Instant::now(),
+            };
+            seq.commit(vec![sub], true).await?;
+        }
+        chain.set_ready();
+        let task = tokio::spawn(seq.run());
+        Ok((chain, task))
+    }
+
+    /// Marks the chain as serving (readiness).
+    pub(crate) fn set_ready(&self) {
+        metrics::gauge!("kalima_block_height").set(self.head().block.header.height as f64);
+        tracing::info!(
+            target: "core::chain",
+            height = self.head().block.header.height,
+            transactions = self.tree_size(),
+            values = self.inner.memcache.len(),
+            "Chain ready."
+        );
+        self.inner.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Restores the chain from `store` without sequencing anything: the caller owns the
+    /// applier (the single node's sequencer, or the Raft state machine) and the queue.
+    pub(crate) async fn restore(
+        store: Store,
+        node_key: NodeKey,
+        config: ChainConfig,
+    ) -> Result<(Chain, Applier, mpsc::Receiver<Submission>)> {
         let started = Instant::now();
         let memcache = Arc::new(Memcache::new());
         let registry = Arc::new(Registry::new());
@@ -236,31 +276,28 @@ impl Chain {
             tree: RwLock::new(tree),
             head: RwLock::new(head),
             idempotency: Mutex::new(idem),
+            expiries: Mutex::new(Expiries::default()),
+            has_genesis: std::sync::atomic::AtomicBool::new(!genesis_needed),
             ready: std::sync::atomic::AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
         });
+        let chain_inner = inner.clone();
         let chain = Chain { inner, queue };
 
-        let mut seq = Sequencer { inner: chain.inner.clone(), rx, frontier, expiries: Expiries::default() };
-        for c in chain.inner.memcache.snapshot() {
-            seq.track_expiry(&c);
+        {
+            let mut expiries = chain.inner.expiries.lock();
+            for c in chain.inner.memcache.snapshot() {
+                expiries.track(&c);
+            }
         }
-        if genesis_needed {
-            seq.commit(vec![Submission { items: genesis, guard: None, reply: None, enqueued: Instant::now() }], true)
-                .await?;
-        }
-        metrics::gauge!("kalima_block_height").set(chain.head().block.header.height as f64);
         tracing::info!(
             target: "core::chain",
             height = chain.head().block.header.height,
             transactions = chain.tree_size(),
-            values = chain.inner.memcache.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Chain restored."
         );
-        chain.inner.ready.store(true, std::sync::atomic::Ordering::Release);
-        let task = tokio::spawn(seq.run());
-        Ok((chain, task))
+        Ok((chain, Applier { inner: chain_inner, frontier }, rx))
     }
 
     /// Stops the sequencer after it has committed what is already queued.
@@ -299,7 +336,7 @@ impl Chain {
         guard: Option<Guard>,
         reply: Option<oneshot::Sender<Result<Vec<Receipt>>>>,
     ) -> Result<()> {
-        let sub = Submission { items, guard, reply, enqueued: Instant::now() };
+        let sub = Submission { proposal: Proposal { items, guard }, reply, enqueued: Instant::now() };
         self.queue.send(sub).await.map_err(|_| Error::ShuttingDown)
     }
 

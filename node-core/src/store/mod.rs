@@ -372,6 +372,17 @@ impl Store {
 
     /// Writes blocks and their transactions in one database transaction (one durable commit).
     pub async fn append(&self, blocks: &[BlockRecord], txs: &[PendingTx]) -> Result<()> {
+        self.append_with_state(blocks, txs, &[]).await
+    }
+
+    /// [`Store::append`], also setting `state` rows (see [`Store::node_state`]) in the same
+    /// database transaction.
+    pub async fn append_with_state(
+        &self,
+        blocks: &[BlockRecord],
+        txs: &[PendingTx],
+        state: &[(&str, Vec<u8>)],
+    ) -> Result<()> {
         // Seal before opening the database transaction so the write lock is held briefly.
         let shape: Vec<(u64, u64)> = blocks.iter().map(|b| (b.header.height, u64::from(b.header.tx_count))).collect();
         let items: Vec<(&CommittedTx, &[u8])> = txs.iter().map(|p| (&*p.committed, p.bytes.as_slice())).collect();
@@ -387,6 +398,9 @@ impl Store {
                     .push_bind(i64::from(r.header.tx_count))
             });
             write_rows!(dbtx, &rows);
+            for (name, value) in state {
+                sqlx::query(node_state::UPSERT).bind(*name).bind(value.clone()).execute(&mut *dbtx).await?;
+            }
             dbtx.commit().await?;
             Ok(())
         })
@@ -667,3 +681,4 @@ mod legacy;
 
 mod index_audit;
 mod lookup;
+mod node_state;
