@@ -172,6 +172,37 @@ impl Applier {
             })
             .collect();
 
+        let committed = self.write_and_publish(&head, blocks, pending, frontier, state).await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.map(|range| {
+                    committed[range]
+                        .iter()
+                        .map(|c| Receipt {
+                            id: c.id,
+                            global_sequence: c.tx.global_sequence,
+                            sequence: c.tx.sequence,
+                            height: c.height,
+                        })
+                        .collect()
+                })
+            })
+            .collect())
+    }
+
+    /// Writes blocks durably, then publishes them: tree, head, memcache, registry,
+    /// idempotency window, expiries and bus. `head` is the head the blocks extend.
+    pub(super) async fn write_and_publish(
+        &mut self,
+        head: &super::Head,
+        blocks: Vec<BlockRecord>,
+        pending: Vec<PendingTx>,
+        frontier: Frontier,
+        state: &[(&str, Vec<u8>)],
+    ) -> Result<Arc<Vec<Arc<CommittedTx>>>> {
+        let inner = self.inner.clone();
+        let genesis = !self.has_genesis();
         let write_started = Instant::now();
         let written = inner.store.append_with_state(&blocks, &pending, state).await;
         if let Err(e) = written {
@@ -227,26 +258,12 @@ impl Applier {
         let committed = Arc::new(committed);
         // Publish before answering: a client that subscribes after its ack must not see it twice.
         inner.bus.publish(committed.clone());
+        let height = blocks.last().map(|b| b.header.height).unwrap_or(0);
         metrics::counter!("kalima_tx_committed_total").increment(committed.len() as u64);
         metrics::counter!("kalima_blocks_committed_total").increment(blocks.len() as u64);
         metrics::histogram!("kalima_commit_batch_transactions").record(committed.len() as f64);
-        metrics::gauge!("kalima_block_height").set(height.saturating_sub(1) as f64);
-        Ok(outcomes
-            .into_iter()
-            .map(|o| {
-                o.map(|range| {
-                    committed[range]
-                        .iter()
-                        .map(|c| Receipt {
-                            id: c.id,
-                            global_sequence: c.tx.global_sequence,
-                            sequence: c.tx.sequence,
-                            height: c.height,
-                        })
-                        .collect()
-                })
-            })
-            .collect())
+        metrics::gauge!("kalima_block_height").set(height as f64);
+        Ok(committed)
     }
 
     /// Checks that must be atomic with the write: idempotency and registry guards.

@@ -5,6 +5,7 @@
 //! signed checkpoints, and serves proofs.
 
 mod apply;
+mod import;
 mod expiries;
 mod idempotency;
 mod sequencer;

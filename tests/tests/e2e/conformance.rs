@@ -9,9 +9,9 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 /// Upper bound for the schemathesis run (it takes ~10-30 s on 2 cores).
-const BUDGET: Duration = Duration::from_secs(1500);
+const BUDGET: Duration = Duration::from_secs(150);
 /// Test cases per operation and phase.
-const MAX_EXAMPLES: &str = "100";
+const MAX_EXAMPLES: &str = "20";
 
 #[tokio::test]
 async fn schemathesis_conformance() {

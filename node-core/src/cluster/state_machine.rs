@@ -1,0 +1,228 @@
+//! The Raft state machine of a master: the chain itself. Applying an entry applies its batch
+//! (every master builds byte-identical blocks); the applied log position is written in the
+//! same database transaction as the blocks, so a crash never applies an entry twice. The
+//! chain is always persistent, so a snapshot is only a pointer to its head: a master that
+//! receives one fetches the blocks it lacks from the leader and checks each.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{AnyError, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership};
+use parking_lot::RwLock;
+use tokio::sync::Mutex;
+
+use super::rpc::{Peer, Request, Response};
+use super::{ApplyResponse, ChainSnapshot, Master, NodeId, TypeConfig, WireOutcome};
+use crate::chain::{Applier, Chain};
+
+const APPLIED: &str = "raft_applied";
+const MEMBERSHIP: &str = "raft_membership";
+/// Blocks asked for per request while catching up.
+const CATCH_UP_PAGE: u32 = 256;
+
+/// Applied position and membership, as last written.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Applied {
+    pub(crate) log_id: Option<LogId<NodeId>>,
+    pub(crate) membership: StoredMembership<NodeId, Master>,
+}
+
+/// The state machine; clones share it.
+#[derive(Clone)]
+pub(crate) struct StateMachine {
+    chain: Chain,
+    applier: Arc<Mutex<Applier>>,
+    applied: Arc<RwLock<Applied>>,
+    peers: Arc<RwLock<BTreeMap<NodeId, Arc<Peer>>>>,
+}
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageError::write_state_machine(AnyError::error(e))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
+    postcard::to_stdvec(v).map_err(sm_err)
+}
+
+impl StateMachine {
+    /// Restores the applied position stored beside the chain.
+    pub(crate) async fn open(
+        chain: Chain,
+        applier: Applier,
+        peers: Arc<RwLock<BTreeMap<NodeId, Arc<Peer>>>>,
+    ) -> crate::Result<Self> {
+        let store = chain.store().clone();
+        let decode = |b: Vec<u8>| postcard::from_bytes(&b).map_err(|e| crate::Error::Link(format!("raft state: {e}")));
+        let log_id = match store.node_state(APPLIED).await? {
+            Some(b) => decode(b)?,
+            None => None,
+        };
+        let membership = match store.node_state(MEMBERSHIP).await? {
+            Some(b) => decode(b)?,
+            None => StoredMembership::default(),
+        };
+        Ok(Self {
+            chain,
+            applier: Arc::new(Mutex::new(applier)),
+            applied: Arc::new(RwLock::new(Applied { log_id, membership })),
+            peers,
+        })
+    }
+
+    /// The last applied log id.
+    pub(crate) fn applied(&self) -> Applied {
+        self.applied.read().clone()
+    }
+
+    fn snapshot_now(&self) -> Option<Snapshot<TypeConfig>> {
+        let applied = self.applied.read().clone();
+        let last = applied.log_id?;
+        let head = self.chain.head();
+        let data = ChainSnapshot {
+            height: head.block.header.height,
+            hash: head.block.hash,
+            has_genesis: self.chain.has_genesis(),
+            source: None,
+        };
+        Some(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(last),
+                last_membership: applied.membership,
+                snapshot_id: format!("{}-{}-{}", last.leader_id.term, last.index, data.height),
+            },
+            snapshot: Box::new(data),
+        })
+    }
+
+    /// Fetches and imports blocks up to `target` from `source`.
+    async fn catch_up(&self, applier: &mut Applier, target: &ChainSnapshot, state: &[(&str, Vec<u8>)]) -> crate::Result<()> {
+        let source = target.source.ok_or_else(|| crate::Error::Link("snapshot names no source node".into()))?;
+        let peer = self
+            .peers
+            .read()
+            .get(&source)
+            .cloned()
+            .ok_or_else(|| crate::Error::Link(format!("snapshot source node {source} is not a known master")))?;
+        loop {
+            let (from, done) = if applier.has_genesis() {
+                let h = self.chain.head().block.header.height;
+                (h + 1, h >= target.height)
+            } else {
+                (0, !target.has_genesis)
+            };
+            if done {
+                break;
+            }
+            let req = Request::Blocks { from, limit: CATCH_UP_PAGE };
+            let blocks = match peer.call(&req, Duration::from_secs(30)).await {
+                Ok(Response::Blocks(Ok(b))) => b,
+                Ok(Response::Blocks(Err(e))) => return Err(crate::Error::Link(format!("node {source}: {e}"))),
+                Ok(_) => return Err(crate::Error::Link(format!("node {source} answered the wrong message"))),
+                Err(e) => return Err(crate::Error::Link(format!("fetching blocks from node {source}: {e}"))),
+            };
+            if blocks.is_empty() {
+                return Err(crate::Error::Link(format!("node {source} has no block {from}")));
+            }
+            let last_page = blocks.last().and_then(|b| crate::block::BlockHeader::decode(&b.header).ok()).map(|h| h.height);
+            let wanted: Vec<(Vec<u8>, Vec<Vec<u8>>)> = blocks
+                .into_iter()
+                .filter(|b| crate::block::BlockHeader::decode(&b.header).is_ok_and(|h| h.height <= target.height))
+                .map(|b| (b.header, b.txs))
+                .collect();
+            let finishing = last_page.is_some_and(|h| h >= target.height);
+            applier.import(&wanted, if finishing { state } else { &[] }).await?;
+        }
+        let head = self.chain.head();
+        if target.has_genesis && (head.block.header.height != target.height || head.block.hash != target.hash) {
+            return Err(crate::Error::Corrupt {
+                height: target.height,
+                reason: "the local chain differs from the snapshot's head (a fork)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        // The chain is durable as applied; the snapshot records where it stands.
+        let _guard = self.applier.lock().await;
+        self.snapshot_now().ok_or_else(|| sm_err("nothing applied yet"))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Master>), StorageError<NodeId>> {
+        let a = self.applied.read().clone();
+        Ok((a.log_id, a.membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResponse>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut applier = self.applier.lock().await;
+        let mut out = Vec::new();
+        for entry in entries {
+            let log_id = Some(entry.log_id);
+            let mut state = vec![(APPLIED, encode(&log_id)?)];
+            let response = match entry.payload {
+                EntryPayload::Blank => {
+                    self.chain.store().put_node_state(&state).await.map_err(sm_err)?;
+                    ApplyResponse(Vec::new())
+                }
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(log_id, m);
+                    state.push((MEMBERSHIP, encode(&stored)?));
+                    self.chain.store().put_node_state(&state).await.map_err(sm_err)?;
+                    self.applied.write().membership = stored;
+                    ApplyResponse(Vec::new())
+                }
+                EntryPayload::Normal(batch) => {
+                    let outcomes = applier.apply(&batch, &state).await.map_err(sm_err)?;
+                    ApplyResponse(outcomes.into_iter().map(WireOutcome::from).collect())
+                }
+            };
+            self.applied.write().log_id = log_id;
+            out.push(response);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<ChainSnapshot>, StorageError<NodeId>> {
+        Ok(Box::new(ChainSnapshot::default()))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Master>,
+        snapshot: Box<ChainSnapshot>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let mut applier = self.applier.lock().await;
+        let state = vec![(APPLIED, encode(&meta.last_log_id)?), (MEMBERSHIP, encode(&meta.last_membership)?)];
+        tracing::info!(target: "core::cluster", height = snapshot.height, last_log = ?meta.last_log_id, "Installing a snapshot: fetching missing blocks.");
+        self.catch_up(&mut applier, &snapshot, &state).await.map_err(sm_err)?;
+        // Blocks may all have been present already: the position must still move.
+        self.chain.store().put_node_state(&state).await.map_err(sm_err)?;
+        let mut a = self.applied.write();
+        a.log_id = meta.last_log_id;
+        a.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let _guard = self.applier.lock().await;
+        Ok(self.snapshot_now())
+    }
+}
