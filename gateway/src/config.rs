@@ -34,6 +34,8 @@ pub struct Config {
     pub modbus: kalima_adapter_modbus::ModbusSection,
     /// LoRaWAN gateways (Semtech UDP) and devices.
     pub lorawan: kalima_adapter_lorawan::LorawanSection,
+    /// Role in a multi-node chain, masters and link timing.
+    pub cluster: crate::cluster::ClusterSection,
 }
 
 /// `[node]`
@@ -148,7 +150,7 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 8] = ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan"];
+        const SECTIONS: [&str; 9] = ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster"];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
                 for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
@@ -165,6 +167,7 @@ impl Config {
             mqtt: section(&fig, "mqtt", &mut errs),
             modbus: section(&fig, "modbus", &mut errs),
             lorawan: section(&fig, "lorawan", &mut errs),
+            cluster: section(&fig, "cluster", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -177,7 +180,7 @@ impl Config {
 
     /// Reports every invalid value at once.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
-        let mut errs = Vec::new();
+        let mut errs = self.cluster.problems();
         if self.api.listen.parse::<SocketAddr>().is_err() {
             errs.push(format!("[api] listen = {:?} is not an IP:port address", self.api.listen));
         }
@@ -300,6 +303,18 @@ kalima_device = "modbus"
 listen = ""
 kalima_device = "lorawan"
 gateways = []
+
+# Multi-node chains: role = "master" makes this node one of the masters that replicate the
+# chain with Raft over Noise-encrypted links (port 7700). List every master, this one
+# included, as [[cluster.masters]] with id, addr and link_key (the "public" of its link.key).
+# mode = "production" refuses to start with fewer than 5 masters. See `kalima dev-cluster`.
+[cluster]
+role = "single"
+mode = "dev"
+id = 1
+listen = "0.0.0.0:7700"
+bootstrap = true
+clients = []
 "#
     )
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_lorawan;
 pub mod bench_modbus;
 pub mod bench_mqtt;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod node;

@@ -55,6 +55,27 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Run a cluster of masters on this machine (each in DIR/master-N), until Ctrl-C.
+    DevCluster {
+        /// Parent directory of the masters' directories.
+        #[arg(long, default_value = "kalima-cluster")]
+        dir: PathBuf,
+        /// Number of masters (5 or more runs in production mode).
+        #[arg(long, default_value_t = 5)]
+        masters: u64,
+        /// Chain name.
+        #[arg(long, default_value = "kalima-dev")]
+        chain: String,
+        /// API port of master 1; master N uses this + N - 1.
+        #[arg(long, default_value_t = 18081)]
+        api_port: u16,
+        /// Node-link port of master 1; master N uses this + N - 1.
+        #[arg(long, default_value_t = 7701)]
+        link_port: u16,
+        /// Only write the directories and configs; do not start the masters.
+        #[arg(long)]
+        init_only: bool,
+    },
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -170,6 +191,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { dir } => verify(config::data_dir(dir)).await,
+        Command::DevCluster { dir, masters, chain, api_port, link_port, init_only } => {
+            anyhow::ensure!(masters >= 1, "--masters must be at least 1");
+            let dev = kalima_gateway::cluster::dev::DevCluster { dir, chain, masters, api_port, link_port };
+            if init_only {
+                let token = dev.init()?;
+                println!("{} masters written under {}; admin token {token}", masters, dev.dir.display());
+            } else {
+                dev.run().await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys { action: KeysAction::Rotate { dir } } => {
             let dir = config::data_dir(dir);
             let id = DataKeys::rotate(&dir.join(DATA_KEYS_FILE)).context("rotating the data key")?;

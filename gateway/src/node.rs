@@ -7,10 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use kalima_core::cluster::{Cluster, LINK_KEY_FILE, LinkKey};
 use kalima_core::keys::{DATA_KEYS_FILE, DataKeys, NODE_KEY_FILE, NodeKey, write_new_private};
 use kalima_core::registry::{ADMIN_ID, DEVICES_ADDRESS, DeviceRecord, NODE_DEVICE_ID, new_token, token_digest};
 use kalima_core::tx::TxContent;
 use kalima_core::{Chain, Store};
+
+use crate::cluster::Role;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -144,6 +147,7 @@ pub struct Running {
     lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
     mqtt: Option<Arc<kalima_adapter_mqtt::MqttServer>>,
     mqtt_external: Option<Arc<kalima_adapter_mqtt::external::ExternalBroker>>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Running {
@@ -173,6 +177,9 @@ impl Running {
             server.abort();
         }
         self.chain.shutdown();
+        if let Some(c) = &self.cluster {
+            c.shutdown().await;
+        }
         match self.sequencer.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e).context("sequencer"),
@@ -180,6 +187,11 @@ impl Running {
         }
         self.chain.store().close().await;
         Ok(())
+    }
+
+    /// The cluster, when this node is a master.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The Modbus adapter, when `[modbus]` configures devices.
@@ -237,18 +249,37 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     };
     let node_key = NodeKey::load(&dir.join(NODE_KEY_FILE))?;
     let store = open_store(dir, &config).await?;
-    let genesis = if store.latest_block().await?.is_none() {
-        genesis(dir, &config.node.chain, &node_key.public_hex())?
+    let store_has_blocks = store.latest_block().await?.is_some();
+    let genesis =
+        if !store_has_blocks { genesis(dir, &config.node.chain, &node_key.public_hex())? } else { Vec::new() };
+    let (chain, sequencer, cluster) = if config.cluster.role == Role::Master {
+        if let Some(w) = config.cluster.warning() {
+            tracing::warn!(target: "node", "{w}");
+        }
+        // Any master may be the first leader, which orders genesis: each keeps it ready.
+        let link_key = LinkKey::load_or_create(&dir.join(LINK_KEY_FILE))?;
+        let (chain, cluster) =
+            Cluster::start(dir, store, node_key, link_key, config.chain_config(), config.cluster.to_core(), genesis)
+                .await
+                .context("starting the cluster")?;
+        let cluster = Arc::new(cluster);
+        let stopped = cluster.clone();
+        let sequencer = tokio::spawn(async move {
+            stopped.stopped().await;
+            Ok(())
+        });
+        (chain, sequencer, Some(cluster))
     } else {
-        Vec::new()
+        let (chain, sequencer) =
+            Chain::open(store, node_key, config.chain_config(), genesis).await.context("restoring the chain")?;
+        (chain, sequencer, None)
     };
-    let (chain, sequencer) =
-        Chain::open(store, node_key, config.chain_config(), genesis).await.context("restoring the chain")?;
     let mut tasks = Vec::new();
     if let Some(t) = chain.spawn_checkpoints() {
         tasks.push(t);
     }
     let mut state = AppState::new(chain.clone(), config.clone());
+    state.cluster = cluster.clone();
     // Adapters start after the chain and before the API, so the status route sees them.
     if !config.modbus.devices.is_empty() {
         state.modbus =
@@ -287,7 +318,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan, mqtt, mqtt_external })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan, mqtt, mqtt_external, cluster })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -57,6 +57,13 @@ pub enum Error {
     /// The chain cannot continue safely (e.g. a commit whose outcome is unknown).
     #[error("fatal: {0}")]
     Fatal(String),
+    /// The write could not be ordered now (no cluster leader reachable, leadership changed);
+    /// the text says whether it may still commit.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A node link or the cluster's Raft storage failed.
+    #[error("cluster: {0}")]
+    Link(String),
     /// The node is stopping and takes no more work.
     #[error("the node is shutting down")]
     ShuttingDown,

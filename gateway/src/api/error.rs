@@ -110,6 +110,7 @@ impl From<Error> for ApiError {
             Error::Rejected(r) => ApiError::Rejected(r),
             Error::ShuttingDown => ApiError::Unavailable("the node is shutting down".into()),
             Error::CommitFailed(m) => ApiError::Unavailable(format!("the write was not stored: {m}")),
+            Error::Unavailable(m) => ApiError::Unavailable(m),
             // Sizes and indexes come from the request; chunk faults mean the store disagrees
             // with the tree, which is the node's problem, not the caller's.
             Error::Merkle(

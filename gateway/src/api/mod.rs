@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod chain;
+pub mod cluster;
 pub mod compat;
 pub mod devices;
 pub mod error;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
     /// The LoRaWAN adapter, when `[lorawan] listen` is set.
     pub lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
+    /// The cluster, when this node is a master.
+    pub cluster: Option<Arc<kalima_core::cluster::Cluster>>,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ impl AppState {
             streams: Arc::default(),
             modbus: None,
             lorawan: None,
+            cluster: None,
         }
     }
 }
@@ -223,6 +227,7 @@ impl utoipa::Modify for SecurityAddon {
         stream::sse, stream::ws,
         devices::register, devices::list, devices::show, devices::revoke, devices::grant, devices::remove_grant,
         adapters::modbus_devices, adapters::modbus_setpoint, adapters::lorawan_status,
+        cluster::status,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
     modifiers(&SecurityAddon, &CommonResponses),
@@ -233,6 +238,7 @@ impl utoipa::Modify for SecurityAddon {
         (name = "streams", description = "Live committed data (SSE, WebSocket)"),
         (name = "devices", description = "Devices, tokens and grants (admin)"),
         (name = "adapters", description = "Field adapters: device status and set-points"),
+        (name = "cluster", description = "Master cluster: membership, leader, Raft and chain positions (admin)"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -254,6 +260,7 @@ pub fn api_router() -> Router<AppState> {
         .merge(stream::router())
         .merge(devices::router())
         .merge(adapters::router())
+        .merge(cluster::router())
 }
 
 /// The whole HTTP application.

@@ -5,9 +5,9 @@
 //! signed checkpoints, and serves proofs.
 
 mod apply;
-mod import;
 mod expiries;
 mod idempotency;
+mod import;
 mod sequencer;
 
 use std::collections::HashMap;
@@ -34,6 +34,7 @@ pub use apply::{Batch, Outcome, Proposal};
 use expiries::Expiries;
 use idempotency::{IdempotencyWindow, used_keys};
 use sequencer::Sequencer;
+pub(crate) use sequencer::{Reply, answer};
 
 /// The chain name recorded at genesis, if the chain records one.
 pub fn genesis_chain_name(memcache: &Memcache) -> Option<String> {
@@ -324,6 +325,30 @@ impl Chain {
         let (tx, rx) = oneshot::channel();
         self.enqueue(items, None, Some(tx)).await?;
         Ok(async move { rx.await.map_err(|_| Error::ShuttingDown)? })
+    }
+
+    /// Queues proposals (forwarded by another node) in order and returns the wait for each.
+    pub(crate) async fn submit_proposals(
+        &self,
+        proposals: Vec<Proposal>,
+    ) -> Result<Vec<impl std::future::Future<Output = Result<Vec<Receipt>>> + Send + 'static>> {
+        let mut waits = Vec::with_capacity(proposals.len());
+        for p in proposals {
+            let (tx, rx) = oneshot::channel();
+            self.enqueue(p.items, p.guard, Some(tx)).await?;
+            waits.push(async move { rx.await.map_err(|_| Error::ShuttingDown)? });
+        }
+        Ok(waits)
+    }
+
+    /// TTL deletes now due (the leader proposes them).
+    pub(crate) fn expired_deletes(&self) -> Vec<Submission> {
+        sequencer::expired_deletes(&self.inner)
+    }
+
+    /// True once block 0 exists.
+    pub fn has_genesis(&self) -> bool {
+        self.inner.has_genesis.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Submits validated content without waiting for the commit.

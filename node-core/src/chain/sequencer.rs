@@ -118,10 +118,11 @@ impl Sequencer {
     }
 }
 
-type Reply = (Option<tokio::sync::oneshot::Sender<Result<Vec<super::Receipt>>>>, Instant);
+/// Who waits for a proposal's outcome, and since when.
+pub(crate) type Reply = (Option<tokio::sync::oneshot::Sender<Result<Vec<super::Receipt>>>>, Instant);
 
 /// Sends each writer its outcome; refusals of writes nobody waits for are counted here.
-pub(super) fn answer(replies: Vec<Reply>, outcomes: Vec<super::apply::Outcome>) {
+pub(crate) fn answer(replies: Vec<Reply>, outcomes: Vec<super::apply::Outcome>) {
     let done = Instant::now();
     for ((reply, enqueued), outcome) in replies.into_iter().zip(outcomes) {
         match (reply, outcome) {

@@ -122,7 +122,8 @@ pub type PeerKey = [u8; 32];
 /// Parses a 64-hex-digit link public key.
 pub fn parse_public(hex_key: &str) -> std::result::Result<PeerKey, String> {
     let mut k = [0u8; 32];
-    hex::decode_to_slice(hex_key, &mut k).map_err(|e| format!("link public key {hex_key:?} is not 64 hex digits: {e}"))?;
+    hex::decode_to_slice(hex_key, &mut k)
+        .map_err(|e| format!("link public key {hex_key:?} is not 64 hex digits: {e}"))?;
     Ok(k)
 }
 

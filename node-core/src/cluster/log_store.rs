@@ -8,7 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{AnyError, Entry, LogId, RaftLogReader, StorageError, Vote};
+use openraft::{AnyError, Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{NodeId, TypeConfig};
@@ -29,11 +29,11 @@ pub(crate) struct LogStore {
 }
 
 fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageError::read_logs(AnyError::error(e))
+    StorageIOError::read_logs(AnyError::error(e)).into()
 }
 
 fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageError::write_logs(AnyError::error(e))
+    StorageIOError::write_logs(AnyError::error(e)).into()
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -55,7 +55,10 @@ impl LogStore {
         Ok(Self { pool })
     }
 
-    async fn meta<T: serde::de::DeserializeOwned>(&self, name: &str) -> std::result::Result<Option<T>, StorageError<NodeId>> {
+    async fn meta<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Option<T>, StorageError<NodeId>> {
         let v: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM raft_meta WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
@@ -110,12 +113,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&e) => e,
             Bound::Unbounded => u64::MAX,
         };
-        let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT entry FROM raft_log WHERE idx >= $1 AND idx < $2 ORDER BY idx")
-            .bind(to_i64(start))
-            .bind(to_i64(end))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(read_err)?;
+        let rows: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT entry FROM raft_log WHERE idx >= $1 AND idx < $2 ORDER BY idx")
+                .bind(to_i64(start))
+                .bind(to_i64(end))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(read_err)?;
         rows.iter().map(|b| postcard::from_bytes(b).map_err(read_err)).collect()
     }
 }
@@ -148,7 +152,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta("vote").await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> std::result::Result<(), StorageError<NodeId>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> std::result::Result<(), StorageError<NodeId>> {
         self.set_meta("committed", &committed).await
     }
 
@@ -156,7 +163,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.meta::<Option<LogId<NodeId>>>("committed").await?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> std::result::Result<(), StorageError<NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> std::result::Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,

@@ -74,7 +74,7 @@ impl Connection {
         peer.call(&req, timeout).await.map_err(|e| match e {
             CallError::Unreachable(m) => RPCError::Unreachable(unreachable(m)),
             CallError::Timeout(_) => RPCError::Timeout(Timeout {
-                action: openraft::error::RPCTypes::AppendEntries,
+                action: openraft::network::RPCTypes::AppendEntries,
                 id: self.me,
                 target: self.target,
                 timeout,
@@ -83,7 +83,10 @@ impl Connection {
     }
 
     fn unexpected<E: std::error::Error>(&self) -> RPCError<NodeId, Master, E> {
-        RPCError::Network(NetworkError::new(&AnyError::error(format!("node {} answered the wrong message", self.target))))
+        RPCError::Network(NetworkError::new(&AnyError::error(format!(
+            "node {} answered the wrong message",
+            self.target
+        ))))
     }
 }
 

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
-use openraft::{RaftError, SnapshotMeta, Vote};
+use openraft::{SnapshotMeta, Vote};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -19,7 +20,7 @@ use tokio::sync::oneshot;
 use super::link::{self, LinkIdentity, PeerKey};
 use super::{ChainSnapshot, Master, NodeId, TypeConfig, WireOutcome};
 use crate::chain::Proposal;
-use crate::error::{Error, Result};
+use crate::error::Error;
 
 /// A request from one node to another.
 #[derive(Debug, Serialize, Deserialize)]

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{AnyError, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership};
+use openraft::{
+    AnyError, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+};
 use parking_lot::RwLock;
 use tokio::sync::Mutex;
 
 use super::rpc::{Peer, Request, Response};
-use super::{ApplyResponse, ChainSnapshot, Master, NodeId, TypeConfig, WireOutcome};
+use super::{ApplyResponse, ChainSnapshot, Master, NodeId, TypeConfig, wire};
 use crate::chain::{Applier, Chain};
 
 const APPLIED: &str = "raft_applied";
@@ -39,7 +41,7 @@ pub(crate) struct StateMachine {
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageError::write_state_machine(AnyError::error(e))
+    StorageIOError::write_state_machine(AnyError::error(e)).into()
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
@@ -54,13 +56,13 @@ impl StateMachine {
         peers: Arc<RwLock<BTreeMap<NodeId, Arc<Peer>>>>,
     ) -> crate::Result<Self> {
         let store = chain.store().clone();
-        let decode = |b: Vec<u8>| postcard::from_bytes(&b).map_err(|e| crate::Error::Link(format!("raft state: {e}")));
+        let bad = |e: postcard::Error| crate::Error::Link(format!("raft state: {e}"));
         let log_id = match store.node_state(APPLIED).await? {
-            Some(b) => decode(b)?,
+            Some(b) => postcard::from_bytes(&b).map_err(bad)?,
             None => None,
         };
         let membership = match store.node_state(MEMBERSHIP).await? {
-            Some(b) => decode(b)?,
+            Some(b) => postcard::from_bytes(&b).map_err(bad)?,
             None => StoredMembership::default(),
         };
         Ok(Self {
@@ -97,7 +99,12 @@ impl StateMachine {
     }
 
     /// Fetches and imports blocks up to `target` from `source`.
-    async fn catch_up(&self, applier: &mut Applier, target: &ChainSnapshot, state: &[(&str, Vec<u8>)]) -> crate::Result<()> {
+    async fn catch_up(
+        &self,
+        applier: &mut Applier,
+        target: &ChainSnapshot,
+        state: &[(&str, Vec<u8>)],
+    ) -> crate::Result<()> {
         let source = target.source.ok_or_else(|| crate::Error::Link("snapshot names no source node".into()))?;
         let peer = self
             .peers
@@ -125,7 +132,8 @@ impl StateMachine {
             if blocks.is_empty() {
                 return Err(crate::Error::Link(format!("node {source} has no block {from}")));
             }
-            let last_page = blocks.last().and_then(|b| crate::block::BlockHeader::decode(&b.header).ok()).map(|h| h.height);
+            let last_page =
+                blocks.last().and_then(|b| crate::block::BlockHeader::decode(&b.header).ok()).map(|h| h.height);
             let wanted: Vec<(Vec<u8>, Vec<Vec<u8>>)> = blocks
                 .into_iter()
                 .filter(|b| crate::block::BlockHeader::decode(&b.header).is_ok_and(|h| h.height <= target.height))
@@ -187,7 +195,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(batch) => {
                     let outcomes = applier.apply(&batch, &state).await.map_err(sm_err)?;
-                    ApplyResponse(outcomes.into_iter().map(WireOutcome::from).collect())
+                    ApplyResponse(outcomes.into_iter().map(wire).collect())
                 }
             };
             self.applied.write().log_id = log_id;
