@@ -235,9 +235,12 @@ async fn verify(dir: PathBuf) -> anyhow::Result<ExitCode> {
         None
     };
     let started = Instant::now();
-    // Only this node leads blocks and signs checkpoints on a single-node chain.
+    // Only this node leads blocks and signs checkpoints on a single-node chain; on a master,
+    // so do the masters configured and those the cluster's membership records.
     let node_key = kalima_core::keys::NodeKey::load(&dir.join(kalima_core::keys::NODE_KEY_FILE))?;
-    let trusted = [node_key.public_hex()];
+    let mut trusted = vec![node_key.public_hex()];
+    trusted.extend(cfg.cluster.masters.iter().map(|m| m.node_key.to_lowercase()));
+    trusted.extend(kalima_core::cluster::recorded_masters(&store).await?.into_values().map(|m| m.node_key));
     // Checkpoints are signed under the name recorded at genesis, whatever the config says now.
     let genesis = store.history(kalima_core::registry::CHAIN_ADDRESS, "genesis", u64::MAX >> 1, 1).await.ok();
     let recorded = genesis

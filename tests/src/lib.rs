@@ -6,6 +6,8 @@
 //! removed (except `KALIMA_LOG`), so a node only sees what its test sets. Node output goes
 //! to a log file beside the data directory and is printed when a test fails on it.
 
+pub mod cluster;
+
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};

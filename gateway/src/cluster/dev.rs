@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kalima_core::cluster::{LINK_KEY_FILE, LinkKey};
-use kalima_core::keys::write_private;
+use kalima_core::keys::{NODE_KEY_FILE, NodeKey, write_private};
 
 use crate::config::{ADMIN_TOKEN_FILE, CONFIG_FILE};
 use crate::node;
@@ -61,10 +61,12 @@ impl DevCluster {
         let mut masters = String::new();
         for id in 1..=self.masters {
             let key = LinkKey::load(&self.master_dir(id).join(LINK_KEY_FILE))?;
+            let node_key = NodeKey::load(&self.master_dir(id).join(NODE_KEY_FILE))?;
             masters.push_str(&format!(
-                "\n[[cluster.masters]]\nid = {id}\naddr = \"{}\"\nlink_key = \"{}\"\n",
+                "\n[[cluster.masters]]\nid = {id}\naddr = \"{}\"\nlink_key = \"{}\"\nnode_key = \"{}\"\n",
                 self.link_addr(id),
-                key.public_hex()
+                key.public_hex(),
+                node_key.public_hex()
             ));
         }
         let mode = if self.masters >= crate::cluster::PRODUCTION_MASTERS as u64 { "production" } else { "dev" };

@@ -43,6 +43,8 @@ pub struct MasterEntry {
     pub addr: String,
     /// Its link public key (hex, from its `link.key`).
     pub link_key: String,
+    /// Its node public key (hex): verify trusts blocks it led and checkpoints it signed.
+    pub node_key: String,
 }
 
 /// `[cluster]`
@@ -120,6 +122,12 @@ impl ClusterSection {
             if let Err(e) = parse_public(&m.link_key) {
                 errs.push(format!("[[cluster.masters]] id {}: {e}", m.id));
             }
+            if parse_public(&m.node_key).is_err() {
+                errs.push(format!(
+                    "[[cluster.masters]] id {}: node_key must be the 64-hex-digit public key of its node.key",
+                    m.id
+                ));
+            }
         }
         for k in &self.clients {
             if let Err(e) = parse_public(k) {
@@ -166,7 +174,14 @@ impl ClusterSection {
         let masters: BTreeMap<u64, Master> = self
             .masters
             .iter()
-            .map(|m| (m.id, Master { addr: m.addr.clone(), link_key: m.link_key.to_lowercase() }))
+            .map(|m| {
+                let master = Master {
+                    addr: m.addr.clone(),
+                    link_key: m.link_key.to_lowercase(),
+                    node_key: m.node_key.to_lowercase(),
+                };
+                (m.id, master)
+            })
             .collect();
         ClusterConfig {
             id: self.id,
@@ -182,6 +197,12 @@ impl ClusterSection {
                 dead_after: Duration::from_millis(self.link_dead_after_ms),
                 rekey_messages: self.rekey_messages,
                 rekey_interval: Duration::from_secs(self.rekey_interval_secs),
+                bind: self
+                    .listen
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|a| a.ip())
+                    .filter(|ip| !ip.is_unspecified()),
                 ..LinkTuning::default()
             },
         }

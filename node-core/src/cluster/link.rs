@@ -140,6 +140,9 @@ pub struct LinkTuning {
     pub rekey_interval: Duration,
     /// Longest TCP connect plus handshake.
     pub connect_timeout: Duration,
+    /// Source address of outgoing links (the listen address's IP, when it names one), so
+    /// peers and firewalls see links come from the address this node is known by.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Default for LinkTuning {
@@ -150,6 +153,7 @@ impl Default for LinkTuning {
             rekey_messages: 1 << 20,
             rekey_interval: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(3),
+            bind: None,
         }
     }
 }
@@ -248,12 +252,29 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
 /// Opens a link to `addr`, authenticating both sides.
 pub async fn connect(id: &LinkIdentity, addr: &str) -> Result<Link> {
     let fut = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| io_err(&format!("connecting to {addr}"), e))?;
+        let stream = dial(addr, id.tuning.bind).await.map_err(|e| io_err(&format!("connecting to {addr}"), e))?;
         handshake(id, stream, true).await
     };
     tokio::time::timeout(id.tuning.connect_timeout, fut)
         .await
         .map_err(|_| Error::Link(format!("connecting to {addr}: timed out")))?
+}
+
+async fn dial(addr: &str, bind: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = bind else { return TcpStream::connect(addr).await };
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        if target.is_ipv4() != ip.is_ipv4() {
+            continue;
+        }
+        let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+        match socket.connect(target).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} has no address of the family of {ip}"))))
 }
 
 /// Completes the responder side of a handshake on an accepted connection.

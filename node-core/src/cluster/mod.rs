@@ -51,6 +51,8 @@ pub struct Master {
     pub addr: String,
     /// Its link public key (hex).
     pub link_key: String,
+    /// Its node public key (hex): the key it leads blocks and signs checkpoints with.
+    pub node_key: String,
 }
 
 /// What a snapshot carries: where the chain stood, and (in transit) who to fetch it from.
@@ -182,6 +184,11 @@ impl Default for ClusterConfig {
             link: LinkTuning::default(),
         }
     }
+}
+
+/// The masters recorded in the store's Raft membership (empty for a single node).
+pub async fn recorded_masters(store: &Store) -> Result<BTreeMap<NodeId, Master>> {
+    state_machine::recorded_masters(store).await
 }
 
 /// A running master.

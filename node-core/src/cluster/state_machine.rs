@@ -24,6 +24,14 @@ const MEMBERSHIP: &str = "raft_membership";
 /// Blocks asked for per request while catching up.
 const CATCH_UP_PAGE: u32 = 256;
 
+/// The masters of the membership stored beside the chain.
+pub(crate) async fn recorded_masters(store: &crate::Store) -> crate::Result<BTreeMap<NodeId, Master>> {
+    let Some(b) = store.node_state(MEMBERSHIP).await? else { return Ok(BTreeMap::new()) };
+    let m: StoredMembership<NodeId, Master> =
+        postcard::from_bytes(&b).map_err(|e| crate::Error::Link(format!("raft state: {e}")))?;
+    Ok(m.membership().nodes().map(|(id, n)| (*id, n.clone())).collect())
+}
+
 /// Applied position and membership, as last written.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Applied {

@@ -5,6 +5,7 @@
 
 #![allow(unreachable_pub)]
 
+mod cluster;
 mod conformance;
 mod demo;
 mod durability;

@@ -1,0 +1,466 @@
+//! Clusters of real `kalima` masters for the fault tests: directories written by `kalima
+//! dev-cluster --init-only`, each master's node link on its own loopback address
+//! (127.0.0.1N), and in front of each master a fault-injecting TCP proxy that can cut links
+//! by source address (a network partition), plus a write load whose acknowledgements are
+//! checked against every master's chain afterwards.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::{Node, assert_verifies, describe, free_port, http_client, kalima};
+
+/// Loopback address of master `id`'s node link.
+pub fn master_ip(id: u64) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8))
+}
+
+fn master_of(ip: IpAddr) -> Option<u64> {
+    match ip {
+        IpAddr::V4(v4) if v4.octets()[..3] == [127, 0, 0] && v4.octets()[3] > 10 => {
+            Some(u64::from(v4.octets()[3]) - 10)
+        }
+        _ => None,
+    }
+}
+
+/// A TCP proxy in front of one master that drops links from chosen masters.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    blocked: Arc<Mutex<HashSet<u64>>>,
+    conns: Arc<Mutex<Vec<(u64, JoinHandle<()>)>>>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on a free 127.0.0.1 port forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding a proxy port");
+        let addr = listener.local_addr().expect("proxy address");
+        let blocked: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let conns: Arc<Mutex<Vec<(u64, JoinHandle<()>)>>> = Arc::default();
+        let (b, c) = (blocked.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, from)) = listener.accept().await else { continue };
+                let src = master_of(from.ip()).unwrap_or(0);
+                let cut = b.lock().expect("proxy lock").contains(&src);
+                let h = tokio::spawn(async move {
+                    let mut inbound = inbound;
+                    if cut {
+                        // A partition drops packets: the connection opens, nothing arrives.
+                        std::future::pending::<()>().await;
+                    }
+                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let _ = outbound.shutdown().await;
+                });
+                c.lock().expect("proxy lock").push((src, h));
+            }
+        });
+        FaultProxy { addr, blocked, conns, task }
+    }
+
+    /// Where masters dial.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drops every link from `from` (existing ones are cut; new ones open but carry nothing).
+    pub fn block(&self, from: u64) {
+        self.blocked.lock().expect("proxy lock").insert(from);
+        let mut conns = self.conns.lock().expect("proxy lock");
+        conns.retain(|(src, h)| {
+            if *src == from {
+                h.abort();
+                false
+            } else {
+                !h.is_finished()
+            }
+        });
+    }
+
+    /// Lets every master through again.
+    pub fn heal(&self) {
+        self.blocked.lock().expect("proxy lock").clear();
+        // Held (blackholed) connections are closed so their dialers reconnect.
+        let mut conns = self.conns.lock().expect("proxy lock");
+        for (_, h) in conns.drain(..) {
+            if !h.is_finished() {
+                h.abort();
+            }
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        for (_, h) in self.conns.lock().map(|mut c| c.drain(..).collect::<Vec<_>>()).unwrap_or_default() {
+            h.abort();
+        }
+    }
+}
+
+/// Masters on this machine, each behind its proxy.
+pub struct TestCluster {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    /// Running masters by id (`None` while stopped).
+    pub masters: BTreeMap<u64, Option<Node>>,
+    proxies: BTreeMap<u64, FaultProxy>,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// The fields of `/api/v1/cluster` the tests read.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// `leader`, `follower`, ...
+    pub state: String,
+    /// Known leader.
+    pub leader: Option<u64>,
+    /// Chain height.
+    pub height: u64,
+    /// Head hash.
+    pub head_hash: String,
+    /// Raft term.
+    pub term: u64,
+}
+
+impl TestCluster {
+    /// Writes `n` masters with `kalima dev-cluster --init-only`, puts each link behind a
+    /// proxy, applies `env` to every master, and starts them all.
+    pub async fn start(n: u64, env: &[(&str, &str)]) -> TestCluster {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let root = tmp.path().join("cluster");
+        let base = 7701u64;
+        let out = kalima(
+            &["dev-cluster", "--init-only", "--dir", root.to_str().expect("utf-8 path"), "--masters", &n.to_string()],
+            &[],
+        )
+        .await;
+        assert!(out.status.success(), "kalima dev-cluster --init-only failed:\n{}", describe(&out));
+        let mut listens = BTreeMap::new();
+        let mut proxies = BTreeMap::new();
+        for id in 1..=n {
+            let listen = SocketAddr::new(master_ip(id), free_port());
+            proxies.insert(id, FaultProxy::start(listen).await);
+            listens.insert(id, listen);
+        }
+        for id in 1..=n {
+            let file = root.join(format!("master-{id}")).join("kalima.toml");
+            let mut text = std::fs::read_to_string(&file).expect("reading a master's kalima.toml");
+            for j in 1..=n {
+                let written = format!("\"127.0.0.1:{}\"", base + j - 1);
+                let wanted =
+                    if j == id { format!("\"{}\"", listens[&j]) } else { format!("\"{}\"", proxies[&j].addr()) };
+                if j == id {
+                    // Its own entry in the masters list is dialled by the others: the proxy.
+                    text = text.replacen(&format!("listen = {written}"), &format!("listen = {wanted}"), 1);
+                    text = text.replace(&format!("addr = {written}"), &format!("addr = \"{}\"", proxies[&j].addr()));
+                } else {
+                    text = text.replace(&format!("addr = {written}"), &format!("addr = {wanted}"));
+                }
+            }
+            std::fs::write(&file, text).expect("writing a master's kalima.toml");
+        }
+        let token = std::fs::read_to_string(root.join("master-1").join("admin.token"))
+            .expect("reading the admin token")
+            .trim()
+            .to_string();
+        let mut c = TestCluster { _tmp: tmp, root, masters: BTreeMap::new(), proxies, token, http: http_client() };
+        let starts = (1..=n).map(|id| {
+            let dir = c.dir(id);
+            async move { (id, Node::start(&dir, env).await) }
+        });
+        for (id, node) in futures::future::join_all(starts).await {
+            c.masters.insert(id, Some(node));
+        }
+        c
+    }
+
+    /// Data directory of master `id`.
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.root.join(format!("master-{id}"))
+    }
+
+    /// The shared admin token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// API base URLs of the running masters.
+    pub fn urls(&self) -> Vec<(u64, String)> {
+        self.masters.iter().filter_map(|(id, n)| n.as_ref().map(|n| (*id, n.url("")))).collect()
+    }
+
+    /// `/api/v1/cluster` of master `id`, if it answers.
+    pub async fn status(&self, id: u64) -> Option<Status> {
+        let node = self.masters.get(&id)?.as_ref()?;
+        let r = self
+            .http
+            .get(node.url("/api/v1/cluster"))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        let v: Value = r.json().await.ok()?;
+        Some(Status {
+            state: v["state"].as_str()?.to_string(),
+            leader: v["leader"].as_u64(),
+            height: v["height"].as_u64()?,
+            head_hash: v["head_hash"].as_str()?.to_string(),
+            term: v["term"].as_u64()?,
+        })
+    }
+
+    /// Waits until every master in `among` that runs agrees on one leader in `among`, which
+    /// says it leads; returns it.
+    pub async fn wait_leader(&self, among: &[u64], timeout: Duration) -> u64 {
+        let started = Instant::now();
+        loop {
+            let mut seen = Vec::new();
+            for id in among {
+                if let Some(s) = self.status(*id).await {
+                    seen.push((*id, s));
+                }
+            }
+            if let Some((_, first)) = seen.first()
+                && let Some(l) = first.leader
+                && among.contains(&l)
+                && seen.iter().all(|(_, s)| s.leader == Some(l))
+                && seen.iter().any(|(id, s)| *id == l && s.state == "leader")
+            {
+                return l;
+            }
+            assert!(started.elapsed() < timeout, "no leader agreed among {among:?} within {timeout:?}: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running master has the same height and head hash, at least
+    /// `min_height`; returns them.
+    pub async fn wait_converged(&self, min_height: u64, timeout: Duration) -> (u64, String) {
+        let started = Instant::now();
+        loop {
+            let mut seen = Vec::new();
+            for (id, n) in &self.masters {
+                if n.is_some() {
+                    seen.push((*id, self.status(*id).await));
+                }
+            }
+            let heads: HashSet<_> =
+                seen.iter().map(|(_, s)| s.as_ref().map(|s| (s.height, s.head_hash.clone()))).collect();
+            if heads.len() == 1
+                && let Some(Some((h, hash))) = heads.into_iter().next()
+                && h >= min_height
+            {
+                return (h, hash);
+            }
+            assert!(started.elapsed() < timeout, "masters did not converge within {timeout:?}: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// kill -9 master `id`.
+    pub fn kill9(&mut self, id: u64) {
+        if let Some(n) = self.masters.get_mut(&id).and_then(Option::take) {
+            n.kill9();
+        }
+    }
+
+    /// Stops master `id` with SIGTERM.
+    pub async fn stop(&mut self, id: u64) {
+        if let Some(n) = self.masters.get_mut(&id).and_then(Option::take) {
+            n.stop().await;
+        }
+    }
+
+    /// Starts master `id` again from its directory (with `env`).
+    pub async fn restart(&mut self, id: u64, env: &[(&str, &str)]) {
+        let node = Node::start(&self.dir(id), env).await;
+        self.masters.insert(id, Some(node));
+    }
+
+    /// Cuts every link between `group` and the other masters, both ways.
+    pub fn partition(&self, group: &[u64]) {
+        for (id, p) in &self.proxies {
+            for other in self.proxies.keys() {
+                if group.contains(id) != group.contains(other) {
+                    p.block(*other);
+                }
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+
+    /// Every acknowledged write of `acked` is on master `id`'s chain exactly once, in order,
+    /// and its current value is the last one.
+    pub async fn assert_writes(&self, id: u64, acked: &Acked) {
+        let node = self.masters[&id].as_ref().expect("a running master");
+        for (writer, counters) in acked {
+            let address = format!("/load/w{writer}");
+            let mut on_chain: Vec<u64> = Vec::new();
+            let mut before: Option<u64> = None;
+            loop {
+                let mut path = format!("/api/v1/history?address={address}&key=v&limit=1000");
+                if let Some(b) = before {
+                    path.push_str(&format!("&before={b}"));
+                }
+                let (status, page) = node.get_json(&path).await;
+                assert_eq!(status, StatusCode::OK, "history of {address} on master {id}: {page}");
+                for item in page["items"].as_array().expect("history items") {
+                    on_chain.push(item["body"].as_u64().expect("a counter body"));
+                }
+                match page["next_before"].as_u64() {
+                    Some(b) => before = Some(b),
+                    None => break,
+                }
+            }
+            on_chain.reverse();
+            let mut seen = HashSet::new();
+            for c in &on_chain {
+                assert!(seen.insert(*c), "master {id}: write {c} of writer {writer} is on the chain twice");
+            }
+            for c in counters {
+                assert!(seen.contains(c), "master {id}: acknowledged write {c} of writer {writer} is not on the chain");
+            }
+            let mut sorted = on_chain.clone();
+            sorted.sort_unstable();
+            assert_eq!(on_chain, sorted, "master {id}: writer {writer}'s writes are out of order");
+            let current = node.value(&address, "v").await;
+            assert_eq!(
+                current,
+                on_chain.last().map(|c| json!(c)),
+                "master {id}: memcache of {address} is not the chain's latest"
+            );
+        }
+    }
+
+    /// The checks after every fault: all masters converge on one head (by the hash chain,
+    /// the same block at every common height), every acknowledged write is on each chain
+    /// exactly once and each memcache holds the chain's latest values; then every master
+    /// is stopped and its chain passes `kalima verify`.
+    pub async fn check_and_stop(mut self, acked: &Acked) {
+        let (height, hash) = self.wait_converged(1, Duration::from_secs(60)).await;
+        let ids: Vec<u64> = self.masters.keys().copied().collect();
+        for id in &ids {
+            self.assert_writes(*id, acked).await;
+            let (status, block) =
+                self.masters[id].as_ref().expect("running").get_json(&format!("/api/v1/blocks/{height}")).await;
+            assert_eq!(status, StatusCode::OK, "block {height} on master {id}: {block}");
+            assert_eq!(block["block"]["hash"].as_str(), Some(hash.as_str()), "master {id} forked at height {height}");
+        }
+        for id in &ids {
+            self.stop(*id).await;
+        }
+        for id in &ids {
+            assert_verifies(&self.dir(*id), &[]).await;
+        }
+    }
+}
+
+/// Acknowledged counters per writer.
+pub type Acked = BTreeMap<u64, Vec<u64>>;
+
+/// Writers that each put increasing counters to `/load/w<N>` key `v`, retrying a write with
+/// the same idempotency key (on any master) until it is acknowledged.
+pub struct Load {
+    urls: Arc<Mutex<Vec<(u64, String)>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<JoinHandle<(u64, Vec<u64>)>>,
+}
+
+impl Load {
+    /// Starts `writers` writers against the masters at `urls`.
+    pub fn start(urls: Vec<(u64, String)>, token: &str, writers: u64) -> Load {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let urls = Arc::new(Mutex::new(urls));
+        let tasks = (0..writers)
+            .map(|w| {
+                let rx = rx.clone();
+                let urls = urls.clone();
+                let token = token.to_string();
+                tokio::spawn(async move {
+                    let http = http_client();
+                    let mut acked = Vec::new();
+                    let mut attempt = w as usize;
+                    for counter in 0u64.. {
+                        loop {
+                            if *rx.borrow() {
+                                return (w, acked);
+                            }
+                            let url = {
+                                let u = urls.lock().expect("urls lock");
+                                u[attempt % u.len()].1.clone()
+                            };
+                            let body = json!({
+                                "address": format!("/load/w{w}"), "key": "v", "body": counter,
+                                "idempotency_key": format!("w{w}-{counter}"),
+                            });
+                            let r = http
+                                .post(format!("{url}/api/v1/tx"))
+                                .bearer_auth(&token)
+                                .json(&body)
+                                .timeout(Duration::from_secs(5))
+                                .send()
+                                .await;
+                            match r.map(|r| r.status()) {
+                                // 409: an earlier attempt of this very write committed.
+                                Ok(s) if s.is_success() || s == StatusCode::CONFLICT => {
+                                    acked.push(counter);
+                                    break;
+                                }
+                                _ => {
+                                    attempt += 1;
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                            }
+                        }
+                    }
+                    (w, acked)
+                })
+            })
+            .collect();
+        Load { urls, stop, tasks }
+    }
+
+    /// Points the writers at `urls` (after masters restarted on new ports).
+    pub fn set_urls(&self, urls: Vec<(u64, String)>) {
+        if !urls.is_empty() {
+            *self.urls.lock().expect("urls lock") = urls;
+        }
+    }
+
+    /// Stops the writers and returns what was acknowledged.
+    pub async fn finish(self) -> Acked {
+        let _ = self.stop.send(true);
+        let mut out = Acked::new();
+        for t in self.tasks {
+            let (w, acked) = t.await.expect("a load writer");
+            out.insert(w, acked);
+        }
+        out
+    }
+}
+
+/// Counts acknowledgements across writers.
+pub fn total(acked: &Acked) -> usize {
+    acked.values().map(Vec::len).sum()
+}
