@@ -32,11 +32,14 @@ fn master_of(ip: IpAddr) -> Option<u64> {
     }
 }
 
+/// Relayed connections by the master they come from.
+type Conns = Arc<Mutex<Vec<(u64, JoinHandle<()>)>>>;
+
 /// A TCP proxy in front of one master that drops links from chosen masters.
 pub struct FaultProxy {
     addr: SocketAddr,
     blocked: Arc<Mutex<HashSet<u64>>>,
-    conns: Arc<Mutex<Vec<(u64, JoinHandle<()>)>>>,
+    conns: Conns,
     task: JoinHandle<()>,
 }
 
@@ -46,7 +49,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding a proxy port");
         let addr = listener.local_addr().expect("proxy address");
         let blocked: Arc<Mutex<HashSet<u64>>> = Arc::default();
-        let conns: Arc<Mutex<Vec<(u64, JoinHandle<()>)>>> = Arc::default();
+        let conns: Conns = Arc::default();
         let (b, c) = (blocked.clone(), conns.clone());
         let task = tokio::spawn(async move {
             loop {

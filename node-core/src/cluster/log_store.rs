@@ -2,6 +2,9 @@
 //! log entries are node-local and short-lived (purged once a snapshot covers them), whatever
 //! backend holds the chain.
 
+// openraft's storage traits return its `StorageError`, whose size is not ours to choose.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;

@@ -195,7 +195,6 @@ pub async fn recorded_masters(store: &Store) -> Result<BTreeMap<NodeId, Master>>
 pub struct Cluster {
     raft: Raft<TypeConfig>,
     me: NodeId,
-    sm: StateMachine,
     log: LogStore,
     tasks: Vec<JoinHandle<()>>,
     local_addr: std::net::SocketAddr,
@@ -309,7 +308,7 @@ impl Cluster {
         })));
         tasks.push(tokio::spawn(proposer::genesis_when_leader(raft.clone(), chain.clone(), me, leader_key, genesis)));
         chain.set_ready();
-        Ok((chain, Cluster { raft, me, sm, log, tasks, local_addr }))
+        Ok((chain, Cluster { raft, me, log, tasks, local_addr }))
     }
 
     /// Where node links are accepted.

@@ -95,8 +95,6 @@ struct Backoff {
 
 /// First wait of the reconnection backoff.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
-/// Longest wait of a client node's reconnection backoff.
-pub(crate) const CLIENT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Longest wait between masters: a healed partition must rejoin within a few heartbeats.
 pub(crate) const MASTER_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -295,7 +293,8 @@ mod tests {
 
     #[test]
     fn backoff_doubles_from_half_a_second_to_thirty() {
-        let waits: Vec<u64> = (1..=9).map(|n| backoff_after(n, CLIENT_BACKOFF_MAX).as_millis() as u64).collect();
+        let waits: Vec<u64> = (1..=9).map(|n| backoff_after(n, Duration::from_secs(30)).as_millis() as u64).collect();
         assert_eq!(waits, vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        assert_eq!(backoff_after(5, MASTER_BACKOFF_MAX), MASTER_BACKOFF_MAX);
     }
 }

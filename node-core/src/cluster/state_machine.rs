@@ -4,6 +4,9 @@
 //! chain is always persistent, so a snapshot is only a pointer to its head: a master that
 //! receives one fetches the blocks it lacks from the leader and checks each.
 
+// openraft's storage traits return its `StorageError`, whose size is not ours to choose.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -17,6 +17,7 @@ mod chain;
 mod encryption;
 mod immutability;
 mod ingest;
+mod link;
 mod proofs;
 mod restart;
 mod store;
