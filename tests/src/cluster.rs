@@ -295,6 +295,34 @@ impl TestCluster {
         self.masters.insert(id, Some(node));
     }
 
+    /// kill -9 master `id` and deletes its chain and Raft log (keys and config stay), as
+    /// when a disk is lost and the node is re-provisioned.
+    pub fn wipe(&mut self, id: u64) {
+        self.kill9(id);
+        for e in std::fs::read_dir(self.dir(id)).expect("listing a master's directory") {
+            let p = e.expect("a directory entry").path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if name.starts_with("kalima.db") || name.starts_with("raft.db") {
+                std::fs::remove_file(&p).expect("deleting a database file");
+            }
+        }
+    }
+
+    /// The proxied link address of master `id` (what the others dial).
+    pub fn link_addr(&self, id: u64) -> String {
+        self.proxies[&id].addr().to_string()
+    }
+
+    /// A public key from master `id`'s key files (`link.key` JSON or `node.key` seed).
+    pub fn public_key(&self, id: u64, which: &str) -> String {
+        let text = std::fs::read_to_string(self.dir(id).join("kalima.toml")).expect("reading kalima.toml");
+        // The master's own entry in [[cluster.masters]] holds both of its public keys.
+        let entry =
+            text.split("[[cluster.masters]]").skip(1).find(|e| e.contains(&format!("id = {id}\n"))).expect("own entry");
+        let line = entry.lines().find(|l| l.starts_with(&format!("{which} = "))).expect("key line");
+        line.split('"').nth(1).expect("a quoted key").to_string()
+    }
+
     /// Cuts every link between `group` and the other masters, both ways.
     pub fn partition(&self, group: &[u64]) {
         for (id, p) in &self.proxies {

@@ -227,7 +227,7 @@ impl utoipa::Modify for SecurityAddon {
         stream::sse, stream::ws,
         devices::register, devices::list, devices::show, devices::revoke, devices::grant, devices::remove_grant,
         adapters::modbus_devices, adapters::modbus_setpoint, adapters::lorawan_status,
-        cluster::status,
+        cluster::status, cluster::add_member, cluster::remove_member,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
     modifiers(&SecurityAddon, &CommonResponses),

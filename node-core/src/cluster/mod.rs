@@ -38,6 +38,7 @@ pub use log_store::RAFT_LOG_FILE;
 
 use log_store::LogStore;
 use network::Network;
+pub use rpc::MembershipChange;
 use rpc::{ForwardError, Handler, Request, Response, WireBlock};
 use state_machine::StateMachine;
 
@@ -198,6 +199,8 @@ pub struct Cluster {
     log: LogStore,
     tasks: Vec<JoinHandle<()>>,
     local_addr: std::net::SocketAddr,
+    network: Network,
+    chain: Chain,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -250,7 +253,7 @@ impl Cluster {
         let identity = LinkIdentity::new(link_key, &chain_name, allow, config.link.clone());
         let peers = Arc::new(RwLock::new(BTreeMap::new()));
         let network = Network { me: config.id, identity: identity.clone(), peers: peers.clone() };
-        let sm = StateMachine::open(chain.clone(), applier, peers.clone()).await?;
+        let sm = StateMachine::open(chain.clone(), applier, network.clone()).await?;
         // Masters of the current membership are allowed even when the config file predates them.
         for m in sm.applied().membership.membership().nodes().map(|(_, n)| n) {
             if let Ok(k) = parse_public(&m.link_key) {
@@ -280,7 +283,7 @@ impl Cluster {
             Error::Config(format!("[cluster] listen {}: {e}; set [cluster] listen to a free address", config.listen))
         })?;
         let local_addr = listener.local_addr().map_err(|e| Error::io(Path::new(&config.listen), e))?;
-        let handler: Arc<dyn Handler> = Arc::new(Service { raft: raft.clone(), chain: chain.clone() });
+        let handler: Arc<dyn Handler> = Arc::new(Service { raft: raft.clone(), chain: chain.clone(), me: config.id });
         let mut tasks = vec![tokio::spawn(rpc::serve(listener, identity.clone(), handler))];
 
         if pristine && config.bootstrap {
@@ -297,6 +300,7 @@ impl Cluster {
         }
         let me = config.id;
         let leader_key = node_key.public_hex();
+        let network_handle = network.clone();
         tasks.push(tokio::spawn(proposer::run(proposer::Proposer {
             raft: raft.clone(),
             chain: chain.clone(),
@@ -308,7 +312,7 @@ impl Cluster {
         })));
         tasks.push(tokio::spawn(proposer::genesis_when_leader(raft.clone(), chain.clone(), me, leader_key, genesis)));
         chain.set_ready();
-        Ok((chain, Cluster { raft, me, log, tasks, local_addr }))
+        Ok((chain.clone(), Cluster { raft, me, log, tasks, local_addr, network: network_handle, chain }))
     }
 
     /// Where node links are accepted.
@@ -337,6 +341,32 @@ impl Cluster {
         }
     }
 
+    /// Adds or removes a master (on the leader, wherever it is called), then records the new
+    /// membership on the chain under `/_kalima/cluster`.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<()> {
+        let leader = self.raft.metrics().borrow().current_leader;
+        match leader {
+            Some(l) if l == self.me => apply_membership(&self.raft, &self.chain, change).await,
+            Some(l) => {
+                let node = self.raft.metrics().borrow().membership_config.membership().get_node(&l).cloned();
+                let peer = node
+                    .and_then(|n| self.network.peer(l, &n))
+                    .ok_or_else(|| Error::Unavailable(format!("the leader (master {l}) is not in the membership")))?;
+                // Adding a master waits for it to catch up: allow for a long transfer.
+                match peer.call(&Request::Membership(change), std::time::Duration::from_secs(600)).await {
+                    Ok(Response::Membership(Ok(()))) => Ok(()),
+                    Ok(Response::Membership(Err(ForwardError::Failed(m)))) => Err(Error::Unavailable(m)),
+                    Ok(Response::Membership(Err(ForwardError::NotLeader(_)))) => {
+                        Err(Error::Unavailable("leadership changed; retry".into()))
+                    }
+                    Ok(_) => Err(Error::Link(format!("master {l} answered the wrong message"))),
+                    Err(e) => Err(Error::Unavailable(format!("the leader (master {l}) is unreachable: {e}"))),
+                }
+            }
+            None => Err(Error::Unavailable("no cluster leader is elected right now; retry shortly".into())),
+        }
+    }
+
     /// Stops Raft and the node links.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
@@ -360,10 +390,54 @@ impl Cluster {
     }
 }
 
+/// Makes a membership change on the leader and records the result on the chain.
+async fn apply_membership(raft: &Raft<TypeConfig>, chain: &Chain, change: MembershipChange) -> Result<()> {
+    let failed = |e: String| Error::Unavailable(format!("membership change failed: {e}"));
+    match &change {
+        MembershipChange::Add(id, master) => {
+            parse_public(&master.link_key).map_err(Error::Config)?;
+            parse_public(&master.node_key).map_err(Error::Config)?;
+            // Blocking: returns once the learner has caught up (logs or a snapshot).
+            raft.add_learner(*id, master.clone(), true).await.map_err(|e| failed(e.to_string()))?;
+            raft.change_membership(openraft::ChangeMembers::AddVoterIds([*id].into()), false)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        MembershipChange::Remove(id) => {
+            raft.change_membership(openraft::ChangeMembers::RemoveVoters([*id].into()), false)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
+    }
+    let m = raft.metrics().borrow().membership_config.membership().clone();
+    let record = serde_json::json!({
+        "change": match &change {
+            MembershipChange::Add(id, _) => serde_json::json!({ "added": id }),
+            MembershipChange::Remove(id) => serde_json::json!({ "removed": id }),
+        },
+        "voters": m.voter_ids().collect::<Vec<_>>(),
+        "masters": m.nodes().map(|(id, n)| (id.to_string(), serde_json::json!({ "addr": n.addr, "link_key": n.link_key, "node_key": n.node_key }))).collect::<serde_json::Map<_, _>>(),
+    });
+    let tx = TxContent {
+        device_id: crate::registry::NODE_DEVICE_ID.into(),
+        address: CLUSTER_ADDRESS.into(),
+        key: "members".into(),
+        body: serde_json::to_vec(&record).map_err(|e| Error::Link(e.to_string()))?,
+        ..TxContent::default()
+    };
+    chain.submit(vec![tx], None).await?;
+    metrics::counter!("kalima_cluster_membership_changes_total").increment(1);
+    Ok(())
+}
+
+/// Address whose `members` value records every membership change.
+pub const CLUSTER_ADDRESS: &str = "/_kalima/cluster";
+
 /// Answers other nodes' requests.
 struct Service {
     raft: Raft<TypeConfig>,
     chain: Chain,
+    me: NodeId,
 }
 
 #[async_trait::async_trait]
@@ -383,9 +457,22 @@ impl Handler for Service {
                 async move { Response::Blocks(blocks_from(&store, from, limit.min(1024)).await.map_err(|e| e.to_string())) }
                     .boxed()
             }
+            Request::Membership(change) => {
+                let leader = raft.metrics().borrow().current_leader;
+                if leader != Some(self.me) {
+                    return async move { Response::Membership(Err(ForwardError::NotLeader(leader))) }.boxed();
+                }
+                let chain = self.chain.clone();
+                async move {
+                    Response::Membership(
+                        apply_membership(&raft, &chain, change).await.map_err(|e| ForwardError::Failed(e.to_string())),
+                    )
+                }
+                .boxed()
+            }
             Request::Forward(proposals) => {
                 let leader = raft.metrics().borrow().current_leader;
-                if leader != Some(self.raft_id()) {
+                if leader != Some(self.me) {
                     return async move { Response::Forward(Err(ForwardError::NotLeader(leader))) }.boxed();
                 }
                 // Queued here, in arrival order, before the next request of the link is read.
@@ -406,12 +493,6 @@ impl Handler for Service {
                 }
             }
         }
-    }
-}
-
-impl Service {
-    fn raft_id(&self) -> NodeId {
-        self.raft.metrics().borrow().id
     }
 }
 

@@ -35,6 +35,17 @@ pub(crate) enum Request {
     Forward(Vec<Proposal>),
     /// Stored blocks from `from`, for a node catching up: header bytes and transaction bytes.
     Blocks { from: u64, limit: u32 },
+    /// A membership change for the leader to make.
+    Membership(MembershipChange),
+}
+
+/// A change of the set of masters (admin API).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add a master: it catches up as a learner, then votes.
+    Add(NodeId, Master),
+    /// Remove a master.
+    Remove(NodeId),
 }
 
 /// Why a forwarded write was not ordered.
@@ -63,6 +74,7 @@ pub(crate) enum Response {
     Snapshot(std::result::Result<SnapshotResponse<NodeId>, String>),
     Forward(std::result::Result<Vec<WireOutcome>, ForwardError>),
     Blocks(std::result::Result<Vec<WireBlock>, String>),
+    Membership(std::result::Result<(), ForwardError>),
 }
 
 #[derive(Serialize, Deserialize)]

@@ -18,7 +18,8 @@ use openraft::{
 use parking_lot::RwLock;
 use tokio::sync::Mutex;
 
-use super::rpc::{Peer, Request, Response};
+use super::network::Network;
+use super::rpc::{Request, Response};
 use super::{ApplyResponse, ChainSnapshot, Master, NodeId, TypeConfig, wire};
 use crate::chain::{Applier, Chain};
 
@@ -48,7 +49,7 @@ pub(crate) struct StateMachine {
     chain: Chain,
     applier: Arc<Mutex<Applier>>,
     applied: Arc<RwLock<Applied>>,
-    peers: Arc<RwLock<BTreeMap<NodeId, Arc<Peer>>>>,
+    network: Network,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
@@ -61,11 +62,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
 
 impl StateMachine {
     /// Restores the applied position stored beside the chain.
-    pub(crate) async fn open(
-        chain: Chain,
-        applier: Applier,
-        peers: Arc<RwLock<BTreeMap<NodeId, Arc<Peer>>>>,
-    ) -> crate::Result<Self> {
+    pub(crate) async fn open(chain: Chain, applier: Applier, network: Network) -> crate::Result<Self> {
         let store = chain.store().clone();
         let bad = |e: postcard::Error| crate::Error::Link(format!("raft state: {e}"));
         let log_id = match store.node_state(APPLIED).await? {
@@ -80,7 +77,7 @@ impl StateMachine {
             chain,
             applier: Arc::new(Mutex::new(applier)),
             applied: Arc::new(RwLock::new(Applied { log_id, membership })),
-            peers,
+            network,
         })
     }
 
@@ -114,15 +111,20 @@ impl StateMachine {
         &self,
         applier: &mut Applier,
         target: &ChainSnapshot,
+        meta: &SnapshotMeta<NodeId, Master>,
         state: &[(&str, Vec<u8>)],
     ) -> crate::Result<()> {
         let source = target.source.ok_or_else(|| crate::Error::Link("snapshot names no source node".into()))?;
-        let peer = self
-            .peers
-            .read()
-            .get(&source)
+        let node = meta
+            .last_membership
+            .membership()
+            .get_node(&source)
             .cloned()
-            .ok_or_else(|| crate::Error::Link(format!("snapshot source node {source} is not a known master")))?;
+            .ok_or_else(|| crate::Error::Link(format!("snapshot source node {source} is not in its membership")))?;
+        let peer = self
+            .network
+            .peer(source, &node)
+            .ok_or_else(|| crate::Error::Link(format!("snapshot source node {source} has an invalid link key")))?;
         loop {
             let (from, done) = if applier.has_genesis() {
                 let h = self.chain.head().block.header.height;
@@ -198,6 +200,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     ApplyResponse(Vec::new())
                 }
                 EntryPayload::Membership(m) => {
+                    // Masters of the membership may link to this one from now on.
+                    for (_, n) in m.nodes() {
+                        if let Ok(k) = super::link::parse_public(&n.link_key) {
+                            self.network.identity.allow.write().insert(k);
+                        }
+                    }
                     let stored = StoredMembership::new(log_id, m);
                     state.push((MEMBERSHIP, encode(&stored)?));
                     self.chain.store().put_node_state(&state).await.map_err(sm_err)?;
@@ -231,7 +239,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut applier = self.applier.lock().await;
         let state = vec![(APPLIED, encode(&meta.last_log_id)?), (MEMBERSHIP, encode(&meta.last_membership)?)];
         tracing::info!(target: "core::cluster", height = snapshot.height, last_log = ?meta.last_log_id, "Installing a snapshot: fetching missing blocks.");
-        self.catch_up(&mut applier, &snapshot, &state).await.map_err(sm_err)?;
+        self.catch_up(&mut applier, &snapshot, meta, &state).await.map_err(sm_err)?;
+        metrics::counter!("kalima_cluster_snapshots_installed_total").increment(1);
         // Blocks may all have been present already: the position must still move.
         self.chain.store().put_node_state(&state).await.map_err(sm_err)?;
         let mut a = self.applied.write();

@@ -114,3 +114,77 @@ async fn rolling_restart_of_every_master_under_load() {
     assert!(total(&acked) > 50, "the load barely ran: {acked:?}");
     c.check_and_stop(&acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_master_re_added_catches_up_from_a_snapshot() {
+    // Small snapshots, so the log the wiped master would need is long purged.
+    let env = [("KALIMA_CLUSTER__SNAPSHOT_EVERY", "20")];
+    let mut c = TestCluster::start(MASTERS, &env).await;
+    let all: Vec<u64> = (1..=MASTERS).collect();
+    let leader = c.wait_leader(&all, NEW_LEADER_WITHIN).await;
+    let wiped = others(MASTERS, leader)[0];
+    let load = Load::start(c.urls(), c.token(), WRITERS);
+    load_for(Duration::from_secs(2)).await;
+
+    // Out of the membership, then its disk is lost.
+    let admin = c.masters[&leader].as_ref().expect("leader runs").http().clone();
+    let url = |c: &TestCluster, id: u64| c.masters[&id].as_ref().expect("runs").url("");
+    let r = admin
+        .delete(format!("{}/api/v1/cluster/members/{wiped}", url(&c, leader)))
+        .bearer_auth(c.token())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "removing master {wiped}: {}", r.text().await.unwrap_or_default());
+    c.wipe(wiped);
+    load.set_urls(c.urls());
+    load_for(Duration::from_secs(2)).await;
+
+    // Re-provisioned under a new id, empty, not bootstrapping; added through any master.
+    let new_id = MASTERS + 1;
+    let id_env = new_id.to_string();
+    c.restart(wiped, &[("KALIMA_CLUSTER__ID", id_env.as_str()), ("KALIMA_CLUSTER__BOOTSTRAP", "false"), env[0]]).await;
+    let via = others(MASTERS, wiped)[1];
+    let body = serde_json::json!({
+        "id": new_id,
+        "addr": c.link_addr(wiped),
+        "link_key": c.public_key(wiped, "link_key"),
+        "node_key": c.public_key(wiped, "node_key"),
+    });
+    let r = admin
+        .post(format!("{}/api/v1/cluster/members", url(&c, via)))
+        .bearer_auth(c.token())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    assert!(status.is_success(), "adding master {new_id}: {status} {text}");
+    let members: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(members["members"][new_id.to_string()]["voter"], true, "{members}");
+    assert!(members["members"].get(wiped.to_string()).is_none(), "{members}");
+    load.set_urls(c.urls());
+    load_for(Duration::from_secs(1)).await;
+
+    // It came back through a snapshot, not by replaying the log from the start.
+    let metrics =
+        c.masters[&wiped].as_ref().unwrap().http().get(format!("{}/metrics", url(&c, wiped))).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    let installed = metrics
+        .lines()
+        .find(|l| l.starts_with("kalima_cluster_snapshots_installed_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(installed >= 1.0, "master {new_id} did not install a snapshot:\n{metrics}");
+
+    // Both changes are on the chain.
+    let (_, history) =
+        c.masters[&wiped].as_ref().unwrap().get_json("/api/v1/history?address=/_kalima/cluster&key=members").await;
+    assert_eq!(history["items"].as_array().map(Vec::len), Some(2), "{history}");
+
+    let acked = load.finish().await;
+    assert!(total(&acked) > 50, "the load barely ran: {acked:?}");
+    c.check_and_stop(&acked).await;
+}
