@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Mqtt(crate::bench_mqtt::MqttArgs),
     /// Send LoRaWAN uplinks through the Semtech UDP endpoint and measure committed uplinks/s.
     Lorawan(crate::bench_lorawan::LorawanArgs),
+    /// Masters on this machine: committed transactions/s, commit latency, leader failover.
+    Cluster(crate::bench_cluster::ClusterArgs),
     /// The simulated Modbus devices of `bench modbus` (run in their own process).
     #[command(hide = true)]
     ModbusSim(crate::bench_modbus::SimArgs),
@@ -46,34 +48,34 @@ pub enum Mode {
 pub struct IngestArgs {
     /// Node to drive (default: start one in a temporary directory).
     #[arg(long)]
-    url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Token with a write grant on /bench (default: the temporary node's admin token).
     #[arg(long)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     /// Storage URL of the temporary node (default: SQLite in the temporary directory).
     #[arg(long)]
-    storage: Option<String>,
+    pub(crate) storage: Option<String>,
     /// Request shape.
     #[arg(long, value_enum, default_value = "batch")]
-    mode: Mode,
+    pub(crate) mode: Mode,
     /// Readings per batch request.
     #[arg(long, default_value_t = 1000)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Concurrent connections.
     #[arg(long, default_value_t = 64)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
-    duration_secs: u64,
+    pub(crate) duration_secs: u64,
     /// Total requests per second to pace to (default: as fast as possible).
     #[arg(long)]
-    rate: Option<u64>,
+    pub(crate) rate: Option<u64>,
     /// Also subscribe over SSE and measure commit-to-delivery delay.
     #[arg(long)]
-    sse: bool,
+    pub(crate) sse: bool,
     /// Distinct keys written (readings cycle over them).
     #[arg(long, default_value_t = 1000)]
-    keys: usize,
+    pub(crate) keys: usize,
 }
 
 /// Runs a benchmark.
@@ -83,6 +85,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Modbus(a) => crate::bench_modbus::run(a).await,
         BenchCommand::Lorawan(a) => crate::bench_lorawan::run(a).await,
         BenchCommand::Mqtt(a) => crate::bench_mqtt::run(a).await,
+        BenchCommand::Cluster(a) => crate::bench_cluster::run(a).await,
         BenchCommand::ModbusSim(a) => crate::bench_modbus::serve(a).await,
     }
 }
@@ -92,7 +95,7 @@ fn reading(worker: usize, i: u64, keys: usize) -> serde_json::Value {
     json!({ "address": format!("/bench/line-{}", k % 16), "key": format!("sensor-{k}"), "body": { "value": i % 1000, "unit": "C" } })
 }
 
-async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
+pub(crate) async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     let mut tmp = None;
     let mut running = None;
     let (base, token) = match &a.url {

@@ -68,6 +68,8 @@ async fn a_leader_partitioned_into_a_minority_commits_nothing_and_converges_afte
     let minority = vec![leader, others(MASTERS, leader)[0]];
     let majority: Vec<u64> = all.iter().copied().filter(|i| !minority.contains(i)).collect();
     c.partition(&minority);
+    // Clients fail over to masters that answer; the minority gets only the probe below.
+    load.set_urls(c.urls().into_iter().filter(|(id, _)| majority.contains(id)).collect());
     let minority_height = {
         // Whatever the minority had committed before the cut may still be applied: wait
         // for it to settle, then it must not move.
@@ -76,16 +78,42 @@ async fn a_leader_partitioned_into_a_minority_commits_nothing_and_converges_afte
     };
     let new_leader = c.wait_leader(&majority, NEW_LEADER_WITHIN).await;
     assert!(majority.contains(&new_leader));
-    load_for(Duration::from_secs(3)).await;
+    // A write sent to the old leader is never acknowledged while it is cut off.
+    let old = c.masters[&leader].as_ref().expect("the old leader runs");
+    let probe = old
+        .http()
+        .post(old.url("/api/v1/tx"))
+        .bearer_auth(c.token())
+        .json(&serde_json::json!({ "address": "/probe", "key": "minority", "body": 1, "idempotency_key": "probe-1" }))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await;
+    assert!(!probe.is_ok_and(|r| r.status().is_success()), "the cut-off leader acknowledged a write");
+    // The majority goes on.
+    let waited = Instant::now();
+    loop {
+        let h = c.status(new_leader).await.map(|s| s.height).unwrap_or(0);
+        if h > minority_height + 5 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the majority did not continue ({h} <= {minority_height} + 5)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for m in &minority {
         let h = c.status(*m).await.map(|s| s.height).unwrap_or(0);
         assert!(h <= minority_height, "master {m} in the minority committed (height {h} > {minority_height})");
     }
     let majority_height = c.status(new_leader).await.map(|s| s.height).unwrap_or(0);
-    assert!(majority_height > minority_height, "the majority did not continue ({majority_height})");
 
     c.heal();
+    load.set_urls(c.urls());
     c.wait_converged(majority_height, Duration::from_secs(30)).await;
+    // The probe's entry was never committed: the healed minority dropped it.
+    let (_, v) = c.masters[&leader].as_ref().expect("runs").get_json("/api/v1/values?address=/probe").await;
+    assert_eq!(v["values"].as_array().map(Vec::len), Some(0), "the minority's write reached the chain: {v}");
     let acked = load.finish().await;
     assert!(total(&acked) > 50, "the load barely ran: {acked:?}");
     c.check_and_stop(&acked).await;
