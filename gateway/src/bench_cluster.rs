@@ -146,6 +146,7 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
         let killed = Instant::now();
         children[idx].start_kill()?;
         let mut attempts = 0u64;
+        let mut last = String::new();
         let first_commit = loop {
             attempts += 1;
             let body = json!({ "address": "/bench/failover", "key": "probe", "body": attempts });
@@ -156,11 +157,13 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await;
-            if r.is_ok_and(|r| r.status().is_success()) {
-                break killed.elapsed();
+            match r {
+                Ok(r) if r.status().is_success() => break killed.elapsed(),
+                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
             }
             if killed.elapsed() > Duration::from_secs(30) {
-                bail!("no commit within 30 s of killing the leader");
+                bail!("no commit through master {} within 30 s of killing the leader; last answer: {last}", survivor.0);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
