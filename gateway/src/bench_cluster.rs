@@ -130,14 +130,14 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     })
     .await?;
 
-    let heights: Vec<Option<u64>> = {
+    let heights: Vec<Option<(u64, u64)>> = {
         let mut h = Vec::new();
         for (_, u) in &urls {
-            h.push(status(&http, u, &token).await.and_then(|s| s["height"].as_u64()));
+            h.push(status(&http, u, &token).await.and_then(|s| Some((s["height"].as_u64()?, s["term"].as_u64()?))));
         }
         h
     };
-    println!("  heights after the load: {heights:?}");
+    println!("  (height, term) per master after the load: {heights:?}");
 
     if !a.no_failover && n >= 3 {
         let leader = wait_leader(&http, &urls, &token, Duration::from_secs(30)).await?;

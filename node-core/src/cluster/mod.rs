@@ -179,8 +179,11 @@ impl Default for ClusterConfig {
             masters: BTreeMap::new(),
             bootstrap: true,
             clients: Vec::new(),
-            heartbeat: Duration::from_millis(100),
-            election_timeout: Duration::from_millis(400),
+            // openraft waits for the leader lease (the election timeout's upper bound) plus a
+            // random timeout before campaigning: 150-300 ms puts a new leader ~0.5 s after a
+            // crash (`kalima bench cluster`).
+            heartbeat: Duration::from_millis(50),
+            election_timeout: Duration::from_millis(150),
             snapshot_every: 5000,
             link: LinkTuning::default(),
         }

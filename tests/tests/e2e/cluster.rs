@@ -10,7 +10,7 @@ use kalima_e2e::cluster::{Load, TestCluster, total};
 
 const MASTERS: u64 = 5;
 const WRITERS: u64 = 4;
-/// Election timeout 400-800 ms: "a few election timeouts".
+/// Elections start 0.45-0.6 s after the leader falls silent: "a few election timeouts".
 const NEW_LEADER_WITHIN: Duration = Duration::from_secs(5);
 
 /// Lets the load run for `d`.
