@@ -146,7 +146,7 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
         let killed = Instant::now();
         children[idx].start_kill()?;
         let mut attempts = 0u64;
-        let mut last = String::new();
+        let mut last: String;
         let first_commit = loop {
             attempts += 1;
             let body = json!({ "address": "/bench/failover", "key": "probe", "body": attempts });

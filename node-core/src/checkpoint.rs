@@ -2,7 +2,7 @@
 //! the node's Ed25519 key over a small text form that anyone can rebuild.
 
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keys::NodeKey;
 use crate::merkle::Hash;
@@ -26,8 +26,8 @@ pub struct Checkpoint {
     pub signature: [u8; 64],
 }
 
-/// JSON form served by the API.
-#[derive(Debug, Clone, Serialize)]
+/// JSON form served by the API (and, co-signed by a quorum of masters, recorded on the chain).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointJson {
     /// Chain name.
     pub chain: String,
@@ -46,7 +46,7 @@ pub struct CheckpointJson {
 }
 
 /// One signature on a checkpoint.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SignatureJson {
     /// Public key (hex).
     pub signer: String,
@@ -87,6 +87,15 @@ impl Checkpoint {
         key.verify(text.as_bytes(), &Signature::from_bytes(&self.signature)).is_ok()
     }
 
+    /// True when `signature` (hex) by `signer` (hex) verifies over this tree head's text.
+    pub fn verify_text(text: &str, signer: &str, signature: &str) -> bool {
+        let (mut pk, mut sig) = ([0u8; 32], [0u8; 64]);
+        if hex::decode_to_slice(signer, &mut pk).is_err() || hex::decode_to_slice(signature, &mut sig).is_err() {
+            return false;
+        }
+        VerifyingKey::from_bytes(&pk).is_ok_and(|k| k.verify(text.as_bytes(), &Signature::from_bytes(&sig)).is_ok())
+    }
+
     /// The API's JSON form.
     pub fn to_json(&self) -> CheckpointJson {
         CheckpointJson {
@@ -98,6 +107,29 @@ impl Checkpoint {
             signed_text: Self::signed_text(&self.chain, self.tree_size, &self.root, self.height, self.timestamp_ms),
             signatures: vec![SignatureJson { signer: self.signer.clone(), signature: hex::encode(self.signature) }],
         }
+    }
+}
+
+impl CheckpointJson {
+    /// The signers whose signature verifies over `signed_text`, which must be the text of
+    /// the fields (so a signature cannot be moved to other fields).
+    pub fn valid_signers(&self) -> Vec<String> {
+        let mut root = [0u8; 32];
+        if hex::decode_to_slice(&self.root, &mut root).is_err()
+            || self.signed_text
+                != Checkpoint::signed_text(&self.chain, self.tree_size, &root, self.height, self.timestamp_ms)
+        {
+            return Vec::new();
+        }
+        let mut out: Vec<String> = self
+            .signatures
+            .iter()
+            .filter(|s| Checkpoint::verify_text(&self.signed_text, &s.signer, &s.signature))
+            .map(|s| s.signer.to_lowercase())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 }
 

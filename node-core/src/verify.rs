@@ -135,6 +135,7 @@ pub async fn verify_chain_with(
     let mut prev_hash: Hash = [0; 32];
     let mut next_height = 0u64;
     let mut signers = Signers::default();
+    let mut claims: Vec<(u64, u64, String)> = Vec::new();
     let mut expected_index = IndexDigest::random();
     // A running node keeps committing: verify the chain up to the head seen now, and only the
     // checkpoints made by then.
@@ -235,6 +236,10 @@ pub async fn verify_chain_with(
             report.bytes += raw.stored_len() as u64;
             for c in &txs {
                 signers.check(chain, c).map_err(|reason| corrupt(header.height, reason))?;
+                if c.tx.content.address == crate::cluster::cosign::CHECKPOINTS_ADDRESS {
+                    let claim = cosigned_claim(chain, c, &trusts).map_err(|reason| corrupt(header.height, reason))?;
+                    claims.push(claim);
+                }
                 frontier.push(c.id);
                 report.transactions += 1;
                 while let Some(cp) = checkpoints.front() {
@@ -292,6 +297,97 @@ pub async fn verify_chain_with(
             format!("index {table} does not match the transactions ({rows} rows stored, {expected} expected)"),
         ));
     }
+    // A co-signed checkpoint names a block by height: it must have that tree size and root.
+    for (height, tree_size, root) in &claims {
+        let b = store.block(*height).await?;
+        if !b.is_some_and(|b| b.header.tree_size == *tree_size && hex::encode(b.header.merkle_root) == *root) {
+            return Err(corrupt(
+                *height,
+                format!("the co-signed checkpoint at tree size {tree_size} does not match block {height}"),
+            ));
+        }
+        report.checkpoints += 1;
+    }
     report.signatures = signers.signatures;
     Ok(report)
+}
+
+/// Checks a co-signed checkpoint recorded on the chain: every signature verifies over the
+/// checkpoint's own text, by a trusted key; returns (height, tree size, root) to check
+/// against the blocks.
+fn cosigned_claim(
+    chain: &str,
+    c: &CommittedTx,
+    trusts: &impl Fn(&str) -> bool,
+) -> std::result::Result<(u64, u64, String), String> {
+    let seq = c.tx.global_sequence;
+    let cp: crate::checkpoint::CheckpointJson = serde_json::from_slice(&c.tx.content.body)
+        .map_err(|e| format!("transaction {seq}: co-signed checkpoint does not parse: {e}"))?;
+    let valid = cp.valid_signers();
+    if cp.chain != chain || cp.signatures.is_empty() || valid.len() != cp.signatures.len() {
+        return Err(format!("transaction {seq}: a co-signed checkpoint signature does not verify"));
+    }
+    if let Some(k) = valid.iter().find(|k| !trusts(k)) {
+        return Err(format!("transaction {seq}: checkpoint co-signed by untrusted node {k}"));
+    }
+    if cp.tree_size > c.tx.global_sequence {
+        return Err(format!("transaction {seq}: checkpoint of tree size {} recorded before it", cp.tree_size));
+    }
+    Ok((cp.height, cp.tree_size, cp.root))
+}
+
+#[cfg(test)]
+mod cosigned_tests {
+    use super::*;
+    use crate::checkpoint::{Checkpoint, CheckpointJson};
+    use crate::keys::NodeKey;
+    use crate::tx::{Transaction, TxContent};
+
+    fn recorded(cp: &CheckpointJson, seq: u64) -> CommittedTx {
+        let tx = Transaction {
+            global_sequence: seq,
+            sequence: 1,
+            timestamp_ms: 1,
+            previous: [0; 32],
+            content: TxContent {
+                device_id: "_node".into(),
+                address: crate::cluster::cosign::CHECKPOINTS_ADDRESS.into(),
+                key: "latest".into(),
+                body: serde_json::to_vec(cp).unwrap_or_default(),
+                ..TxContent::default()
+            },
+        };
+        CommittedTx { id: tx.id(), tx, height: 9 }
+    }
+
+    fn cosigned(keys: &[&NodeKey]) -> CheckpointJson {
+        let mut cp = Checkpoint::sign(keys[0], "dev", 10, [7; 32], 4, 1000).to_json();
+        for k in &keys[1..] {
+            cp.signatures.push(Checkpoint::sign(k, "dev", 10, [7; 32], 4, 1000).to_json().signatures.remove(0));
+        }
+        cp
+    }
+
+    #[test]
+    fn co_signed_checkpoints_need_valid_trusted_signatures() {
+        let (a, b, c) = (NodeKey::from_seed([1; 32]), NodeKey::from_seed([2; 32]), NodeKey::from_seed([3; 32]));
+        let trusted = [a.public_hex(), b.public_hex()];
+        let trusts = |k: &str| trusted.iter().any(|t| t == k);
+        let good = cosigned(&[&a, &b]);
+        assert_eq!(cosigned_claim("dev", &recorded(&good, 20), &trusts), Ok((4, 10, hex::encode([7u8; 32]))));
+
+        let outsider = cosigned(&[&a, &c]);
+        assert!(cosigned_claim("dev", &recorded(&outsider, 20), &trusts).unwrap_err().contains("untrusted"));
+
+        let mut moved = good.clone();
+        moved.root = hex::encode([8u8; 32]);
+        assert!(cosigned_claim("dev", &recorded(&moved, 20), &trusts).is_err(), "a signature moved to another root");
+
+        let mut forged = good.clone();
+        forged.signatures[1].signature = forged.signatures[0].signature.clone();
+        assert!(cosigned_claim("dev", &recorded(&forged, 20), &trusts).is_err(), "a copied signature");
+
+        assert!(cosigned_claim("other", &recorded(&good, 20), &trusts).is_err(), "another chain's checkpoint");
+        assert!(cosigned_claim("dev", &recorded(&good, 5), &trusts).is_err(), "recorded before its tree size");
+    }
 }

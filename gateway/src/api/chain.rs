@@ -149,6 +149,11 @@ pub async fn block(
 #[utoipa::path(get, path = "/api/v1/checkpoints/latest", tag = "chain",
     responses((status = 200, body = inline(Object)), (status = 404, description = "No checkpoint yet", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn latest_checkpoint(State(state): State<AppState>, _auth: Auth) -> Result<Json<CheckpointJson>, ApiError> {
+    // On a master, the latest checkpoint co-signed by a quorum (recorded on the chain) is the
+    // chain's checkpoint; the master's own is served only until the first one exists.
+    if let Some(c) = state.cluster.as_ref().and_then(|_| kalima_core::cluster::cosign::latest(&state.chain)) {
+        return Ok(Json(c));
+    }
     let cp = state.chain.latest_checkpoint().await?.ok_or_else(|| ApiError::NotFound("no checkpoint yet".into()))?;
     Ok(Json(cp.to_json()))
 }

@@ -6,6 +6,7 @@
 //! forward writes to the leader and serve reads and streams from their own chain. See
 //! `node-core/CLUSTER.md`.
 
+pub mod cosign;
 pub mod link;
 mod log_store;
 mod network;
@@ -286,7 +287,8 @@ impl Cluster {
             Error::Config(format!("[cluster] listen {}: {e}; set [cluster] listen to a free address", config.listen))
         })?;
         let local_addr = listener.local_addr().map_err(|e| Error::io(Path::new(&config.listen), e))?;
-        let handler: Arc<dyn Handler> = Arc::new(Service { raft: raft.clone(), chain: chain.clone(), me: config.id });
+        let handler: Arc<dyn Handler> =
+            Arc::new(Service { raft: raft.clone(), chain: chain.clone(), me: config.id, key: node_key.clone() });
         let mut tasks = vec![tokio::spawn(rpc::serve(listener, identity.clone(), handler))];
 
         if pristine && config.bootstrap {
@@ -314,6 +316,10 @@ impl Cluster {
             rx,
         })));
         tasks.push(tokio::spawn(proposer::genesis_when_leader(raft.clone(), chain.clone(), me, leader_key, genesis)));
+        if let Some(every) = chain.config().checkpoint_interval {
+            let (raft, chain, key, net) = (raft.clone(), chain.clone(), node_key.clone(), network_handle.clone());
+            tasks.push(tokio::spawn(cosign::run(raft, chain, key, net, me, every)));
+        }
         chain.set_ready();
         Ok((chain.clone(), Cluster { raft, me, log, tasks, local_addr, network: network_handle, chain }))
     }
@@ -441,6 +447,7 @@ struct Service {
     raft: Raft<TypeConfig>,
     chain: Chain,
     me: NodeId,
+    key: NodeKey,
 }
 
 #[async_trait::async_trait]
@@ -459,6 +466,10 @@ impl Handler for Service {
                 let store = self.chain.store().clone();
                 async move { Response::Blocks(blocks_from(&store, from, limit.min(1024)).await.map_err(|e| e.to_string())) }
                     .boxed()
+            }
+            Request::Cosign(head) => {
+                let (chain, key) = (self.chain.clone(), self.key.clone());
+                async move { Response::Cosign(cosign::sign(&chain, &key, &head).await) }.boxed()
             }
             Request::Membership(change) => {
                 let leader = raft.metrics().borrow().current_leader;

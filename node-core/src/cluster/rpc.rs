@@ -37,6 +37,8 @@ pub(crate) enum Request {
     Blocks { from: u64, limit: u32 },
     /// A membership change for the leader to make.
     Membership(MembershipChange),
+    /// A tree head to co-sign after checking it against the local chain.
+    Cosign(super::cosign::TreeHead),
 }
 
 /// A change of the set of masters (admin API).
@@ -75,6 +77,7 @@ pub(crate) enum Response {
     Forward(std::result::Result<Vec<WireOutcome>, ForwardError>),
     Blocks(std::result::Result<Vec<WireBlock>, String>),
     Membership(std::result::Result<(), ForwardError>),
+    Cosign(std::result::Result<crate::checkpoint::SignatureJson, String>),
 }
 
 #[derive(Serialize, Deserialize)]

@@ -216,3 +216,45 @@ async fn a_wiped_master_re_added_catches_up_from_a_snapshot() {
     assert!(total(&acked) > 50, "the load barely ran: {acked:?}");
     c.check_and_stop(&acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_are_co_signed_by_a_quorum_of_masters() {
+    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+    let c = TestCluster::start(MASTERS, &[("KALIMA_CHAIN__CHECKPOINT_INTERVAL_SECS", "1")]).await;
+    let all: Vec<u64> = (1..=MASTERS).collect();
+    let leader = c.wait_leader(&all, NEW_LEADER_WITHIN).await;
+    let load = Load::start(c.urls(), c.token(), 2);
+    load_for(Duration::from_secs(1)).await;
+    let node_keys: Vec<String> = all.iter().map(|id| c.public_key(*id, "node_key")).collect();
+    // Read from a follower: the co-signed checkpoint is on every chain.
+    let follower = others(MASTERS, leader)[0];
+    let node = c.masters[&follower].as_ref().expect("runs");
+    let started = Instant::now();
+    let cp = loop {
+        let (status, cp) = node.get_json("/api/v1/checkpoints/latest").await;
+        if status.is_success() && cp["signatures"].as_array().is_some_and(|s| s.len() > 1) {
+            break cp;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no co-signed checkpoint: {cp}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let text = cp["signed_text"].as_str().expect("signed text");
+    assert!(text.contains(&format!("\n{}\n", cp["tree_size"])), "the text names the tree size: {text}");
+    let mut signers = std::collections::BTreeSet::new();
+    for s in cp["signatures"].as_array().expect("signatures") {
+        let signer = s["signer"].as_str().expect("signer");
+        assert!(node_keys.iter().any(|k| k == signer), "signed by {signer}, not a master");
+        let key: [u8; 32] = hex::decode(signer).unwrap().try_into().unwrap();
+        let sig: [u8; 64] = hex::decode(s["signature"].as_str().unwrap()).unwrap().try_into().unwrap();
+        // Each signature checks on its own, with nothing but the text and the key.
+        VerifyingKey::from_bytes(&key).unwrap().verify(text.as_bytes(), &Signature::from_bytes(&sig)).unwrap();
+        signers.insert(signer.to_string());
+    }
+    assert!(signers.len() as u64 > MASTERS / 2, "{} distinct signers is not a quorum of {MASTERS}", signers.len());
+    // The checkpoint's root is the root of the block it names, on this master's chain.
+    let (_, block) = node.get_json(&format!("/api/v1/blocks/{}", cp["height"])).await;
+    assert_eq!(block["block"]["merkle_root"], cp["root"], "{block}");
+    assert_eq!(block["block"]["tree_size"], cp["tree_size"], "{block}");
+    let acked = load.finish().await;
+    c.check_and_stop(&acked).await;
+}
