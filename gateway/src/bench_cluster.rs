@@ -163,7 +163,19 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
                 Err(e) => last = e.to_string(),
             }
             if killed.elapsed() > Duration::from_secs(30) {
-                bail!("no commit through master {} within 30 s of killing the leader; last answer: {last}", survivor.0);
+                let mut logs = String::new();
+                for id in 1..=n {
+                    let text = std::fs::read_to_string(dev.master_dir(id).join("node.log")).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                    logs.push_str(&format!(
+                        "--- master {id} ---\n{}\n",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    ));
+                }
+                bail!(
+                    "no commit through master {} within 30 s of killing the leader; last answer: {last}\n{logs}",
+                    survivor.0
+                );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };

@@ -71,6 +71,8 @@ pub struct ClusterSection {
     pub election_timeout_ms: u64,
     /// Log entries between snapshots.
     pub snapshot_every: u64,
+    /// Batches the leader proposes before the oldest is applied.
+    pub in_flight_batches: usize,
     /// Link heartbeat interval (ms).
     pub link_heartbeat_ms: u64,
     /// A link silent this long is closed (ms).
@@ -96,6 +98,7 @@ impl Default for ClusterSection {
             heartbeat_ms: c.heartbeat.as_millis() as u64,
             election_timeout_ms: c.election_timeout.as_millis() as u64,
             snapshot_every: c.snapshot_every,
+            in_flight_batches: c.in_flight_batches,
             link_heartbeat_ms: l.heartbeat.as_millis() as u64,
             link_dead_after_ms: l.dead_after.as_millis() as u64,
             rekey_messages: l.rekey_messages,
@@ -192,6 +195,7 @@ impl ClusterSection {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             election_timeout: Duration::from_millis(self.election_timeout_ms),
             snapshot_every: self.snapshot_every.max(1),
+            in_flight_batches: self.in_flight_batches.max(1),
             link: LinkTuning {
                 heartbeat: Duration::from_millis(self.link_heartbeat_ms),
                 dead_after: Duration::from_millis(self.link_dead_after_ms),

@@ -168,6 +168,9 @@ pub struct ClusterConfig {
     pub election_timeout: Duration,
     /// A snapshot is taken after this many log entries; older entries are purged.
     pub snapshot_every: u64,
+    /// Batches the leader proposes before the oldest is applied. Writes queue meanwhile and
+    /// go out together: few in flight means large batches, each applied in one commit.
+    pub in_flight_batches: usize,
     /// Link timing.
     pub link: LinkTuning,
 }
@@ -186,6 +189,7 @@ impl Default for ClusterConfig {
             heartbeat: Duration::from_millis(50),
             election_timeout: Duration::from_millis(150),
             snapshot_every: 5000,
+            in_flight_batches: 2,
             link: LinkTuning::default(),
         }
     }
@@ -274,7 +278,9 @@ impl Cluster {
             election_timeout_max: 2 * config.election_timeout.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.snapshot_every / 2,
-            max_payload_entries: 64,
+            // openraft gives an AppendEntries one heartbeat interval to complete: a few
+            // batches (about 1 MB) per request keep it within that while a follower catches up.
+            max_payload_entries: 4,
             ..Default::default()
         }
         .validate()
@@ -313,6 +319,7 @@ impl Cluster {
             me,
             leader_key: leader_key.clone(),
             max_commit,
+            in_flight: config.in_flight_batches,
             rx,
         })));
         tasks.push(tokio::spawn(proposer::genesis_when_leader(raft.clone(), chain.clone(), me, leader_key, genesis)));

@@ -16,8 +16,6 @@ use crate::chain::{Batch, Chain, Outcome, Proposal, Reply, Submission, answer};
 use crate::error::Error;
 use crate::tx::TxContent;
 
-/// Batches a leader may have proposed and not yet seen applied.
-const IN_FLIGHT: usize = 8;
 /// Longest wait for a forwarded batch's outcome.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,6 +30,7 @@ pub(super) struct Proposer {
     pub(super) me: NodeId,
     pub(super) leader_key: String,
     pub(super) max_commit: usize,
+    pub(super) in_flight: usize,
     pub(super) rx: mpsc::Receiver<Submission>,
 }
 
@@ -51,7 +50,7 @@ const UNKNOWN: &str =
     "the cluster did not confirm this write in time; it may still commit: retry with the same idempotency key";
 
 pub(super) async fn run(mut p: Proposer) {
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let in_flight = Arc::new(Semaphore::new(p.in_flight.max(1)));
     let ttl_busy = Arc::new(AtomicBool::new(false));
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,6 +84,13 @@ pub(super) async fn run(mut p: Proposer) {
                 Err(_) => break,
             }
         }
+        // A writer that stopped waiting (its request timed out or was cancelled) is told
+        // nothing more: ordering its write now, perhaps long after, would surprise it.
+        let before = subs.len();
+        subs.retain(|s| s.reply.as_ref().is_none_or(|r| !r.is_closed()));
+        if subs.len() < before {
+            metrics::counter!("kalima_writes_abandoned_total").increment((before - subs.len()) as u64);
+        }
         if subs.is_empty() {
             continue;
         }
@@ -96,7 +102,26 @@ pub(super) async fn run(mut p: Proposer) {
         }
         match leader {
             Some(l) if l == p.me => {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+                // Waiting for a slot must not outlast the leadership: a leader cut off from the
+                // majority never sees its batches applied.
+                let mut watch = p.raft.metrics();
+                let permit = loop {
+                    tokio::select! {
+                        permit = in_flight.clone().acquire_owned() => match permit {
+                            Ok(permit) => break Some(permit),
+                            Err(_) => return,
+                        },
+                        changed = watch.changed() => {
+                            if changed.is_err() || watch.borrow().current_leader != Some(p.me) {
+                                break None;
+                            }
+                        }
+                    }
+                };
+                let Some(permit) = permit else {
+                    fail(replies, "leadership changed before the write was ordered; retry");
+                    continue;
+                };
                 let batch = Batch { timestamp_ms: now_ms(), leader: p.leader_key.clone(), genesis: false, proposals };
                 if ttl {
                     ttl_busy.store(true, Ordering::Release);

@@ -79,6 +79,7 @@ async fn a_leader_partitioned_into_a_minority_commits_nothing_and_converges_afte
     let new_leader = c.wait_leader(&majority, NEW_LEADER_WITHIN).await;
     assert!(majority.contains(&new_leader));
     // A write sent to the old leader is never acknowledged while it is cut off.
+    let old_view = c.status(leader).await;
     let old = c.masters[&leader].as_ref().expect("the old leader runs");
     let probe = old
         .http()
@@ -113,7 +114,12 @@ async fn a_leader_partitioned_into_a_minority_commits_nothing_and_converges_afte
     c.wait_converged(majority_height, Duration::from_secs(30)).await;
     // The probe's entry was never committed: the healed minority dropped it.
     let (_, v) = c.masters[&leader].as_ref().expect("runs").get_json("/api/v1/values?address=/probe").await;
-    assert_eq!(v["values"].as_array().map(Vec::len), Some(0), "the minority's write reached the chain: {v}");
+    assert_eq!(
+        v["values"].as_array().map(Vec::len),
+        Some(0),
+        "the minority's write reached the chain: {v}\nold leader {leader} at the probe: {old_view:?}\n{}",
+        c.masters[&leader].as_ref().expect("runs").log()
+    );
     let acked = load.finish().await;
     assert!(total(&acked) > 50, "the load barely ran: {acked:?}");
     c.check_and_stop(&acked).await;
