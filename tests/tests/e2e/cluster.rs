@@ -138,10 +138,19 @@ async fn rolling_restart_of_every_master_under_load() {
         load_for(Duration::from_millis(500)).await;
         c.restart(id, &[]).await;
         load.set_urls(c.urls());
-        // The next master goes down only once this one is back in the cluster.
-        c.wait_leader(&all, Duration::from_secs(15)).await;
-        let h = c.status(id).await.map(|s| s.height).unwrap_or(0);
-        assert!(h > 0, "master {id} did not rejoin");
+        // The next master goes down only once this one is back in the cluster and has
+        // caught up with what the leader had when it came back.
+        let leader = c.wait_leader(&all, Duration::from_secs(15)).await;
+        let target = c.status(leader).await.map(|s| s.height).unwrap_or(0);
+        let waited = Instant::now();
+        loop {
+            let h = c.status(id).await.map(|s| s.height).unwrap_or(0);
+            if h >= target && target > 0 {
+                break;
+            }
+            assert!(waited.elapsed() < Duration::from_secs(20), "master {id} did not catch up ({h} < {target})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     load_for(Duration::from_secs(1)).await;
     let acked = load.finish().await;
