@@ -212,3 +212,61 @@ impl ClusterSection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masters(n: u64) -> Vec<MasterEntry> {
+        (1..=n)
+            .map(|id| MasterEntry {
+                id,
+                addr: format!("127.0.0.1:{}", 7700 + id),
+                link_key: format!("{id:064x}"),
+                node_key: format!("{:064x}", id + 100),
+            })
+            .collect()
+    }
+
+    fn master(n: u64, mode: Mode) -> ClusterSection {
+        ClusterSection { role: Role::Master, mode, masters: masters(n), ..ClusterSection::default() }
+    }
+
+    #[test]
+    fn production_needs_five_masters_and_dev_warns_below() {
+        let p = master(3, Mode::Production).problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("at least 5 masters, 3 are configured"), "{p:?}");
+        assert!(master(5, Mode::Production).problems().is_empty());
+        assert!(master(5, Mode::Production).warning().is_none());
+
+        for n in [1, 3] {
+            assert!(master(n, Mode::Dev).problems().is_empty());
+            assert!(master(n, Mode::Dev).warning().is_some_and(|w| w.contains("at least 5")), "{n} masters");
+        }
+        // A single node is not a cluster: nothing to check.
+        assert!(ClusterSection::default().problems().is_empty());
+    }
+
+    #[test]
+    fn every_master_problem_is_reported_at_once() {
+        let mut c = master(3, Mode::Dev);
+        c.id = 9;
+        c.listen = "nowhere".into();
+        c.masters[1].link_key = "zz".into();
+        c.masters[2].node_key = "12".into();
+        c.masters.push(c.masters[0].clone());
+        c.election_timeout_ms = c.heartbeat_ms;
+        let p = c.problems();
+        for wanted in [
+            "listen",
+            "id 1 appears twice",
+            "id 2: link public key",
+            "id 3: node_key",
+            "id 9 is not among",
+            "election_timeout_ms",
+        ] {
+            assert!(p.iter().any(|e| e.contains(wanted)), "missing {wanted:?} in {p:?}");
+        }
+    }
+}
