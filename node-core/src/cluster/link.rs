@@ -20,7 +20,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::keys::{write_new_private, write_private};
+use crate::keys::write_new_private;
 
 /// The Noise pattern of every node link.
 pub const NOISE_PATTERN: &str = "Noise_XX_25519_AESGCM_SHA256";
@@ -90,12 +90,6 @@ impl LinkKey {
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_vec_pretty(self).map_err(|e| Error::Config(e.to_string()))?;
         write_new_private(path, &text)
-    }
-
-    /// Replaces the key file (rotation of the static key is an operator action).
-    pub fn overwrite(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_vec_pretty(self).map_err(|e| Error::Config(e.to_string()))?;
-        write_private(path, &text)
     }
 
     /// The public key (hex).

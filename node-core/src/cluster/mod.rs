@@ -206,7 +206,6 @@ pub struct Cluster {
     me: NodeId,
     log: LogStore,
     tasks: Vec<JoinHandle<()>>,
-    local_addr: std::net::SocketAddr,
     network: Network,
     chain: Chain,
 }
@@ -292,7 +291,6 @@ impl Cluster {
         let listener = TcpListener::bind(&config.listen).await.map_err(|e| {
             Error::Config(format!("[cluster] listen {}: {e}; set [cluster] listen to a free address", config.listen))
         })?;
-        let local_addr = listener.local_addr().map_err(|e| Error::io(Path::new(&config.listen), e))?;
         let handler: Arc<dyn Handler> =
             Arc::new(Service { raft: raft.clone(), chain: chain.clone(), me: config.id, key: node_key.clone() });
         let mut tasks = vec![tokio::spawn(rpc::serve(listener, identity.clone(), handler))];
@@ -328,17 +326,7 @@ impl Cluster {
             tasks.push(tokio::spawn(cosign::run(raft, chain, key, net, me, every)));
         }
         chain.set_ready();
-        Ok((chain.clone(), Cluster { raft, me, log, tasks, local_addr, network: network_handle, chain }))
-    }
-
-    /// Where node links are accepted.
-    pub fn local_addr(&self) -> std::net::SocketAddr {
-        self.local_addr
-    }
-
-    /// The Raft handle (membership changes, metrics).
-    pub fn raft(&self) -> &Raft<TypeConfig> {
-        &self.raft
+        Ok((chain.clone(), Cluster { raft, me, log, tasks, network: network_handle, chain }))
     }
 
     /// The current view of the cluster.

@@ -145,14 +145,14 @@ impl StateMachine {
             if blocks.is_empty() {
                 return Err(crate::Error::Link(format!("node {source} has no block {from}")));
             }
-            let last_page =
-                blocks.last().and_then(|b| crate::block::BlockHeader::decode(&b.header).ok()).map(|h| h.height);
+            // Pages hold consecutive heights from `from` (import checks each header): keep
+            // those up to the snapshot's head.
             let wanted: Vec<(Vec<u8>, Vec<Vec<u8>>)> = blocks
                 .into_iter()
-                .filter(|b| crate::block::BlockHeader::decode(&b.header).is_ok_and(|h| h.height <= target.height))
+                .take(usize::try_from(target.height + 1 - from).unwrap_or(usize::MAX))
                 .map(|b| (b.header, b.txs))
                 .collect();
-            let finishing = last_page.is_some_and(|h| h >= target.height);
+            let finishing = from + wanted.len() as u64 > target.height;
             applier.import(&wanted, if finishing { state } else { &[] }).await?;
         }
         let head = self.chain.head();
