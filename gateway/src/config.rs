@@ -36,6 +36,8 @@ pub struct Config {
     pub lorawan: kalima_adapter_lorawan::LorawanSection,
     /// Role in a multi-node chain, masters and link timing.
     pub cluster: crate::cluster::ClusterSection,
+    /// A client node's device and delivery settings (`[cluster] role = "client"`).
+    pub client: crate::client::ClientSection,
 }
 
 /// `[node]`
@@ -150,7 +152,8 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 9] = ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster"];
+        const SECTIONS: [&str; 10] =
+            ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster", "client"];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
                 for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
@@ -168,6 +171,7 @@ impl Config {
             modbus: section(&fig, "modbus", &mut errs),
             lorawan: section(&fig, "lorawan", &mut errs),
             cluster: section(&fig, "cluster", &mut errs),
+            client: section(&fig, "client", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -181,6 +185,9 @@ impl Config {
     /// Reports every invalid value at once.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errs = self.cluster.problems();
+        if self.cluster.role == crate::cluster::Role::Client {
+            errs.extend(self.client.problems());
+        }
         if self.api.listen.parse::<SocketAddr>().is_err() {
             errs.push(format!("[api] listen = {:?} is not an IP:port address", self.api.listen));
         }

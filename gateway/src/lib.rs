@@ -7,6 +7,7 @@ pub mod bench_cluster;
 pub mod bench_lorawan;
 pub mod bench_modbus;
 pub mod bench_mqtt;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;

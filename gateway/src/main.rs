@@ -156,6 +156,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!(target: "node", version = env!("CARGO_PKG_VERSION"), dir = %dir.display(), "Starting Kalima node.");
             let demo_cfg = cfg.demo.clone();
             let stop_signal = node::shutdown_signal();
+            if cfg.cluster.role == kalima_gateway::cluster::Role::Client {
+                anyhow::ensure!(!demo, "--demo runs on a node that holds the chain, not on a client node");
+                let mut running = kalima_gateway::client::start(&dir, cfg).await?;
+                println!("Kalima client node listening on http://{}", running.api_addr);
+                tokio::select! {
+                    _ = stop_signal => tracing::info!(target: "node", "Stopping."),
+                    r = &mut running.server => anyhow::bail!("API server stopped: {:?}", r),
+                }
+                running.stop().await?;
+                tracing::info!(target: "node", "Stopped.");
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut running = node::start(&dir, cfg).await?;
             if demo {
                 let chain = running.chain.clone();

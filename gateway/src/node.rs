@@ -143,18 +143,93 @@ pub struct Running {
     pub sequencer: JoinHandle<kalima_core::Result<()>>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
-    modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
-    lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
-    mqtt: Option<Arc<kalima_adapter_mqtt::MqttServer>>,
-    mqtt_external: Option<Arc<kalima_adapter_mqtt::external::ExternalBroker>>,
+    adapters: Adapters,
     cluster: Option<Arc<Cluster>>,
 }
 
-impl Running {
-    /// Stops the API, drains the sequencer and closes storage.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(true);
-        // Field devices stop first so no reading is queued behind the final commit.
+/// Listeners of the API and the field protocols, bound before any state is touched so a
+/// port conflict leaves nothing behind.
+pub(crate) struct Listeners {
+    pub(crate) api: TcpListener,
+    mqtt: Option<TcpListener>,
+    lorawan: Option<tokio::net::UdpSocket>,
+}
+
+/// Binds every listener `config` asks for, naming the key to change on a conflict.
+pub(crate) async fn bind_listeners(config: &Config) -> anyhow::Result<Listeners> {
+    let api = TcpListener::bind(&config.api.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} ({e}): change [api] listen in kalima.toml or set KALIMA_API__LISTEN",
+            config.api.listen
+        )
+    })?;
+    let mqtt = if config.mqtt.enabled() {
+        Some(kalima_adapter_mqtt::MqttServer::bind(&config.mqtt).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for MQTT on {} ({e}): change [mqtt] listen in kalima.toml or set KALIMA_MQTT__LISTEN (empty disables MQTT)",
+                config.mqtt.listen
+            )
+        })?)
+    } else {
+        None
+    };
+    let lorawan = if config.lorawan.enabled() {
+        Some(kalima_adapter_lorawan::LorawanAdapter::bind(&config.lorawan).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for LoRaWAN gateways on {} ({e}): change [lorawan] listen or set KALIMA_LORAWAN__LISTEN",
+                config.lorawan.listen
+            )
+        })?)
+    } else {
+        None
+    };
+    Ok(Listeners { api, mqtt, lorawan })
+}
+
+/// The field adapters of a node, each writing through the node's ingest.
+#[derive(Default)]
+pub(crate) struct Adapters {
+    pub(crate) modbus: Option<Arc<kalima_adapter_modbus::ModbusAdapter>>,
+    pub(crate) lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
+    pub(crate) mqtt: Option<Arc<kalima_adapter_mqtt::MqttServer>>,
+    pub(crate) mqtt_external: Option<Arc<kalima_adapter_mqtt::external::ExternalBroker>>,
+}
+
+impl Adapters {
+    /// Starts the adapters `config` configures on the bound `listeners`.
+    pub(crate) fn start(
+        dir: &Path,
+        config: &Config,
+        ingest: &kalima_core::Ingest,
+        listeners: &mut Listeners,
+    ) -> anyhow::Result<Self> {
+        let modbus = (!config.modbus.devices.is_empty())
+            .then(|| Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, ingest.clone())));
+        let mqtt = match listeners.mqtt.take() {
+            Some(l) => Some(Arc::new(kalima_adapter_mqtt::MqttServer::serve(l, &config.mqtt, ingest.clone())?)),
+            None => None,
+        };
+        let mqtt_external = config.mqtt.external.enabled().then(|| {
+            Arc::new(kalima_adapter_mqtt::external::ExternalBroker::start(
+                &config.mqtt.external,
+                &config.mqtt.sparkplug,
+                ingest.clone(),
+            ))
+        });
+        let lorawan = match listeners.lorawan.take() {
+            Some(sock) => Some(Arc::new(kalima_adapter_lorawan::LorawanAdapter::serve(
+                sock,
+                &config.lorawan,
+                ingest.clone(),
+                Some(dir.join(LORAWAN_SESSIONS_FILE)),
+            )?)),
+            None => None,
+        };
+        Ok(Self { modbus, lorawan, mqtt, mqtt_external })
+    }
+
+    /// Stops taking readings.
+    pub(crate) fn shutdown(&self) {
         if let Some(m) = &self.modbus {
             m.shutdown();
         }
@@ -167,6 +242,15 @@ impl Running {
         if let Some(m) = &self.mqtt_external {
             m.shutdown();
         }
+    }
+}
+
+impl Running {
+    /// Stops the API, drains the sequencer and closes storage.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        // Field devices stop first so no reading is queued behind the final commit.
+        self.adapters.shutdown();
         for t in &self.tasks {
             t.abort();
         }
@@ -196,17 +280,17 @@ impl Running {
 
     /// The Modbus adapter, when `[modbus]` configures devices.
     pub fn modbus(&self) -> Option<&Arc<kalima_adapter_modbus::ModbusAdapter>> {
-        self.modbus.as_ref()
+        self.adapters.modbus.as_ref()
     }
 
     /// Where MQTT clients connect, when `[mqtt] listen` is set.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
-        self.mqtt.as_ref().map(|m| m.local_addr())
+        self.adapters.mqtt.as_ref().map(|m| m.local_addr())
     }
 
     /// Where LoRaWAN gateways send, when `[lorawan] listen` is set.
     pub fn lorawan_addr(&self) -> Option<SocketAddr> {
-        self.lorawan.as_ref().map(|l| l.local_addr())
+        self.adapters.lorawan.as_ref().map(|l| l.local_addr())
     }
 
     /// Registers a background task to abort on stop.
@@ -218,35 +302,8 @@ impl Running {
 /// Binds the API, opens the chain and starts serving.
 pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
-    // Bind first so a port conflict is reported before any state is touched.
-    let listener = TcpListener::bind(&config.api.listen).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {} ({e}): change [api] listen in kalima.toml or set KALIMA_API__LISTEN",
-            config.api.listen
-        )
-    })?;
-    let api_addr = listener.local_addr()?;
-    // Every listener is bound before storage is touched, so a port conflict leaves nothing behind.
-    let mqtt_listener = if config.mqtt.enabled() {
-        Some(kalima_adapter_mqtt::MqttServer::bind(&config.mqtt).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen for MQTT on {} ({e}): change [mqtt] listen in kalima.toml or set KALIMA_MQTT__LISTEN (empty disables MQTT)",
-                config.mqtt.listen
-            )
-        })?)
-    } else {
-        None
-    };
-    let lorawan_socket = if config.lorawan.enabled() {
-        Some(kalima_adapter_lorawan::LorawanAdapter::bind(&config.lorawan).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen for LoRaWAN gateways on {} ({e}): change [lorawan] listen or set KALIMA_LORAWAN__LISTEN",
-                config.lorawan.listen
-            )
-        })?)
-    } else {
-        None
-    };
+    let mut listeners = bind_listeners(&config).await?;
+    let api_addr = listeners.api.local_addr()?;
     let node_key = NodeKey::load(&dir.join(NODE_KEY_FILE))?;
     let store = open_store(dir, &config).await?;
     let store_has_blocks = store.latest_block().await?.is_some();
@@ -258,8 +315,10 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         }
         // Any master may be the first leader, which orders genesis: each keeps it ready.
         let link_key = LinkKey::load_or_create(&dir.join(LINK_KEY_FILE))?;
+        let mut cluster_config = config.cluster.to_core();
+        cluster_config.client_max_body = config.api.max_body_bytes;
         let (chain, cluster) =
-            Cluster::start(dir, store, node_key, link_key, config.chain_config(), config.cluster.to_core(), genesis)
+            Cluster::start(dir, store, node_key, link_key, config.chain_config(), cluster_config, genesis)
                 .await
                 .context("starting the cluster")?;
         let cluster = Arc::new(cluster);
@@ -281,44 +340,21 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     let mut state = AppState::new(chain.clone(), config.clone());
     state.cluster = cluster.clone();
     // Adapters start after the chain and before the API, so the status route sees them.
-    if !config.modbus.devices.is_empty() {
-        state.modbus =
-            Some(Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, state.ingest.clone())));
-    }
-    let modbus = state.modbus.clone();
-    let mqtt = match mqtt_listener {
-        Some(l) => Some(Arc::new(kalima_adapter_mqtt::MqttServer::serve(l, &config.mqtt, state.ingest.clone())?)),
-        None => None,
-    };
-    let mqtt_external = config.mqtt.external.enabled().then(|| {
-        Arc::new(kalima_adapter_mqtt::external::ExternalBroker::start(
-            &config.mqtt.external,
-            &config.mqtt.sparkplug,
-            state.ingest.clone(),
-        ))
-    });
-    let lorawan = match lorawan_socket {
-        Some(sock) => Some(Arc::new(kalima_adapter_lorawan::LorawanAdapter::serve(
-            sock,
-            &config.lorawan,
-            state.ingest.clone(),
-            Some(dir.join(LORAWAN_SESSIONS_FILE)),
-        )?)),
-        None => None,
-    };
-    state.lorawan = lorawan.clone();
+    let adapters = Adapters::start(dir, &config, &state.ingest, &mut listeners)?;
+    state.modbus = adapters.modbus.clone();
+    state.lorawan = adapters.lorawan.clone();
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);
     let server = tokio::spawn(async move {
-        axum::serve(listener, router)
+        axum::serve(listeners.api, router)
             .with_graceful_shutdown(async move {
                 let _ = stopped.wait_for(|s| *s).await;
             })
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, modbus, lorawan, mqtt, mqtt_external, cluster })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -64,6 +64,9 @@ pub enum Error {
     /// A node link or the cluster's Raft storage failed.
     #[error("cluster: {0}")]
     Link(String),
+    /// The outbox of a client node failed or does not verify.
+    #[error("outbox: {0}")]
+    Outbox(String),
     /// The node is stopping and takes no more work.
     #[error("the node is shutting down")]
     ShuttingDown,

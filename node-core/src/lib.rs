@@ -7,6 +7,7 @@ pub mod block;
 pub mod bus;
 pub mod chain;
 pub mod checkpoint;
+pub mod client;
 pub mod cluster;
 pub mod error;
 pub mod ingest;

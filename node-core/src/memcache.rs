@@ -51,6 +51,13 @@ impl Memcache {
         }
     }
 
+    /// Replaces the whole content with `txs` (a client node's snapshot from a master).
+    pub fn reset<'a>(&self, txs: impl IntoIterator<Item = &'a Arc<CommittedTx>>) {
+        let fresh = Memcache::new();
+        fresh.apply(txs);
+        *self.inner.write() = fresh.inner.into_inner();
+    }
+
     /// Current value of one key.
     pub fn get(&self, address: &str, key: &str) -> Option<Arc<CommittedTx>> {
         self.inner.read().get(address).and_then(|e| e.values.get(key).cloned())

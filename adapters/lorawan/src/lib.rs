@@ -233,7 +233,6 @@ fn restore_counters(section: &LorawanSection, ingest: &Ingest, network: &mut Net
         let Some(s) = network.session(i) else { continue };
         let (eui, addr) = (d.dev_eui.to_ascii_lowercase(), hex::encode(s.dev_addr));
         let last = ingest
-            .chain()
             .memcache()
             .values(&d.address)
             .iter()

@@ -177,8 +177,8 @@ impl ModbusAdapter {
             .into(),
             ..TxContent::default()
         };
-        let receipts = self.ingest.write(INTERFACE, requester, vec![record]).await?;
-        let tx_id = receipts.first().map(|r| hex::encode(r.id)).unwrap_or_default();
+        let written = self.ingest.write(INTERFACE, requester, vec![record]).await?;
+        let tx_id = written.receipts().first().map(|r| hex::encode(r.id)).unwrap_or_default();
         Ok(SetpointOutcome { outcome: outcome.into(), error, address, key: format!("{key}.setpoint"), tx_id })
     }
 

@@ -202,7 +202,7 @@ impl Conn {
                 break;
             }
             // Grants and revocations apply from the next packet, not the next login.
-            if let Some(d) = self.shared.ingest.chain().registry().get(&self.device.id) {
+            if let Some(d) = self.shared.ingest.registry().get(&self.device.id) {
                 self.device = d;
             }
             let mut batch: Vec<Job> = Vec::new();
@@ -340,7 +340,7 @@ impl Conn {
                     self.subs.lock().push((f.clone(), granted));
                     if self.delivery.is_none() {
                         // Subscribed to the bus before SUBACK goes out, so no commit after it is missed.
-                        let sub = self.shared.ingest.chain().bus().subscribe();
+                        let sub = self.shared.ingest.bus().subscribe();
                         self.delivery = Some(tokio::spawn(deliver(
                             self.shared.clone(),
                             self.device.id.clone(),
@@ -418,7 +418,7 @@ async fn commit_loop(
     mut rx: mpsc::Receiver<Vec<Job>>,
 ) {
     type Receipts =
-        std::pin::Pin<Box<dyn std::future::Future<Output = kalima_core::Result<Vec<kalima_core::Receipt>>> + Send>>;
+        std::pin::Pin<Box<dyn std::future::Future<Output = kalima_core::Result<kalima_core::ingest::Written>> + Send>>;
     let (inflight, mut done) = mpsc::channel::<(Vec<Job>, Result<Receipts, CoreError>)>(256);
     let acker = {
         let (shared, device_id, qos2) = (shared.clone(), device_id.clone(), qos2.clone());
@@ -439,7 +439,7 @@ async fn commit_loop(
         if jobs.is_empty() {
             continue;
         }
-        let Some(device) = shared.ingest.chain().registry().get(&device_id) else { continue };
+        let Some(device) = shared.ingest.registry().get(&device_id) else { continue };
         let items: Vec<TxContent> = jobs.iter().map(|j| j.content.clone()).collect();
         let pending = shared.ingest.write_pipelined(INTERFACE, &device, items).await.map(|f| Box::pin(f) as Receipts);
         if inflight.send((jobs, pending)).await.is_err() {
@@ -462,7 +462,7 @@ async fn settle(
     match res {
         Ok(()) => finish(jobs, None, version, qos2),
         Err(CoreError::Rejected(_)) if jobs.len() > 1 => {
-            let Some(device) = shared.ingest.chain().registry().get(device_id) else { return };
+            let Some(device) = shared.ingest.registry().get(device_id) else { return };
             for job in jobs {
                 let res = shared.ingest.write(INTERFACE, &device, vec![job.content.clone()]).await;
                 let why = failure(shared, device_id, &[job.topic.as_str()], res.err());
@@ -523,7 +523,7 @@ async fn deliver(
             return;
         };
         // Grants are read per batch, so a revoked grant stops deliveries at once.
-        let Some(device) = shared.ingest.chain().registry().get(&device_id).filter(|d| !d.record.revoked) else {
+        let Some(device) = shared.ingest.registry().get(&device_id).filter(|d| !d.record.revoked) else {
             return;
         };
         for c in batch.iter() {

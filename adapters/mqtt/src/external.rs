@@ -291,9 +291,9 @@ async fn commit_and_ack(
 
 /// Publishes committed data readable by `who` to `kalima/out/...` on the broker.
 async fn republish(client: AsyncClient, ingest: Ingest, who: String) {
-    let mut sub = ingest.chain().bus().subscribe();
+    let mut sub = ingest.bus().subscribe();
     while let Ok(batch) = sub.next().await {
-        let Some(device) = ingest.chain().registry().get(&who).filter(|d| !d.record.revoked) else { continue };
+        let Some(device) = ingest.registry().get(&who).filter(|d| !d.record.revoked) else { continue };
         for c in batch.iter() {
             let content = &c.tx.content;
             if content.body.is_empty() || !device.can_read(&content.address) {

@@ -322,8 +322,8 @@ pub fn post_content(bytes: &[u8]) -> Result<TxContent, Rejection> {
 
 /// Commits `items` through ingest and answers the committed transactions, in order.
 async fn commit(state: &AppState, auth: &Auth, items: Vec<TxContent>) -> Result<Vec<KalimaTx>, KalimaError> {
-    let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
-    committed(state, &receipts).await
+    let written = state.ingest.write(INTERFACE, &auth.0, items).await?;
+    committed(state, written.receipts()).await
 }
 
 /// The stored transactions of `receipts` (one store query over their global-sequence span).

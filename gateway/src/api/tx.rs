@@ -105,8 +105,8 @@ pub async fn write_one(
     if !w.wait.unwrap_or(true) {
         return queue(&state, &auth, vec![item]).await;
     }
-    let receipts = state.ingest.write(INTERFACE, &auth.0, vec![item]).await?;
-    let r = receipts.first().ok_or_else(|| ApiError::Internal("no receipt for a committed write".into()))?;
+    let written = state.ingest.write(INTERFACE, &auth.0, vec![item]).await?;
+    let r = written.receipts().first().ok_or_else(|| ApiError::Internal("no receipt for a committed write".into()))?;
     Ok(Json(TxReceipt::from(r)).into_response())
 }
 
@@ -129,8 +129,8 @@ pub async fn write_batch(
 ) -> Result<Response, ApiError> {
     let items = req.transactions.into_iter().map(|r| content(&auth, r)).collect::<Result<Vec<_>, _>>()?;
     if w.wait.unwrap_or(true) {
-        let receipts = state.ingest.write(INTERFACE, &auth.0, items).await?;
-        Ok(Json(BatchReceipt { receipts: receipts.iter().map(TxReceipt::from).collect() }).into_response())
+        let written = state.ingest.write(INTERFACE, &auth.0, items).await?;
+        Ok(Json(BatchReceipt { receipts: written.receipts().iter().map(TxReceipt::from).collect() }).into_response())
     } else {
         queue(&state, &auth, items).await
     }
@@ -191,7 +191,7 @@ pub async fn move_value(
         ttl_secs: c.ttl_secs,
         ..TxContent::default()
     };
-    Ok(state.ingest.write(interface, &auth.0, vec![delete, put]).await?)
+    Ok(state.ingest.write(interface, &auth.0, vec![delete, put]).await?.receipts().to_vec())
 }
 
 /// A transaction by id, with its canonical bytes and an inclusion proof in the current tree.

@@ -17,6 +17,9 @@ pub enum Role {
     Single,
     /// A master: votes, stores the chain, orders writes when it leads.
     Master,
+    /// An edge node: no chain; syncs its authorized addresses from the masters and
+    /// forwards writes to them through an on-disk outbox (see `[client]`).
+    Client,
 }
 
 /// How strictly the cluster shape is checked.
@@ -51,7 +54,7 @@ pub struct MasterEntry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
-    /// `single` (default) or `master`.
+    /// `single` (default), `master` or `client`.
     pub role: Role,
     /// `dev` or `production`.
     pub mode: Mode,
@@ -111,6 +114,17 @@ impl ClusterSection {
     /// Problems with this section, all at once.
     pub fn problems(&self) -> Vec<String> {
         let mut errs = Vec::new();
+        if self.role == Role::Client {
+            if self.masters.is_empty() {
+                errs.push("[cluster] role = \"client\" needs the masters it links to, as [[cluster.masters]]".into());
+            }
+            for m in &self.masters {
+                if let Err(e) = parse_public(&m.link_key) {
+                    errs.push(format!("[[cluster.masters]] id {}: {e}", m.id));
+                }
+            }
+            return errs;
+        }
         if self.role != Role::Master {
             return errs;
         }
@@ -209,6 +223,7 @@ impl ClusterSection {
                     .filter(|ip| !ip.is_unspecified()),
                 ..LinkTuning::default()
             },
+            client_max_body: kalima_core::tx::MAX_BODY,
         }
     }
 }

@@ -6,12 +6,13 @@
 //! forward writes to the leader and serve reads and streams from their own chain. See
 //! `node-core/CLUSTER.md`.
 
+mod clients;
 pub mod cosign;
 pub mod link;
 mod log_store;
 mod network;
 mod proposer;
-mod rpc;
+pub(crate) mod rpc;
 mod state_machine;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -71,7 +72,7 @@ pub struct ChainSnapshot {
 }
 
 /// A refusal that crosses node links: the ones the chain itself can decide.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireRejection {
     /// See [`Rejection::DuplicateIdempotencyKey`].
     DuplicateIdempotencyKey {
@@ -173,6 +174,8 @@ pub struct ClusterConfig {
     pub in_flight_batches: usize,
     /// Link timing.
     pub link: LinkTuning,
+    /// Largest body accepted from client nodes' devices.
+    pub client_max_body: usize,
 }
 
 impl Default for ClusterConfig {
@@ -191,6 +194,7 @@ impl Default for ClusterConfig {
             snapshot_every: 5000,
             in_flight_batches: 2,
             link: LinkTuning::default(),
+            client_max_body: crate::tx::MAX_BODY,
         }
     }
 }
@@ -291,8 +295,14 @@ impl Cluster {
         let listener = TcpListener::bind(&config.listen).await.map_err(|e| {
             Error::Config(format!("[cluster] listen {}: {e}; set [cluster] listen to a free address", config.listen))
         })?;
-        let handler: Arc<dyn Handler> =
-            Arc::new(Service { raft: raft.clone(), chain: chain.clone(), me: config.id, key: node_key.clone() });
+        let handler: Arc<dyn Handler> = Arc::new(Service {
+            raft: raft.clone(),
+            chain: chain.clone(),
+            me: config.id,
+            key: node_key.clone(),
+            client_keys: config.clients.iter().copied().collect(),
+            clients: Arc::new(clients::ClientService::new(chain.clone(), config.client_max_body)),
+        });
         let mut tasks = vec![tokio::spawn(rpc::serve(listener, identity.clone(), handler))];
 
         if pristine && config.bootstrap {
@@ -443,13 +453,28 @@ struct Service {
     chain: Chain,
     me: NodeId,
     key: NodeKey,
+    /// Link keys of client nodes: they may only sync and deliver, never take part in Raft.
+    client_keys: std::collections::HashSet<PeerKey>,
+    clients: clients::Clients,
 }
 
 #[async_trait::async_trait]
 impl Handler for Service {
-    async fn handle(&self, _peer: PeerKey, req: Request) -> BoxFuture<'static, Response> {
+    async fn handle(&self, peer: PeerKey, req: Request) -> BoxFuture<'static, Response> {
         let raft = self.raft.clone();
+        if self.client_keys.contains(&peer) && !matches!(req, Request::Watch(_) | Request::ClientWrite(_)) {
+            metrics::counter!("kalima_link_refused_requests_total", "reason" => "client_node").increment(1);
+            return async move { Response::Watch(Err("client nodes may only sync and deliver writes".into())) }.boxed();
+        }
         match req {
+            Request::Watch(w) => {
+                let clients = self.clients.clone();
+                async move { Response::Watch(clients.watch(peer, w).await) }.boxed()
+            }
+            Request::ClientWrite(w) => {
+                let clients = self.clients.clone();
+                async move { Response::ClientWrite(clients.write(w).await) }.boxed()
+            }
             Request::Append(r) => async move { Response::Append(raft.append_entries(r).await) }.boxed(),
             Request::Vote(r) => async move { Response::Vote(raft.vote(r).await) }.boxed(),
             Request::Snapshot { vote, meta, data } => async move {

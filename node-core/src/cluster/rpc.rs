@@ -39,6 +39,10 @@ pub(crate) enum Request {
     Membership(MembershipChange),
     /// A tree head to co-sign after checking it against the local chain.
     Cosign(super::cosign::TreeHead),
+    /// A client node keeping its memcache in sync.
+    Watch(crate::client::wire::WatchRequest),
+    /// A client node delivering its outbox.
+    ClientWrite(crate::client::wire::ClientWrite),
 }
 
 /// A change of the set of masters (admin API).
@@ -78,6 +82,8 @@ pub(crate) enum Response {
     Blocks(std::result::Result<Vec<WireBlock>, String>),
     Membership(std::result::Result<(), ForwardError>),
     Cosign(std::result::Result<crate::checkpoint::SignatureJson, String>),
+    Watch(std::result::Result<crate::client::wire::WatchUpdate, String>),
+    ClientWrite(std::result::Result<Vec<crate::client::wire::GroupResult>, String>),
 }
 
 #[derive(Serialize, Deserialize)]

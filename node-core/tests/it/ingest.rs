@@ -203,7 +203,7 @@ async fn ingest_checks_in_order(db: TestDb) {
         let res: Result<Vec<kalima_core::Receipt>, Rejection> = async {
             let device = ingest.authenticate("test", case.token)?;
             match ingest.write("test", &device, case.items.clone()).await {
-                Ok(r) => Ok(r),
+                Ok(r) => Ok(r.into_receipts()),
                 Err(Error::Rejected(r)) => Err(r),
                 Err(e) => panic!("{}: not a rejection: {e:#}", case.name),
             }
@@ -244,7 +244,7 @@ async fn idempotency_keys_older_than_the_window_are_still_refused(db: TestDb) {
     let with_key = |k: &str| TxContent { idempotency_key: k.into(), ..put("idem", "/w", "v", k.as_bytes()) };
     let mut ids = Vec::new();
     for k in ["k1", "k2", "k3"] {
-        ids.push(ingest.write("test", &device, vec![with_key(k)]).await.unwrap()[0].id);
+        ids.push(ingest.write("test", &device, vec![with_key(k)]).await.unwrap().receipts()[0].id);
     }
     assert_eq!(c.chain.idempotency_hit("idem", "k1"), None, "k1 fell out of the window");
     let refused = |r: Result<Vec<kalima_core::Receipt>, Error>, id: [u8; 32]| match r {
@@ -253,8 +253,8 @@ async fn idempotency_keys_older_than_the_window_are_still_refused(db: TestDb) {
         }
         other => panic!("an old idempotency key was accepted: {other:?}"),
     };
-    refused(ingest.write("test", &device, vec![with_key("k1")]).await, ids[0]);
-    refused(ingest.write("test", &device, vec![with_key("k3")]).await, ids[2]);
+    refused(ingest.write("test", &device, vec![with_key("k1")]).await.map(|w| w.into_receipts()), ids[0]);
+    refused(ingest.write("test", &device, vec![with_key("k3")]).await.map(|w| w.into_receipts()), ids[2]);
     ingest.write("test", &device, vec![with_key("k4")]).await.unwrap();
     // Straight to the sequencer (as a write queued before k1 fell out of memory would be):
     // it must refuse the old key itself rather than let the unique index fail the commit.
@@ -272,6 +272,6 @@ async fn idempotency_keys_older_than_the_window_are_still_refused(db: TestDb) {
     let ingest = Ingest::new(c.chain.clone(), MAX_BODY);
     let device = c.chain.registry().get("idem").unwrap();
     assert_eq!(c.chain.idempotency_hit("idem", "k2"), None);
-    refused(ingest.write("test", &device, vec![with_key("k2")]).await, ids[1]);
+    refused(ingest.write("test", &device, vec![with_key("k2")]).await.map(|w| w.into_receipts()), ids[1]);
     c.stop().await;
 }
