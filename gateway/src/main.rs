@@ -89,6 +89,13 @@ enum KeysAction {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print this node's link public key (creating `link.key` if missing): what masters
+    /// list in `[cluster] clients` (for a client node) or `[[cluster.masters]] link_key`.
+    Link {
+        /// Data directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn init_tracing() {
@@ -220,6 +227,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "Data key {id} is now active; restart the node to encrypt new records with it. Older records stay readable."
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { action: KeysAction::Link { dir } } => {
+            let dir = config::data_dir(dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let key = kalima_core::cluster::LinkKey::load_or_create(&dir.join(kalima_core::cluster::LINK_KEY_FILE))?;
+            println!("{}", key.public_hex());
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what } => bench::run(what).await.map(|_| ExitCode::SUCCESS),

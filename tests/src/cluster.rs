@@ -143,6 +143,11 @@ impl TestCluster {
     /// Writes `n` masters with `kalima dev-cluster --init-only`, puts each link behind a
     /// proxy, applies `env` to every master, and starts them all.
     pub async fn start(n: u64, env: &[(&str, &str)]) -> TestCluster {
+        Self::start_with_clients(n, env, &[]).await
+    }
+
+    /// Like [`TestCluster::start`], allowing client nodes with the link keys `clients`.
+    pub async fn start_with_clients(n: u64, env: &[(&str, &str)], clients: &[String]) -> TestCluster {
         let tmp = tempfile::tempdir().expect("temp dir");
         let root = tmp.path().join("cluster");
         let base = 7701u64;
@@ -173,6 +178,10 @@ impl TestCluster {
                 } else {
                     text = text.replace(&format!("addr = {written}"), &format!("addr = {wanted}"));
                 }
+            }
+            if !clients.is_empty() {
+                let list = clients.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ");
+                text = text.replacen("role = \"master\"\n", &format!("role = \"master\"\nclients = [{list}]\n"), 1);
             }
             std::fs::write(&file, text).expect("writing a master's kalima.toml");
         }
@@ -421,9 +430,14 @@ pub struct Load {
 impl Load {
     /// Starts `writers` writers against the masters at `urls`.
     pub fn start(urls: Vec<(u64, String)>, token: &str, writers: u64) -> Load {
+        Self::start_writers(urls, token, 0..writers)
+    }
+
+    /// Starts the writers numbered `writers` (each writes `/load/w<N>`) against `urls`.
+    pub fn start_writers(urls: Vec<(u64, String)>, token: &str, writers: std::ops::Range<u64>) -> Load {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let urls = Arc::new(Mutex::new(urls));
-        let tasks = (0..writers)
+        let tasks = writers
             .map(|w| {
                 let rx = rx.clone();
                 let urls = urls.clone();
@@ -494,4 +508,168 @@ impl Load {
 /// Counts acknowledgements across writers.
 pub fn total(acked: &Acked) -> usize {
     acked.values().map(Vec::len).sum()
+}
+
+/// Source address of client node links (the proxies know it as "master" 30).
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 40);
+const CLIENT_SOURCE: u64 = 30;
+
+/// A client node (`[cluster] role = "client"`) linked to a [`TestCluster`] through its
+/// proxies, writing as its own device and syncing `/load`.
+pub struct TestClient {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    /// The running client (`None` while stopped).
+    pub node: Option<Node>,
+    /// Token of the local device that writes through the client (`sensor-1`).
+    pub sensor_token: String,
+    http: reqwest::Client,
+}
+
+impl TestClient {
+    /// A client's data directory and its link public key (for the masters' allow-list).
+    pub async fn prepare() -> (tempfile::TempDir, PathBuf, String) {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("client");
+        let out = kalima(&["init", "--dir", dir.to_str().expect("utf-8 path")], &[]).await;
+        assert!(out.status.success(), "kalima init: {}", describe(&out));
+        let out = kalima(&["keys", "link", "--dir", dir.to_str().expect("utf-8 path")], &[]).await;
+        assert!(out.status.success(), "kalima keys link: {}", describe(&out));
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(key.len(), 64, "a link public key: {key:?}");
+        (tmp, dir, key)
+    }
+
+    /// Registers the client's device (`edge-1`, reading `/load`) and a local device
+    /// (`sensor-1`, writing `/load`) on the cluster, writes the client's config, and starts it.
+    pub async fn start(cluster: &TestCluster, prepared: (tempfile::TempDir, PathBuf, String)) -> TestClient {
+        let (tmp, dir, _) = prepared;
+        let master = cluster.masters.values().flatten().next().expect("a running master");
+        let mut tokens = BTreeMap::new();
+        for (id, read, write) in [("edge-1", true, false), ("sensor-1", false, true)] {
+            // Genesis (which registers the admin) may still be on its way after the election.
+            let started = Instant::now();
+            let dev = loop {
+                let (status, dev) = master.post_json("/api/v1/devices", &json!({ "id": id })).await;
+                if status.is_success() {
+                    break dev;
+                }
+                assert!(started.elapsed() < Duration::from_secs(15), "registering {id}: {status} {dev}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            tokens.insert(id, dev["token"].as_str().expect("a device token").to_string());
+            let (status, g) = master
+                .post_json(
+                    &format!("/api/v1/devices/{id}/grants"),
+                    &json!({ "prefix": "/load", "read": read, "write": write }),
+                )
+                .await;
+            assert!(status.is_success(), "granting {id}: {g}");
+        }
+        std::fs::write(dir.join("client.token"), &tokens["edge-1"]).expect("writing client.token");
+        let chain_toml = std::fs::read_to_string(cluster.dir(1).join("kalima.toml")).expect("master-1 kalima.toml");
+        let chain = chain_toml
+            .lines()
+            .find_map(|l| l.strip_prefix("chain = "))
+            .and_then(|v| v.split('"').nth(1))
+            .expect("[node] chain of master 1")
+            .to_string();
+        let mut toml = format!(
+            "[node]\nchain = \"{chain}\"\n\n[mqtt]\nlisten = \"\"\n\n[client]\ndevice = \"edge-1\"\nbind = \"{CLIENT_IP}\"\nack_wait_ms = 2000\n\n[cluster]\nrole = \"client\"\n"
+        );
+        for id in cluster.masters.keys() {
+            toml.push_str(&format!(
+                "\n[[cluster.masters]]\nid = {id}\naddr = \"{}\"\nlink_key = \"{}\"\nnode_key = \"{}\"\n",
+                cluster.link_addr(*id),
+                cluster.public_key(*id, "link_key"),
+                cluster.public_key(*id, "node_key"),
+            ));
+        }
+        std::fs::write(dir.join("kalima.toml"), toml).expect("writing the client's kalima.toml");
+        let node = Node::start(&dir, &[]).await;
+        TestClient { _tmp: tmp, dir, node: Some(node), sensor_token: tokens["sensor-1"].clone(), http: http_client() }
+    }
+
+    /// Token of the client's own device (`edge-1`, reading `/load`).
+    pub fn edge_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("client.token")).expect("reading client.token").trim().to_string()
+    }
+
+    /// The client's API base URL.
+    pub fn url(&self) -> String {
+        self.node.as_ref().expect("a running client").url("")
+    }
+
+    /// `GET /api/v1/client` (as the local device).
+    pub async fn status(&self) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/client", self.url()))
+            .bearer_auth(&self.sensor_token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .expect("GET /api/v1/client");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.expect("client status JSON")
+    }
+
+    /// Waits until every write appended to the outbox so far has an outcome (writers may
+    /// keep appending meanwhile); returns the status then.
+    pub async fn wait_delivered(&self, timeout: Duration) -> Value {
+        let upto = self.status().await["outbox"]["appended"].as_u64().expect("outbox.appended");
+        let started = Instant::now();
+        loop {
+            let s = self.status().await;
+            if s["outbox"]["delivered_seq"].as_u64().unwrap_or(0) >= upto {
+                return s;
+            }
+            assert!(started.elapsed() < timeout, "the outbox was not delivered up to {upto} within {timeout:?}: {s}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The client's current value of `address`/`key` as `edge-1`'s local reader sees it.
+    pub async fn value(&self, token: &str, address: &str, key: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/values?address={address}&key={key}", self.url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET values on the client");
+        match r.status() {
+            StatusCode::OK => Some(r.json::<Value>().await.expect("values JSON")["values"][0]["body"].clone()),
+            StatusCode::NOT_FOUND => None,
+            s => panic!("GET values {address} {key} on the client: {s}"),
+        }
+    }
+
+    /// kill -9 the client.
+    pub fn kill9(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.kill9();
+        }
+    }
+
+    /// Starts the client again from its directory.
+    pub async fn restart(&mut self) {
+        self.node = Some(Node::start(&self.dir, &[]).await);
+    }
+
+    /// Stops the client with SIGTERM.
+    pub async fn stop(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.stop().await;
+        }
+    }
+}
+
+impl TestCluster {
+    /// Cuts every link of client nodes to every master.
+    pub fn cut_clients(&self) {
+        for p in self.proxies.values() {
+            p.block(CLIENT_SOURCE);
+        }
+    }
 }

@@ -102,6 +102,9 @@ async fn round(inner: &Inner, groups: &[Group], preferred: &mut usize) -> Round 
         };
         tracing::debug!(target: "core::client", master = %inner.masters[i].addr(), error = %failure, "Delivery failed; trying the next master.");
         inner.set_master(i, Err(failure));
+        // Writers stop waiting for commits now, not after every master was tried (a
+        // silent master takes the whole connect timeout to give up on).
+        inner.shared.lock().online = false;
     }
     Round::NoMaster
 }

@@ -82,8 +82,8 @@ impl Default for ClientConfig {
 pub struct MasterStatus {
     /// Link address.
     pub addr: String,
-    /// The last request to it was answered.
-    pub reachable: bool,
+    /// Whether the last request to it was answered (`None`: not contacted yet).
+    pub reachable: Option<bool>,
     /// Why the last request failed, if it did.
     pub last_error: Option<String>,
 }
@@ -168,7 +168,7 @@ impl ClientNode {
             masters: config
                 .masters
                 .iter()
-                .map(|(addr, _)| MasterStatus { addr: addr.clone(), reachable: false, last_error: None })
+                .map(|(addr, _)| MasterStatus { addr: addr.clone(), reachable: None, last_error: None })
                 .collect(),
             ..Shared::default()
         };
@@ -329,10 +329,10 @@ impl Inner {
     fn set_master(&self, i: usize, res: std::result::Result<(), String>) {
         let mut s = self.shared.lock();
         if let Some(m) = s.masters.get_mut(i) {
-            m.reachable = res.is_ok();
+            m.reachable = Some(res.is_ok());
             m.last_error = res.err();
         }
-        let up = s.masters.iter().filter(|m| m.reachable).count();
+        let up = s.masters.iter().filter(|m| m.reachable == Some(true)).count();
         metrics::gauge!("kalima_client_masters_reachable").set(up as f64);
     }
 }

@@ -165,11 +165,23 @@ async fn forward(p: &Proposer, l: NodeId, proposals: Vec<Proposal>, replies: Vec
         return fail(replies, &format!("the leader (master {l}) is not in this master's membership; retry"));
     };
     let started = Instant::now();
+    let chain = p.chain.clone();
     match peer.start(&Request::Forward(proposals), FORWARD_TIMEOUT).await {
         Ok(wait) => {
             tokio::spawn(async move {
                 match wait.await {
-                    Ok(Response::Forward(Ok(o))) => answer(replies, outcomes(o)),
+                    Ok(Response::Forward(Ok(o))) => {
+                        // A writer that reads back from this master must see its write: answer
+                        // once this master has applied the blocks holding it, too.
+                        let height = o.iter().flatten().flatten().map(|r| r.height).max();
+                        if let Some(h) = height {
+                            let deadline = Instant::now() + FORWARD_TIMEOUT;
+                            while chain.head().block.header.height < h && Instant::now() < deadline {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                        }
+                        answer(replies, outcomes(o))
+                    }
                     Ok(Response::Forward(Err(ForwardError::NotLeader(_)))) => {
                         fail(replies, "leadership changed before the write was ordered; retry")
                     }

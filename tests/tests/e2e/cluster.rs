@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use kalima_e2e::cluster::{Load, TestCluster, total};
+use kalima_e2e::cluster::{Load, TestClient, TestCluster, total};
 
 const MASTERS: u64 = 5;
 const WRITERS: u64 = 4;
@@ -229,6 +229,80 @@ async fn a_wiped_master_re_added_catches_up_from_a_snapshot() {
 
     let acked = load.finish().await;
     assert!(total(&acked) > 50, "the load barely ran: {acked:?}");
+    c.check_and_stop(&acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_node_cut_off_keeps_writing_to_its_outbox_and_delivers_it_once_in_order() {
+    let prepared = TestClient::prepare().await;
+    let c = TestCluster::start_with_clients(MASTERS, &[], std::slice::from_ref(&prepared.2)).await;
+    let all: Vec<u64> = (1..=MASTERS).collect();
+    c.wait_leader(&all, NEW_LEADER_WITHIN).await;
+    let mut client = TestClient::start(&c, prepared).await;
+    let edge_token = client.edge_token();
+    // Writers on the masters and, through the client, a local device of the client.
+    let masters_load = Load::start(c.urls(), c.token(), 2);
+    let client_load = Load::start_writers(vec![(0, client.url())], &client.sensor_token, 100..102);
+    load_for(Duration::from_secs(2)).await;
+    let s = client.status().await;
+    assert_eq!(s["online"], true, "the client delivers while the masters are reachable: {s}");
+    assert!(s["outbox"]["delivered_seq"].as_u64().unwrap_or(0) > 0, "{s}");
+
+    // Cut off: local writes go on, into the outbox; a write made meanwhile on a master is
+    // synced once the client is back.
+    c.cut_clients();
+    load_for(Duration::from_secs(4)).await;
+    let s = client.status().await;
+    assert_eq!(s["online"], false, "{s}");
+    assert!(s["outbox"]["pending"].as_u64().unwrap_or(0) > 10, "writes were not queued while cut off: {s}");
+    let leader = c.wait_leader(&all, NEW_LEADER_WITHIN).await;
+    c.masters[&leader].as_ref().expect("leader runs").put("/load/remote", "x", serde_json::json!(42)).await;
+    // Reads of the synced addresses are served from the client's memcache meanwhile.
+    assert!(client.value(&edge_token, "/load/w100", "v").await.is_some(), "nothing synced before the cut");
+    c.heal();
+    let s = client.wait_delivered(Duration::from_secs(90)).await;
+    assert_eq!(s["refused"].as_array().map(Vec::len), Some(0), "{s}");
+
+    // Cut off again, then killed -9 right after reconnecting, in the middle of delivering:
+    // the restarted client delivers the rest, and nothing twice.
+    c.cut_clients();
+    load_for(Duration::from_secs(3)).await;
+    c.heal();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.kill9();
+    client.restart().await;
+    client_load.set_urls(vec![(0, client.url())]);
+    load_for(Duration::from_secs(1)).await;
+
+    let mut acked = masters_load.finish().await;
+    let from_client = client_load.finish().await;
+    assert!(total(&from_client) > 50, "the client's writers barely ran: {from_client:?}");
+    let s = client.wait_delivered(Duration::from_secs(90)).await;
+    assert_eq!(s["outbox"]["pending"], 0, "{s}");
+    assert_eq!(s["refused"].as_array().map(Vec::len), Some(0), "{s}");
+    acked.extend(from_client.clone());
+
+    // The client's memcache equals the chain's latest values of what it syncs.
+    let master = c.masters.values().flatten().next().expect("a running master");
+    let mut addresses: Vec<(String, String)> = acked.keys().map(|w| (format!("/load/w{w}"), "v".to_string())).collect();
+    addresses.push(("/load/remote".into(), "x".into()));
+    let started = Instant::now();
+    for (address, key) in &addresses {
+        let on_chain = master.value(address, key).await;
+        assert!(on_chain.is_some(), "{address} has no value on the chain");
+        loop {
+            let local = client.value(&edge_token, address, key).await;
+            if local == on_chain {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "client memcache {address}/{key} = {local:?}, chain = {on_chain:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    client.stop().await;
     c.check_and_stop(&acked).await;
 }
 
