@@ -274,7 +274,10 @@ impl Outbox {
             Err(e) => return batch.iter().map(|_| Err(Error::Outbox(format!("reading the outbox: {e}")))).collect(),
         };
         for (a, ds) in batch.iter().zip(&digests) {
-            if let Some((c, _)) = a.items.iter().zip(ds).find(|(_, d)| stored.contains(*d) || seen.contains(*d)) {
+            let mut own = std::collections::HashSet::new();
+            if let Some((c, _)) =
+                a.items.iter().zip(ds).find(|(_, d)| stored.contains(*d) || seen.contains(*d) || !own.insert(*d))
+            {
                 results.push(Some(Err(Rejection::DuplicateIdempotencyKey {
                     key: c.idempotency_key.clone(),
                     existing: "in this node's outbox".into(),

@@ -18,6 +18,7 @@ mod encryption;
 mod immutability;
 mod ingest;
 mod link;
+mod outbox;
 mod proofs;
 mod restart;
 mod store;
