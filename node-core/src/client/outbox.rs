@@ -89,6 +89,9 @@ pub struct OutboxCounts {
     pub oldest_pending_ms: Option<u64>,
 }
 
+/// One entry to insert: sequence, group, idempotency digest, key id, sealed content, hash.
+type NewEntry = (u64, u64, Vec<u8>, u32, Vec<u8>, [u8; 32]);
+
 struct Append {
     items: Vec<TxContent>,
     reply: oneshot::Sender<Result<(u64, u64)>>,
@@ -261,7 +264,7 @@ impl Outbox {
         let start = self.state.lock().clone();
         let mut st = start.clone();
         let mut results: Vec<Option<Result<(u64, u64)>>> = Vec::with_capacity(batch.len());
-        let mut rows: Vec<(u64, u64, Vec<u8>, u32, Vec<u8>, [u8; 32])> = Vec::new();
+        let mut rows: Vec<NewEntry> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let now = now_ms();
         // Repeated keys are found before the transaction so one bad append cannot abort it.
@@ -347,7 +350,7 @@ impl Outbox {
         Ok(found)
     }
 
-    async fn insert(&self, rows: &[(u64, u64, Vec<u8>, u32, Vec<u8>, [u8; 32])], now: u64) -> Result<()> {
+    async fn insert(&self, rows: &[NewEntry], now: u64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         for (seq, grp, idem, key_id, sealed, hash) in rows {
             sqlx::query(
