@@ -513,6 +513,8 @@ pub fn total(acked: &Acked) -> usize {
 /// Source address of client node links (the proxies know it as "master" 30).
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 40);
 const CLIENT_SOURCE: u64 = 30;
+/// Client logs say what each delivery and sync did, for failures to show.
+const CLIENT_ENV: &[(&str, &str)] = &[("KALIMA_LOG", "info,core::client=debug")];
 
 /// A client node (`[cluster] role = "client"`) linked to a [`TestCluster`] through its
 /// proxies, writing as its own device and syncing `/load`.
@@ -546,25 +548,35 @@ impl TestClient {
         let (tmp, dir, _) = prepared;
         let master = cluster.masters.values().flatten().next().expect("a running master");
         let mut tokens = BTreeMap::new();
-        for (id, read, write) in [("edge-1", true, false), ("sensor-1", false, true)] {
-            // Genesis (which registers the admin) may still be on its way after the election.
+        let mut ids = BTreeMap::new();
+        for (base, read, write) in [("edge-1", true, false), ("sensor-1", false, true)] {
+            // Genesis (which registers the admin) may still be on its way after the election,
+            // and a young cluster may change leader once: retry, under a new id when an
+            // unanswered attempt did register the device (its token is lost with the answer).
             let started = Instant::now();
+            let mut id = base.to_string();
             let dev = loop {
                 let (status, dev) = master.post_json("/api/v1/devices", &json!({ "id": id })).await;
                 if status.is_success() {
                     break dev;
                 }
+                if status == StatusCode::CONFLICT {
+                    id = format!("{base}-{}", started.elapsed().as_millis());
+                }
                 assert!(started.elapsed() < Duration::from_secs(15), "registering {id}: {status} {dev}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            tokens.insert(id, dev["token"].as_str().expect("a device token").to_string());
-            let (status, g) = master
-                .post_json(
-                    &format!("/api/v1/devices/{id}/grants"),
-                    &json!({ "prefix": "/load", "read": read, "write": write }),
-                )
-                .await;
-            assert!(status.is_success(), "granting {id}: {g}");
+            tokens.insert(base, dev["token"].as_str().expect("a device token").to_string());
+            loop {
+                let grant = json!({ "prefix": "/load", "read": read, "write": write });
+                let (status, g) = master.post_json(&format!("/api/v1/devices/{id}/grants"), &grant).await;
+                if status.is_success() {
+                    break;
+                }
+                assert!(started.elapsed() < Duration::from_secs(15), "granting {id}: {status} {g}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ids.insert(base, id);
         }
         std::fs::write(dir.join("client.token"), &tokens["edge-1"]).expect("writing client.token");
         let chain_toml = std::fs::read_to_string(cluster.dir(1).join("kalima.toml")).expect("master-1 kalima.toml");
@@ -574,8 +586,9 @@ impl TestClient {
             .and_then(|v| v.split('"').nth(1))
             .expect("[node] chain of master 1")
             .to_string();
+        let edge = &ids["edge-1"];
         let mut toml = format!(
-            "[node]\nchain = \"{chain}\"\n\n[mqtt]\nlisten = \"\"\n\n[client]\ndevice = \"edge-1\"\nbind = \"{CLIENT_IP}\"\nack_wait_ms = 2000\n\n[cluster]\nrole = \"client\"\n"
+            "[node]\nchain = \"{chain}\"\n\n[mqtt]\nlisten = \"\"\n\n[client]\ndevice = \"{edge}\"\nbind = \"{CLIENT_IP}\"\nack_wait_ms = 2000\n\n[cluster]\nrole = \"client\"\n"
         );
         for id in cluster.masters.keys() {
             toml.push_str(&format!(
@@ -586,13 +599,18 @@ impl TestClient {
             ));
         }
         std::fs::write(dir.join("kalima.toml"), toml).expect("writing the client's kalima.toml");
-        let node = Node::start(&dir, &[]).await;
+        let node = Node::start(&dir, CLIENT_ENV).await;
         TestClient { _tmp: tmp, dir, node: Some(node), sensor_token: tokens["sensor-1"].clone(), http: http_client() }
     }
 
     /// Token of the client's own device (`edge-1`, reading `/load`).
     pub fn edge_token(&self) -> String {
         std::fs::read_to_string(self.dir.join("client.token")).expect("reading client.token").trim().to_string()
+    }
+
+    /// The end of the client's log.
+    pub fn log(&self) -> String {
+        self.node.as_ref().map(Node::log).unwrap_or_default()
     }
 
     /// The client's API base URL.
@@ -654,7 +672,7 @@ impl TestClient {
 
     /// Starts the client again from its directory.
     pub async fn restart(&mut self) {
-        self.node = Some(Node::start(&self.dir, &[]).await);
+        self.node = Some(Node::start(&self.dir, CLIENT_ENV).await);
     }
 
     /// Stops the client with SIGTERM.

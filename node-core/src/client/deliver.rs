@@ -85,14 +85,19 @@ pub(super) async fn run(inner: Arc<Inner>) {
 
 async fn round(inner: &Inner, groups: &[Group], preferred: &mut usize) -> Round {
     let n = inner.masters.len();
-    let req = Request::ClientWrite(ClientWrite { groups: groups.iter().map(|g| g.items.clone()).collect() });
+    let seen = inner.seen.load(std::sync::atomic::Ordering::Relaxed);
+    let req = Request::ClientWrite(ClientWrite { groups: groups.iter().map(|g| g.items.clone()).collect(), seen });
     for k in 0..n {
         let i = (*preferred + k) % n;
         let failure = match inner.masters[i].call(&req, DELIVERY_TIMEOUT).await {
             Ok(Response::ClientWrite(Ok(results))) if results.len() == groups.len() => {
                 inner.set_master(i, Ok(()));
                 *preferred = i;
-                inner.shared.lock().online = true;
+                {
+                    let mut sh = inner.shared.lock();
+                    sh.online = true;
+                    sh.delivery_error = None;
+                }
                 return record(inner, groups, results).await;
             }
             Ok(Response::ClientWrite(Ok(_))) => "answered for a different number of groups".to_string(),
@@ -101,10 +106,14 @@ async fn round(inner: &Inner, groups: &[Group], preferred: &mut usize) -> Round 
             Err(e) => e.to_string(),
         };
         tracing::debug!(target: "core::client", master = %inner.masters[i].addr(), error = %failure, "Delivery failed; trying the next master.");
-        inner.set_master(i, Err(failure));
         // Writers stop waiting for commits now, not after every master was tried (a
         // silent master takes the whole connect timeout to give up on).
-        inner.shared.lock().online = false;
+        {
+            let mut sh = inner.shared.lock();
+            sh.online = false;
+            sh.delivery_error = Some(format!("{}: {failure}", inner.masters[i].addr()));
+        }
+        inner.set_master(i, Err(failure));
     }
     Round::NoMaster
 }

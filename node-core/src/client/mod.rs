@@ -97,6 +97,8 @@ pub struct ClientStatus {
     pub masters: Vec<MasterStatus>,
     /// A master took the last delivery (writes are answered after commit).
     pub online: bool,
+    /// Why the last delivery attempt failed, until one succeeds.
+    pub delivery_error: Option<String>,
     /// The memcache was synced from a master at least once since start.
     pub synced: bool,
     /// Address prefixes being synced.
@@ -113,6 +115,7 @@ pub struct ClientStatus {
 struct Shared {
     masters: Vec<MasterStatus>,
     online: bool,
+    delivery_error: Option<String>,
     synced: bool,
     prefixes: Vec<String>,
     snapshots: u64,
@@ -135,6 +138,8 @@ pub(crate) struct Inner {
     cache_path: std::path::PathBuf,
     /// The memcache changed since it was last saved.
     dirty: std::sync::atomic::AtomicBool,
+    /// The highest master tree size synced from: deliveries are checked from there on.
+    seen: std::sync::atomic::AtomicU64,
 }
 
 /// Handle on a running client node; cheap to clone.
@@ -170,6 +175,8 @@ impl ClientNode {
                 .iter()
                 .map(|(addr, _)| MasterStatus { addr: addr.clone(), reachable: None, last_error: None })
                 .collect(),
+            // Writers wait for commits until a delivery fails.
+            online: true,
             ..Shared::default()
         };
         let inner = Arc::new(Inner {
@@ -187,6 +194,7 @@ impl ClientNode {
             tasks: Mutex::new(Vec::new()),
             cache_path: dir.join(CLIENT_CACHE_FILE),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            seen: std::sync::atomic::AtomicU64::new(0),
         });
         let node = ClientNode { inner };
         node.restore_cache();
@@ -292,6 +300,7 @@ impl ClientNode {
             device: self.inner.config.device.clone(),
             masters: s.masters.clone(),
             online: s.online,
+            delivery_error: s.delivery_error.clone(),
             synced: s.synced,
             prefixes: s.prefixes.clone(),
             values: self.inner.memcache.len(),

@@ -23,6 +23,7 @@ const CACHE_AAD: &[u8] = b"kalima-client-cache-v1";
 #[derive(Serialize, Deserialize)]
 struct SavedCache {
     prefixes: Vec<String>,
+    seen: u64,
     values: Vec<WireTx>,
 }
 
@@ -48,7 +49,8 @@ fn apply_events(inner: &Inner, events: Vec<Arc<CommittedTx>>) -> Vec<Arc<Committ
 
 fn apply(inner: &Inner, update: WatchUpdate, session: &mut u64) -> Result<()> {
     match update {
-        WatchUpdate::Snapshot { session: s, prefixes, values, events } => {
+        WatchUpdate::Snapshot { session: s, prefixes, values, events, head } => {
+            inner.seen.fetch_max(head, Ordering::Relaxed);
             let values = decode_all(values)?;
             let events = decode_all(events)?;
             inner.memcache.reset(values.iter());
@@ -64,7 +66,8 @@ fn apply(inner: &Inner, update: WatchUpdate, session: &mut u64) -> Result<()> {
             sh.snapshots += 1;
             metrics::counter!("kalima_client_snapshots_total").increment(1);
         }
-        WatchUpdate::Events { events } => {
+        WatchUpdate::Events { events, head } => {
+            inner.seen.fetch_max(head, Ordering::Relaxed);
             let fresh = apply_events(inner, decode_all(events)?);
             if !fresh.is_empty() {
                 inner.registry.apply(&fresh, &inner.memcache);
@@ -82,6 +85,7 @@ fn apply(inner: &Inner, update: WatchUpdate, session: &mut u64) -> Result<()> {
 pub(super) async fn run(inner: Arc<Inner>) {
     let n = inner.masters.len();
     let (mut idx, mut session, mut failed_in_row) = (0usize, 0u64, 0usize);
+    let mut last_refusal: Option<String> = None;
     loop {
         let req = Request::Watch(WatchRequest {
             device: inner.config.device.clone(),
@@ -102,9 +106,20 @@ pub(super) async fn run(inner: Arc<Inner>) {
         match failure {
             None => {
                 failed_in_row = 0;
+                last_refusal = None;
                 inner.set_master(idx, Ok(()));
             }
             Some(msg) => {
+                // A refusal (a wrong token, a revoked device) is an operator's problem: say it
+                // once, not at every retry. Unreachable masters are routine.
+                let refused = !msg.starts_with("unreachable") && !msg.starts_with("timed out");
+                if refused && last_refusal.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(target: "core::client", master = %inner.masters[idx].addr(), error = %msg, "A master refused to sync this client node.");
+                    last_refusal = Some(msg.clone());
+                }
+                if msg.starts_with("undecodable") {
+                    metrics::counter!("kalima_client_bad_updates_total").increment(1);
+                }
                 tracing::debug!(target: "core::client", master = %inner.masters[idx].addr(), error = %msg, "Sync failed; trying the next master.");
                 inner.set_master(idx, Err(msg));
                 // Sessions belong to one master: the next one starts with a snapshot.
@@ -136,6 +151,7 @@ pub(super) async fn persist(inner: Arc<Inner>) {
 pub(super) fn save_cache(inner: &Inner) -> Result<()> {
     let saved = SavedCache {
         prefixes: inner.shared.lock().prefixes.clone(),
+        seen: inner.seen.load(Ordering::Relaxed),
         values: inner.memcache.snapshot().iter().map(|c| WireTx::from_committed(c)).collect(),
     };
     let plain = postcard::to_stdvec(&saved).map_err(|e| Error::Outbox(format!("encoding the synced values: {e}")))?;
@@ -161,6 +177,7 @@ pub(super) fn load_cache(inner: &Inner) -> Result<Option<usize>> {
     let saved: SavedCache =
         postcard::from_bytes(&plain).map_err(|e| Error::Outbox(format!("{}: {e}", inner.cache_path.display())))?;
     let values = decode_all(saved.values)?;
+    inner.seen.fetch_max(saved.seen, Ordering::Relaxed);
     inner.memcache.reset(values.iter());
     inner.registry.rebuild(&inner.memcache);
     let mut sh = inner.shared.lock();

@@ -43,13 +43,14 @@ impl WireTx {
     }
 }
 
-/// What the master answers to a [`WatchRequest`].
+/// What the master answers to a [`WatchRequest`]; `head` is the master's tree size when it
+/// answered.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum WatchUpdate {
     /// A new session: every live value under `prefixes`, then the commits seen since.
-    Snapshot { session: u64, prefixes: Vec<String>, values: Vec<WireTx>, events: Vec<WireTx> },
+    Snapshot { session: u64, prefixes: Vec<String>, values: Vec<WireTx>, events: Vec<WireTx>, head: u64 },
     /// Commits under the session's prefixes since the last answer (possibly none).
-    Events { events: Vec<WireTx> },
+    Events { events: Vec<WireTx>, head: u64 },
 }
 
 /// Outbox groups to commit, each as one unit, in order.
@@ -57,6 +58,9 @@ pub(crate) enum WatchUpdate {
 pub(crate) struct ClientWrite {
     /// The groups.
     pub groups: Vec<Vec<TxContent>>,
+    /// The tree size the client has seen (its devices and grants come from there): the
+    /// master checks the groups only once it has applied that much.
+    pub seen: u64,
 }
 
 /// The fate of one group of a [`ClientWrite`].

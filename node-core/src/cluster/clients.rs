@@ -26,6 +26,8 @@ const INTERFACE: &str = "client-node";
 const MAX_EVENTS: usize = 20_000;
 /// A session nobody polled for this long is dropped (its client gets a new snapshot).
 const SESSION_IDLE: Duration = Duration::from_secs(60);
+/// Longest a delivery waits for this master to apply what the client has seen.
+const CATCH_UP: Duration = Duration::from_secs(5);
 /// Longest wait a client may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
@@ -121,7 +123,7 @@ impl ClientService {
         }
         session.last_used = Instant::now();
         self.sessions.lock().insert(req.session, session);
-        Ok(WatchUpdate::Events { events })
+        Ok(WatchUpdate::Events { events, head: self.chain.tree_size() })
     }
 
     fn snapshot(&self, peer: PeerKey, device: String, prefixes: Vec<String>) -> WatchUpdate {
@@ -144,12 +146,25 @@ impl ClientService {
         self.sessions
             .lock()
             .insert(session, Session { peer, device, prefixes: prefixes.clone(), sub, last_used: Instant::now() });
-        WatchUpdate::Snapshot { session, prefixes, values, events }
+        WatchUpdate::Snapshot { session, prefixes, values, events, head: self.chain.tree_size() }
     }
 
     /// Commits outbox groups: a group whose every write is already on the chain is reported
     /// as such; a group failing a check is refused whole; the rest go out as one proposal.
     pub(crate) async fn write(&self, req: ClientWrite) -> Result<Vec<GroupResult>, String> {
+        // The client authenticated its devices against what it synced: a device registered
+        // or granted there must be known here before the checks run.
+        let deadline = Instant::now() + CATCH_UP;
+        while self.chain.tree_size() < req.seen {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "this master is behind the client (tree size {} < {}); another master may take the delivery",
+                    self.chain.tree_size(),
+                    req.seen
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let all: Vec<_> = req.groups.iter().flatten().cloned().collect();
         let used = self.chain.idempotency_used(&all).await.map_err(|e| e.to_string())?;
         let mut results: Vec<Option<GroupResult>> = Vec::with_capacity(req.groups.len());
