@@ -56,7 +56,11 @@ pub async fn values(
 ) -> Result<Json<Values>, ApiError> {
     validate_address(&q.address).map_err(Rejection::from)?;
     auth.require_read(&q.address)?;
-    let cache = state.chain.memcache();
+    Ok(Json(current_values(state.chain.memcache(), q)?))
+}
+
+/// The answer to `GET /api/v1/values` from `cache`, once the caller may read the address.
+pub fn current_values(cache: &kalima_core::memcache::Memcache, q: ValuesQuery) -> Result<Values, ApiError> {
     let values = match &q.key {
         Some(k) => {
             validate_key(k).map_err(Rejection::from)?;
@@ -67,7 +71,7 @@ pub async fn values(
         }
         None => cache.values(&q.address).iter().map(|c| TxJson::from(c.as_ref())).collect(),
     };
-    Ok(Json(Values { sequence: cache.sequence(&q.address), address: q.address, values }))
+    Ok(Values { sequence: cache.sequence(&q.address), address: q.address, values })
 }
 
 /// `?prefix=P`

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kalima_core::client::{ClientNode, ClientStatus};
 use kalima_core::ingest::Written;
-use kalima_core::tx::{TxContent, prefix_matches, validate_address, validate_key};
+use kalima_core::tx::{TxContent, prefix_matches, validate_address};
 use kalima_core::{Ingest, Rejection};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -21,9 +21,9 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::api::error::ApiError;
 use crate::api::extract::{ApiJson, ApiQuery, Auth, bearer};
-use crate::api::model::{Accepted, TxJson, TxReceipt, TxRequest, WaitParam};
+use crate::api::model::{Accepted, TxReceipt, TxRequest, WaitParam};
 use crate::api::tx::{BatchReceipt, BatchRequest};
-use crate::api::values::{Values, ValuesQuery};
+use crate::api::values::{Values, ValuesQuery, current_values};
 use crate::config::Config;
 
 const INTERFACE: &str = "rest";
@@ -190,18 +190,7 @@ async fn values(
             synced.join(", ")
         )));
     }
-    let cache = state.node.memcache();
-    let values = match &q.key {
-        Some(k) => {
-            validate_key(k).map_err(Rejection::from)?;
-            let v = cache
-                .get(&q.address, k)
-                .ok_or_else(|| ApiError::NotFound(format!("no value at {} key {k}", q.address)))?;
-            vec![TxJson::from(v.as_ref())]
-        }
-        None => cache.values(&q.address).iter().map(|c| TxJson::from(c.as_ref())).collect(),
-    };
-    Ok(Json(Values { sequence: cache.sequence(&q.address), address: q.address, values }))
+    Ok(Json(current_values(state.node.memcache(), q)?))
 }
 
 /// The client node's masters, sync and outbox.
