@@ -175,9 +175,16 @@ async fn forward(p: &Proposer, l: NodeId, proposals: Vec<Proposal>, replies: Vec
                         // once this master has applied the blocks holding it, too.
                         let height = o.iter().flatten().flatten().map(|r| r.height).max();
                         if let Some(h) = height {
-                            let deadline = Instant::now() + FORWARD_TIMEOUT;
-                            while chain.head().block.header.height < h && Instant::now() < deadline {
-                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+                            // Subscribed before the head is read: the head moves before each
+                            // publication, so no wake-up is missed.
+                            let mut sub = chain.bus().subscribe();
+                            while chain.head().block.header.height < h {
+                                match tokio::time::timeout_at(deadline, sub.next()).await {
+                                    Ok(Ok(_)) => {}
+                                    Ok(Err(crate::bus::SubscriptionEnd::Lagged)) => sub = chain.bus().subscribe(),
+                                    Ok(Err(crate::bus::SubscriptionEnd::Closed)) | Err(_) => break,
+                                }
                             }
                         }
                         answer(replies, outcomes(o))
