@@ -91,6 +91,20 @@ impl FaultProxy {
         });
     }
 
+    /// Lets `from` through again, closing only its held connections.
+    pub fn unblock(&self, from: u64) {
+        self.blocked.lock().expect("proxy lock").remove(&from);
+        let mut conns = self.conns.lock().expect("proxy lock");
+        conns.retain(|(src, h)| {
+            if *src == from {
+                h.abort();
+                false
+            } else {
+                !h.is_finished()
+            }
+        });
+    }
+
     /// Lets every master through again.
     pub fn heal(&self) {
         self.blocked.lock().expect("proxy lock").clear();
@@ -279,7 +293,14 @@ impl TestCluster {
             {
                 return (h, hash);
             }
-            assert!(started.elapsed() < timeout, "masters did not converge within {timeout:?}: {seen:?}");
+            if started.elapsed() >= timeout {
+                let logs: Vec<String> = self
+                    .masters
+                    .iter()
+                    .filter_map(|(id, n)| n.as_ref().map(|n| format!("--- master {id}:\n{}", n.log())))
+                    .collect();
+                panic!("masters did not converge within {timeout:?}: {seen:?}\n{}", logs.join("\n"));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -688,6 +709,13 @@ impl TestCluster {
     pub fn cut_clients(&self) {
         for p in self.proxies.values() {
             p.block(CLIENT_SOURCE);
+        }
+    }
+
+    /// Restores the links of client nodes, leaving the masters' links alone.
+    pub fn reconnect_clients(&self) {
+        for p in self.proxies.values() {
+            p.unblock(CLIENT_SOURCE);
         }
     }
 }

@@ -288,7 +288,7 @@ async fn a_client_node_cut_off_keeps_writing_to_its_outbox_and_delivers_it_once_
     c.masters[&leader].as_ref().expect("leader runs").put("/load/remote", "x", serde_json::json!(42)).await;
     // Reads of the synced addresses are served from the client's memcache meanwhile.
     assert!(client.value(&edge_token, "/load/w100", "v").await.is_some(), "nothing synced before the cut");
-    c.heal();
+    c.reconnect_clients();
     let s = client.wait_delivered(Duration::from_secs(90)).await;
     assert_eq!(s["refused"].as_array().map(Vec::len), Some(0), "{s}");
 
@@ -296,7 +296,7 @@ async fn a_client_node_cut_off_keeps_writing_to_its_outbox_and_delivers_it_once_
     // the restarted client delivers the rest, and nothing twice.
     c.cut_clients();
     load_for(Duration::from_secs(3)).await;
-    c.heal();
+    c.reconnect_clients();
     tokio::time::sleep(Duration::from_millis(300)).await;
     client.kill9();
     client.restart().await;
