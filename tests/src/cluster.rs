@@ -80,22 +80,18 @@ impl FaultProxy {
     /// Drops every link from `from` (existing ones are cut; new ones open but carry nothing).
     pub fn block(&self, from: u64) {
         self.blocked.lock().expect("proxy lock").insert(from);
-        let mut conns = self.conns.lock().expect("proxy lock");
-        conns.retain(|(src, h)| {
-            if *src == from {
-                h.abort();
-                false
-            } else {
-                !h.is_finished()
-            }
-        });
+        self.close_from(from);
     }
 
-    /// Lets `from` through again, closing only its held connections.
+    /// Lets `from` through again, closing only its held connections so it reconnects.
     pub fn unblock(&self, from: u64) {
         self.blocked.lock().expect("proxy lock").remove(&from);
-        let mut conns = self.conns.lock().expect("proxy lock");
-        conns.retain(|(src, h)| {
+        self.close_from(from);
+    }
+
+    /// Closes the relayed connections from `from` (and forgets finished ones).
+    fn close_from(&self, from: u64) {
+        self.conns.lock().expect("proxy lock").retain(|(src, h)| {
             if *src == from {
                 h.abort();
                 false
