@@ -145,6 +145,9 @@ pub enum Rejection {
     /// The write queue is full; retry later.
     #[error("the node is overloaded; retry later")]
     Overloaded,
+    /// The KLX ledger refused the instruction.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 impl Rejection {
@@ -170,6 +173,7 @@ impl Rejection {
             Rejection::NoSuchDevice(_) => "no_such_device",
             Rejection::BatchSize { .. } => "batch_size",
             Rejection::Overloaded => "overloaded",
+            Rejection::Ledger(e) => e.code(),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod error;
 pub mod ingest;
 pub mod keys;
+pub mod ledger;
 pub mod memcache;
 pub mod merkle;
 pub mod registry;

@@ -19,10 +19,14 @@ pub fn token(id: &str) -> String {
 }
 
 fn device_record(id: &str, admin: bool, revoked: bool) -> TxContent {
+    device_record_with_key(id, admin, revoked, None)
+}
+
+fn device_record_with_key(id: &str, admin: bool, revoked: bool, key: Option<&NodeKey>) -> TxContent {
     let record = DeviceRecord {
         token_sha256: token_digest(&token(id)),
-        public_key: None,
-        require_signature: false,
+        public_key: key.map(NodeKey::public_hex),
+        require_signature: key.is_some(),
         admin,
         revoked,
     };
@@ -56,21 +60,35 @@ pub struct TestChain {
     pub ingest: Ingest,
     _task: tokio::task::JoinHandle<crate::Result<()>>,
     dir: tempfile::TempDir,
+    keys: Arc<DataKeys>,
 }
 
 impl TestChain {
     /// Opens a chain named `name` whose genesis registers the admin device.
     pub async fn start(name: &str) -> TestChain {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::open(name, tempfile::tempdir().expect("temp dir"), Arc::new(DataKeys::ephemeral())).await
+    }
+
+    async fn open(name: &str, dir: tempfile::TempDir, keys: Arc<DataKeys>) -> TestChain {
         let url = format!("sqlite://{}/kalima.db", dir.path().display());
-        let store = Store::connect(&url, Arc::new(DataKeys::ephemeral())).await.expect("open SQLite store");
+        let store = Store::connect(&url, keys.clone()).await.expect("open SQLite store");
         let config = ChainConfig { chain: name.into(), checkpoint_interval: None, ..Default::default() };
         let (chain, task) =
             Chain::open(store, NodeKey::from_seed([7; 32]), config, vec![device_record(ADMIN_ID, true, false)])
                 .await
                 .expect("open chain");
         let ingest = Ingest::new(chain.clone(), crate::tx::MAX_BODY);
-        TestChain { chain, ingest, _task: task, dir }
+        TestChain { chain, ingest, _task: task, dir, keys }
+    }
+
+    /// Stops the chain cleanly and opens it again from its store (a node restart).
+    pub async fn reopen(self) -> TestChain {
+        let name = self.chain.config().chain.clone();
+        self.chain.shutdown();
+        let finished = self._task.await.expect("the chain task panicked");
+        finished.expect("the chain task failed");
+        self.chain.store().close().await;
+        Self::open(&name, self.dir, self.keys).await
     }
 
     /// The test's private directory (the database lives there).
@@ -84,6 +102,21 @@ impl TestChain {
         items.extend(grants.iter().map(|(p, r, w)| grant_tx(id, p, *r, *w)));
         self.chain.submit(items, Some(Guard::DeviceAbsent(id.into()))).await.expect("register device");
         self.device(id)
+    }
+
+    /// Registers device `id` with a fresh Ed25519 key it must sign with, and returns the key.
+    pub async fn register_signing(&self, id: &str) -> NodeKey {
+        let key = NodeKey::generate();
+        self.chain
+            .submit(vec![device_record_with_key(id, false, false, Some(&key))], Some(Guard::DeviceAbsent(id.into())))
+            .await
+            .expect("register signing device");
+        key
+    }
+
+    /// Submits one ledger instruction, as the ledger API does.
+    pub async fn ledger(&self, instruction: TxContent) -> crate::Result<Vec<crate::Receipt>> {
+        self.chain.submit(vec![instruction], Some(Guard::Ledger)).await
     }
 
     /// Sets (or, with both false, removes) a grant of a registered device.

@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use kalima_core::ledger::LedgerError;
 use kalima_core::merkle::MerkleError;
 use kalima_core::{Error, Rejection};
 use serde::Serialize;
@@ -95,6 +96,24 @@ pub fn rejection_status(r: &Rejection) -> StatusCode {
         | Rejection::BadSignature(_)
         | Rejection::SignatureRequired(_)
         | Rejection::BatchSize { .. } => StatusCode::BAD_REQUEST,
+        Rejection::Ledger(e) => ledger_status(e),
+    }
+}
+
+/// HTTP status of each ledger refusal.
+pub fn ledger_status(e: &LedgerError) -> StatusCode {
+    match e {
+        LedgerError::Invalid(_) | LedgerError::BadAccountSignature(_) => StatusCode::BAD_REQUEST,
+        LedgerError::NotRelayer { .. } | LedgerError::AdminOnly => StatusCode::FORBIDDEN,
+        LedgerError::UnknownBridge(_) | LedgerError::UnknownWithdrawal(_) => StatusCode::NOT_FOUND,
+        LedgerError::BadNonce { .. }
+        | LedgerError::AlreadyMinted { .. }
+        | LedgerError::AlreadyAttested { .. }
+        | LedgerError::Halted { .. } => StatusCode::CONFLICT,
+        LedgerError::InsufficientFunds { .. }
+        | LedgerError::SupplyCap { .. }
+        | LedgerError::OutOfWindow { .. }
+        | LedgerError::OverCap { .. } => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 

@@ -13,6 +13,7 @@ use super::idempotency::used_keys;
 use super::{Error, Guard, Inner, Receipt};
 use crate::block::{BlockHeader, MAX_BLOCK_TX_BYTES};
 use crate::error::{Rejection, Result};
+use crate::ledger::{LedgerContext, Overlay};
 use crate::merkle::{Frontier, Hash, leaf_hash};
 use crate::registry::{DEVICES_ADDRESS, NODE_DEVICE_ID, is_system_address};
 use crate::store::{BlockRecord, CommittedTx, PendingTx};
@@ -91,13 +92,29 @@ impl Applier {
         // duplicate that reached the unique index would fail the whole group commit.
         let used = used_keys(&inner, batch.proposals.iter().flat_map(|s| s.items.iter())).await?;
 
+        let mut ledger = Overlay::default();
         for sub in &batch.proposals {
             if let Err(rej) = self.check_proposal(sub, &used, &new_idem, &new_devices) {
                 outcomes.push(Err(rej));
                 continue;
             }
+            let expanded;
+            let items: &[TxContent] = if matches!(sub.guard, Some(Guard::Ledger)) {
+                match self.expand_ledger(sub, timestamp_ms, &mut ledger) {
+                    Ok(v) => {
+                        expanded = v;
+                        &expanded
+                    }
+                    Err(rej) => {
+                        outcomes.push(Err(rej));
+                        continue;
+                    }
+                }
+            } else {
+                &sub.items
+            };
             let start = building.len();
-            for c in &sub.items {
+            for c in items {
                 if !c.idempotency_key.is_empty() {
                     new_idem.insert((c.device_id.clone(), c.idempotency_key.clone()));
                 }
@@ -264,6 +281,26 @@ impl Applier {
         metrics::histogram!("kalima_commit_batch_transactions").record(committed.len() as f64);
         metrics::gauge!("kalima_block_height").set(height as f64);
         Ok(committed)
+    }
+
+    /// A ledger instruction followed by the records it changes, checked against the ledger
+    /// as of this point of the batch.
+    fn expand_ledger(
+        &self,
+        sub: &Proposal,
+        timestamp_ms: i64,
+        overlay: &mut Overlay,
+    ) -> std::result::Result<Vec<TxContent>, Rejection> {
+        let [instr] = sub.items.as_slice() else {
+            return Err(Rejection::Malformed("a ledger proposal holds exactly one instruction".into()));
+        };
+        let ctx = LedgerContext {
+            chain: &self.inner.config.chain,
+            timestamp_ms,
+            registry: &self.inner.registry,
+            cache: &self.inner.memcache,
+        };
+        crate::ledger::expand(instr, &ctx, overlay)
     }
 
     /// Checks that must be atomic with the write: idempotency and registry guards.

@@ -93,6 +93,9 @@ pub enum Guard {
     DeviceAbsent(String),
     /// The device id must be registered (grants, revocation).
     DevicePresent(String),
+    /// The single item is a KLX ledger instruction: the applier checks it against the
+    /// ledger and appends the records it changes.
+    Ledger,
 }
 
 /// A proposal waiting for the sequencer, with the writer to answer.

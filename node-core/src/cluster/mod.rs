@@ -96,6 +96,8 @@ pub enum WireRejection {
     NoSuchDevice(String),
     /// Anything else, as its message.
     Other(String),
+    /// See [`Rejection::Ledger`].
+    Ledger(crate::ledger::LedgerError),
 }
 
 impl From<Rejection> for WireRejection {
@@ -108,6 +110,7 @@ impl From<Rejection> for WireRejection {
             Rejection::Forbidden { device, address, .. } => WireRejection::Forbidden { device, address },
             Rejection::DeviceExists(d) => WireRejection::DeviceExists(d),
             Rejection::NoSuchDevice(d) => WireRejection::NoSuchDevice(d),
+            Rejection::Ledger(e) => WireRejection::Ledger(e),
             other => WireRejection::Other(other.to_string()),
         }
     }
@@ -124,6 +127,7 @@ impl From<WireRejection> for Rejection {
             WireRejection::DeviceExists(d) => Rejection::DeviceExists(d),
             WireRejection::NoSuchDevice(d) => Rejection::NoSuchDevice(d),
             WireRejection::Other(m) => Rejection::Malformed(m),
+            WireRejection::Ledger(e) => Rejection::Ledger(e),
         }
     }
 }

@@ -17,6 +17,7 @@ mod chain;
 mod encryption;
 mod immutability;
 mod ingest;
+mod ledger;
 mod link;
 mod outbox;
 mod proofs;

@@ -1,0 +1,4 @@
+//! Integration tests of the Ethereum bridge, against real anvil nodes.
+
+mod contracts;
+mod relayer;
