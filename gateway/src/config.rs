@@ -38,6 +38,8 @@ pub struct Config {
     pub cluster: crate::cluster::ClusterSection,
     /// A client node's device and delivery settings (`[cluster] role = "client"`).
     pub client: crate::client::ClientSection,
+    /// The relayer of the Ethereum/Polygon bridge run by this node.
+    pub bridge: kalima_bridge_ethereum::BridgeSection,
 }
 
 /// `[node]`
@@ -152,8 +154,8 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 10] =
-            ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster", "client"];
+        const SECTIONS: [&str; 11] =
+            ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster", "client", "bridge"];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
                 for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
@@ -172,6 +174,7 @@ impl Config {
             lorawan: section(&fig, "lorawan", &mut errs),
             cluster: section(&fig, "cluster", &mut errs),
             client: section(&fig, "client", &mut errs),
+            bridge: section(&fig, "bridge", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -212,6 +215,10 @@ impl Config {
         errs.extend(self.mqtt.validate());
         errs.extend(self.modbus.validate());
         errs.extend(self.lorawan.validate());
+        errs.extend(self.bridge.validate());
+        if self.cluster.role == crate::cluster::Role::Client && self.bridge.relayer_device.is_some() {
+            errs.push("[bridge] relayer_device: a client node cannot run a relayer; run it on a master".into());
+        }
         if self.api.request_timeout_secs == 0 {
             errs.push("[api] request_timeout_secs must be at least 1".into());
         }

@@ -11,4 +11,5 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod klx_cli;
 pub mod node;

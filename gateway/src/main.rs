@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kalima_core::keys::{DATA_KEYS_FILE, DataKeys};
 use kalima_gateway::config::{self, Config};
-use kalima_gateway::{bench, demo, node};
+use kalima_gateway::{bench, demo, klx_cli, node};
 
 /// Kalima node: collects, protects and serves industrial IoT data on a permissioned chain.
 #[derive(Debug, Parser)]
@@ -78,6 +78,16 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Native KLX: account keys, balances, and transfers and withdrawals signed on this machine.
+    Klx {
+        #[command(subcommand)]
+        action: klx_cli::KlxCommand,
+    },
+    /// Bridge contracts on an EVM node (development, e.g. a local anvil): deploy, mint, deposit.
+    Bridge {
+        #[command(subcommand)]
+        action: klx_cli::BridgeCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +102,13 @@ enum KeysAction {
     /// Print this node's link public key (creating `link.key` if missing): what masters
     /// list in `[cluster] clients` (for a client node) or `[[cluster.masters]] link_key`.
     Link {
+        /// Data directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print this node's relayer identity (creating its keys if missing): the device and
+    /// public key to register, and the Ethereum address to list in the bridge.
+    Relayer {
         /// Data directory.
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -236,6 +253,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", key.public_hex());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys { action: KeysAction::Relayer { dir } } => klx_cli::relayer_keys(&config::data_dir(dir)),
+        Command::Klx { action } => klx_cli::run_klx(action).await,
+        Command::Bridge { action } => klx_cli::run_bridge(action).await,
         Command::Bench { what } => bench::run(what).await.map(|_| ExitCode::SUCCESS),
         Command::Openapi => {
             print!("{}", kalima_gateway::api::openapi_json());

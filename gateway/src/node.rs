@@ -145,6 +145,7 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     adapters: Adapters,
     cluster: Option<Arc<Cluster>>,
+    relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
 }
 
 /// Listeners of the API and the field protocols, bound before any state is touched so a
@@ -251,6 +252,9 @@ impl Running {
         let _ = self.stop.send(true);
         // Field devices stop first so no reading is queued behind the final commit.
         self.adapters.shutdown();
+        if let Some(r) = &self.relayer {
+            r.shutdown().await;
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -343,6 +347,11 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     let adapters = Adapters::start(dir, &config, &state.ingest, &mut listeners)?;
     state.modbus = adapters.modbus.clone();
     state.lorawan = adapters.lorawan.clone();
+    // Bridges start after the chain, like adapters: they write through it.
+    let relayer = kalima_bridge_ethereum::Relayer::start(chain.clone(), &config.bridge, dir)
+        .context("starting the bridge relayer")?
+        .map(Arc::new);
+    state.relayer = relayer.clone();
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);
@@ -354,7 +363,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster, relayer })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

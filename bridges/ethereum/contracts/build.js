@@ -16,7 +16,13 @@ const path = require('path');
 // The committed artifacts are only reproducible with exactly these inputs.
 const SOLC_VERSION = '0.8.37';
 const OPENZEPPELIN_VERSION = '5.7.0';
-const CONTRACTS = ['KlxToken', 'KlxBridge'];
+// Source unit (relative to this directory) -> contract name; the artifact path mirrors the
+// source path under out/. test/ holds contracts that exist only to exercise the bridge.
+const CONTRACTS = [
+  ['KlxToken.sol', 'KlxToken'],
+  ['KlxBridge.sol', 'KlxBridge'],
+  ['test/FeeOnTransferToken.sol', 'FeeOnTransferToken'],
+];
 const REBUILD = 'node bridges/ethereum/contracts/build.js';
 
 const contractsDir = __dirname;
@@ -75,8 +81,8 @@ function findImport(unitName) {
 
 function compile(solc) {
   const sources = {};
-  for (const name of CONTRACTS) {
-    sources[`${name}.sol`] = { content: fs.readFileSync(path.join(contractsDir, `${name}.sol`), 'utf8') };
+  for (const [unit] of CONTRACTS) {
+    sources[unit] = { content: fs.readFileSync(path.join(contractsDir, unit), 'utf8') };
   }
   const input = {
     language: 'Solidity',
@@ -100,16 +106,16 @@ function compile(solc) {
   }
 
   const artifacts = {};
-  for (const name of CONTRACTS) {
-    const c = output.contracts && output.contracts[`${name}.sol`] && output.contracts[`${name}.sol`][name];
-    if (!c) fail(2, `solc produced no output for ${name}`);
+  for (const [unit, name] of CONTRACTS) {
+    const c = output.contracts && output.contracts[unit] && output.contracts[unit][name];
+    if (!c) fail(2, `solc produced no output for ${name} in ${unit}`);
     const artifact = {
       contractName: name,
       abi: c.abi,
       bytecode: '0x' + c.evm.bytecode.object,
       deployedBytecode: '0x' + c.evm.deployedBytecode.object,
     };
-    artifacts[path.join(outDir, `${name}.json`)] = JSON.stringify(artifact, null, 2) + '\n';
+    artifacts[path.join(outDir, path.dirname(unit), `${name}.json`)] = JSON.stringify(artifact, null, 2) + '\n';
   }
   return artifacts;
 }
@@ -137,8 +143,8 @@ function main() {
     }
     return;
   }
-  fs.mkdirSync(outDir, { recursive: true });
   for (const [file, text] of Object.entries(artifacts)) {
+    fs.mkdirSync(path.dirname(file), { recursive: true });
     fs.writeFileSync(file, text);
     process.stdout.write(`wrote ${path.relative(process.cwd(), file)}\n`);
   }

@@ -86,7 +86,7 @@ impl TestChain {
             .try_spawn()
             .unwrap_or_else(|e| panic!("could not start {}: {e:#}; run {INSTALL_HINT}", path.display()));
         let deployer = PrivateKeySigner::from(anvil.first_key().clone());
-        let provider = ProviderBuilder::new().wallet(deployer).connect_http(anvil.endpoint_url()).erased();
+        let provider = connect(&anvil.endpoint_url(), chain_id, deployer);
         Self { anvil, provider }
     }
 
@@ -117,7 +117,7 @@ impl TestChain {
 
     /// A provider that signs transactions with `signer`.
     pub fn provider_for(&self, signer: &PrivateKeySigner) -> DynProvider {
-        ProviderBuilder::new().wallet(signer.clone()).connect_http(self.endpoint()).erased()
+        connect(&self.endpoint(), self.chain_id(), signer.clone())
     }
 
     /// A provider that signs with dev account 0, the deployer.
@@ -197,4 +197,20 @@ impl TestChain {
     async fn rpc(&self, method: &'static str, params: Value) -> TransportResult<Value> {
         self.provider.raw_request(Cow::Borrowed(method), params).await
     }
+}
+
+/// A provider that signs with `signer` and asks the node for the nonce on every transaction.
+///
+/// The default cached nonce manager reserves a nonce before gas estimation; when estimation
+/// fails (every revert a test provokes) the reserved nonce is never used, the next
+/// transaction waits behind the gap forever and `get_receipt` hangs.
+fn connect(url: &Url, chain_id: u64, signer: PrivateKeySigner) -> DynProvider {
+    ProviderBuilder::new()
+        .disable_recommended_fillers()
+        .with_gas_estimation()
+        .with_simple_nonce_management()
+        .with_chain_id(chain_id)
+        .wallet(signer)
+        .connect_http(url.clone())
+        .erased()
 }

@@ -89,11 +89,11 @@ impl BridgeSection {
             return errors;
         }
         if self.chains.is_empty() {
-            errors.push("bridge.chains: a relayer needs at least one chain".into());
+            errors.push("[bridge] chains: a relayer needs at least one chain".into());
         }
         let mut names = std::collections::HashSet::new();
         for (i, c) in self.chains.iter().enumerate() {
-            let at = format!("bridge.chains[{i}]");
+            let at = format!("[bridge] chains[{i}]");
             if kalima_core::ledger::validate_bridge_name(&c.name).is_err() {
                 errors.push(format!("{at}.name: {:?} must be 1..=32 of a-z, 0-9, '-'", c.name));
             }

@@ -3,23 +3,32 @@
 //! the EIP-712 digest the relayers sign, signing it, checking a signature exactly as the
 //! contract will, and ordering signatures the way `release` requires.
 
-use alloy::primitives::{Address, B256, Bytes, Signature, SignatureError, U256};
+use alloy::primitives::{Address, B256, Bytes, Signature, SignatureError, U256, uint};
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use alloy::sol_types::{SolStruct, eip712_domain};
 
-sol!(
-    #[sol(rpc, all_derives)]
-    KlxBridge,
-    "contracts/out/KlxBridge.json"
-);
+mod bindings {
+    // The generated deploy helpers take the provider plus every constructor argument, which
+    // is as many arguments as the contract's constructor has; that is not ours to shorten.
+    #![allow(clippy::too_many_arguments)]
 
-sol!(
-    #[sol(rpc, all_derives)]
-    KlxToken,
-    "contracts/out/KlxToken.json"
-);
+    alloy::sol!(
+        #[sol(rpc, all_derives)]
+        KlxBridge,
+        "contracts/out/KlxBridge.json"
+    );
+
+    alloy::sol!(
+        #[sol(rpc, all_derives)]
+        KlxToken,
+        "contracts/out/KlxToken.json"
+    );
+}
+
+/// Bindings of the bridge and of the test token, with their bytecode for deployment.
+pub use bindings::{KlxBridge, KlxToken};
 
 sol! {
     /// The typed message relayers sign to authorise a release; it must stay identical to
@@ -41,10 +50,7 @@ pub const DOMAIN_VERSION: &str = "1";
 
 /// Half the secp256k1 group order; the contract (through OpenZeppelin's ECDSA) rejects any
 /// `s` above it so that a signature has exactly one valid encoding.
-const SECP256K1_HALF_ORDER: U256 = U256::from_be_bytes([
-    0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x5d, 0x57, 0x6e,
-    0x73, 0x57, 0xa4, 0x50, 0x1d, 0xdf, 0xe9, 0x2f, 0x46, 0x68, 0x1b, 0x20, 0xa0,
-]);
+const SECP256K1_HALF_ORDER: U256 = uint!(0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0_U256);
 
 /// Errors from signing or checking release signatures.
 #[derive(Debug, thiserror::Error)]

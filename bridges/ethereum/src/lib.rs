@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod contracts;
+pub mod devtools;
 pub mod error;
 pub mod identity;
 pub mod reconcile;
@@ -24,7 +25,7 @@ pub use config::{BridgeSection, ChainSettings};
 pub use error::{Error, Result};
 pub use identity::Identity;
 pub use reconcile::{Conservation, Reconciler};
-pub use worker::{ChainStatus, ChainWorker, StatusBoard};
+pub use worker::{ChainStatus, ChainWorker, FoundDeposit, StatusBoard, deposits_in_tx};
 
 /// A running relayer: one worker per chain and the conservation check.
 pub struct Relayer {
@@ -35,7 +36,9 @@ pub struct Relayer {
     /// The last conservation check.
     pub conservation: Arc<RwLock<Conservation>>,
     stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+    /// The chains this relayer serves, as configured.
+    pub chains: Vec<ChainSettings>,
 }
 
 impl Relayer {
@@ -70,20 +73,28 @@ impl Relayer {
         )?;
         tasks.push(tokio::spawn(reconciler.run(rx)));
         tracing::info!(target: "bridge::ethereum", device = %identity.device, eth = %identity.eth.address(), chains = section.chains.len(), "Relayer started.");
-        Ok(Relayer { identity, status, conservation, stop, tasks })
+        Ok(Relayer {
+            identity,
+            status,
+            conservation,
+            stop,
+            tasks: parking_lot::Mutex::new(tasks),
+            chains: section.chains.clone(),
+        })
     }
 
     /// Stops every task and waits for them.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for t in tasks {
             let _ = t.await;
         }
     }
 
     /// Stops every task at once, as a crash would (tests).
-    pub fn abort(self) {
-        for t in self.tasks {
+    pub fn abort(&self) {
+        for t in self.tasks.lock().drain(..) {
             t.abort();
         }
     }

@@ -61,6 +61,7 @@ impl Reconciler {
             let token = s.token.parse().map_err(|e| Error::Config(format!("bridge {}: token: {e}", s.name)))?;
             v.push((s.clone(), ProviderBuilder::new().connect_http(url).erased(), bridge, token));
         }
+        metrics::counter!("kalima_bridge_conservation_breaches_total").increment(0);
         Ok(Self { chain, identity, chains: v, interval, last })
     }
 

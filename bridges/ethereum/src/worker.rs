@@ -113,6 +113,18 @@ impl ChainWorker {
             .parse()
             .map_err(|e| Error::Config(format!("bridge {}: token address: {e}", settings.name)))?;
         let provider = ProviderBuilder::new().wallet(identity.eth.clone()).connect_http(url).erased();
+        // Series exist from the start, so dashboards and alerts see zeros, not gaps.
+        let chain_label = settings.name.clone();
+        for name in [
+            "kalima_bridge_deposits_attested_total",
+            "kalima_bridge_release_signatures_total",
+            "kalima_bridge_round_errors_total",
+            "kalima_bridge_halts_total",
+            "kalima_bridge_bad_signatures_total",
+        ] {
+            metrics::counter!(name, "chain" => chain_label.clone()).increment(0);
+        }
+        metrics::gauge!("kalima_bridge_halted", "chain" => chain_label).set(0.0);
         status.write().insert(
             settings.name.clone(),
             ChainStatus { name: settings.name.clone(), chain_id: settings.chain_id, ..Default::default() },
@@ -144,11 +156,17 @@ impl ChainWorker {
                     interval
                 }
                 Err(e) => {
-                    failures = failures.saturating_add(1);
                     metrics::counter!("kalima_bridge_round_errors_total", "chain" => name.clone()).increment(1);
                     tracing::warn!(target: "bridge::ethereum", chain = %name, error = %format!("{e:#}"), "Relayer round failed.");
-                    // Back off on a failing RPC node, up to a minute.
-                    (interval * 2u32.saturating_pow(failures.min(5))).min(Duration::from_secs(60))
+                    if matches!(e, Error::Rpc { .. }) {
+                        // Back off on a failing RPC node, up to a minute.
+                        failures = failures.saturating_add(1);
+                        (interval * 2u32.saturating_pow(failures.min(5))).min(Duration::from_secs(60))
+                    } else {
+                        // Configuration being completed (device, bridge): look again soon.
+                        failures = 0;
+                        interval
+                    }
                 }
             };
             if let Some(s) = self.status.write().get_mut(&name) {
@@ -609,4 +627,59 @@ pub(crate) async fn locked_at(
 ) -> Result<U256> {
     let token = crate::contracts::KlxToken::new(token, provider.clone());
     token.balanceOf(bridge).block(BlockId::number(block)).call().await.map_err(|e| Error::rpc(chain, e))
+}
+
+/// A deposit found in a source transaction, and whether it is final yet.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FoundDeposit {
+    /// The deposit as the relayers will attest it.
+    pub deposit: Deposit,
+    /// True once its block is at or below the final block.
+    pub finalized: bool,
+    /// The last final block now.
+    pub safe_block: u64,
+}
+
+/// The deposits of the bridge in transaction `tx_hash`, read from the chain's RPC node
+/// (empty when the transaction holds none or is unknown).
+pub async fn deposits_in_tx(settings: &ChainSettings, tx_hash: &str) -> Result<Vec<FoundDeposit>> {
+    let name = &settings.name;
+    let hash: B256 =
+        tx_hash.parse().map_err(|_| Error::Config(format!("{tx_hash:?} is not a transaction hash (0x + 64 hex)")))?;
+    let url = settings.rpc_url.parse().map_err(|e| Error::Config(format!("bridge {name}: rpc_url: {e}")))?;
+    let bridge: Address = settings.bridge.parse().map_err(|e| Error::Config(format!("bridge {name}: bridge: {e}")))?;
+    let token: Address = settings.token.parse().map_err(|e| Error::Config(format!("bridge {name}: token: {e}")))?;
+    let provider = ProviderBuilder::new().connect_http(url).erased();
+    let Some(receipt) = provider.get_transaction_receipt(hash).await.map_err(|e| Error::rpc(name, e))? else {
+        return Ok(Vec::new());
+    };
+    let safe = safe_head(&provider, settings).await?;
+    let mut found = Vec::new();
+    for log in receipt.inner.logs() {
+        if log.address() != bridge || log.topic0() != Some(&KlxBridge::Deposit::SIGNATURE_HASH) || log.removed {
+            continue;
+        }
+        let Ok(decoded) = log.log_decode::<KlxBridge::Deposit>() else { continue };
+        let e = decoded.inner.data;
+        let (Some(block_number), Some(log_index)) = (log.block_number, log.log_index) else { continue };
+        if e.token != token {
+            continue;
+        }
+        let Ok(amount) = u128::try_from(e.amount) else { continue };
+        found.push(FoundDeposit {
+            deposit: Deposit {
+                nonce: e.nonce,
+                tx_hash: format!("{hash:#x}"),
+                log_index,
+                block_number,
+                from: format!("{:#x}", e.from),
+                recipient: hex::encode(e.mainchainRecipient),
+                amount,
+                token: format!("{:#x}", e.token),
+            },
+            finalized: block_number <= safe,
+            safe_block: safe,
+        });
+    }
+    Ok(found)
 }

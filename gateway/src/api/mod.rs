@@ -2,12 +2,14 @@
 //! compatibility surface, operations endpoints, the OpenAPI document and Swagger UI.
 
 pub mod adapters;
+pub mod bridge;
 pub mod chain;
 pub mod cluster;
 pub mod compat;
 pub mod devices;
 pub mod error;
 pub mod extract;
+pub mod klx;
 pub mod model;
 pub mod ops;
 pub mod stream;
@@ -53,6 +55,8 @@ pub struct AppState {
     pub lorawan: Option<Arc<kalima_adapter_lorawan::LorawanAdapter>>,
     /// The cluster, when this node is a master.
     pub cluster: Option<Arc<kalima_core::cluster::Cluster>>,
+    /// The bridge relayer, when `[bridge] relayer_device` is set.
+    pub relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
 }
 
 impl AppState {
@@ -69,6 +73,7 @@ impl AppState {
             modbus: None,
             lorawan: None,
             cluster: None,
+            relayer: None,
         }
     }
 }
@@ -137,6 +142,21 @@ fn describe_metrics() {
         "kalima_adapter_devices",
         "Field devices by adapter and state (connecting, ok, failing, unauthorized)"
     );
+    describe_counter!("kalima_bridge_deposits_attested_total", "Bridge deposits this relayer attested, by chain");
+    describe_counter!("kalima_bridge_release_signatures_total", "Release signatures this relayer made, by chain");
+    describe_counter!("kalima_bridge_releases_sent_total", "Release transactions sent, by chain and outcome");
+    describe_counter!("kalima_bridge_round_errors_total", "Relayer rounds that failed (RPC, configuration), by chain");
+    describe_counter!("kalima_bridge_halts_total", "Halts this relayer issued, by chain");
+    describe_counter!("kalima_bridge_bad_signatures_total", "Release signatures that do not recover to their relayer");
+    describe_counter!(
+        "kalima_bridge_logs_ignored_total",
+        "Bridge logs ignored, by chain and reason (emitter, token, ...)"
+    );
+    describe_counter!("kalima_bridge_conservation_breaches_total", "Conservation checks that found a breach");
+    describe_gauge!("kalima_bridge_halted", "1 while a bridge is halted, by chain");
+    describe_gauge!("kalima_bridge_safe_block", "Last block the relayer treats as final, by chain");
+    describe_gauge!("kalima_bridge_locked_klx", "KLX locked in a bridge contract at its final block, by chain");
+    describe_gauge!("kalima_klx_circulating", "Native KLX in circulation (minted - burned)");
     for name in [
         "kalima_tx_committed_total",
         "kalima_blocks_committed_total",
@@ -228,6 +248,9 @@ impl utoipa::Modify for SecurityAddon {
         devices::register, devices::list, devices::show, devices::revoke, devices::grant, devices::remove_grant,
         adapters::modbus_devices, adapters::modbus_setpoint, adapters::lorawan_status,
         cluster::status, cluster::add_member, cluster::remove_member,
+        klx::account, klx::supply, klx::transfer,
+        bridge::chains, bridge::configure, bridge::resume, bridge::deposits_by_tx, bridge::deposit,
+        bridge::withdraw, bridge::withdrawal, bridge::status,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
     modifiers(&SecurityAddon, &CommonResponses),
@@ -239,6 +262,8 @@ impl utoipa::Modify for SecurityAddon {
         (name = "devices", description = "Devices, tokens and grants (admin)"),
         (name = "adapters", description = "Field adapters: device status and set-points"),
         (name = "cluster", description = "Master cluster: membership, leader, Raft and chain positions (admin)"),
+        (name = "klx", description = "Native KLX: accounts, supply, holder-signed transfers"),
+        (name = "bridge", description = "Ethereum/Polygon bridge: deposits, withdrawals, totals, relayer status"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -261,6 +286,8 @@ pub fn api_router() -> Router<AppState> {
         .merge(devices::router())
         .merge(adapters::router())
         .merge(cluster::router())
+        .merge(klx::router())
+        .merge(bridge::router())
 }
 
 /// The whole HTTP application.

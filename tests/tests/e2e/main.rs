@@ -5,6 +5,7 @@
 
 #![allow(unreachable_pub)]
 
+mod bridge;
 mod cluster;
 mod conformance;
 mod demo;

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use alloy::contract::{Error as ContractCallError, SolCallBuilder};
 use alloy::primitives::{Address, B256, Bytes, U256};
@@ -13,12 +14,19 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 use kalima_bridge_ethereum::anvil::{BridgeConfig, TestChain};
 use kalima_bridge_ethereum::contracts::KlxBridge::{self, KlxBridgeErrors, KlxBridgeInstance};
-use kalima_bridge_ethereum::contracts::KlxToken::KlxTokenInstance;
+use kalima_bridge_ethereum::contracts::KlxToken::{self, KlxTokenErrors, KlxTokenInstance};
 use kalima_bridge_ethereum::contracts::{recover_signer, release_digest, sign_release, sort_signatures};
+
+alloy::sol!(
+    #[sol(rpc)]
+    FeeOnTransferToken,
+    "contracts/out/test/FeeOnTransferToken.json"
+);
 
 const CHAIN_ID: u64 = 31_337;
 const WINDOW_SECONDS: u64 = 3_600;
 const THRESHOLD: u64 = 2;
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn klx(whole: u64) -> U256 {
     U256::from(whole) * U256::from(10u64).pow(U256::from(18u64))
@@ -167,7 +175,13 @@ impl Fixture {
 
 /// Sends a call and waits for its receipt; a revert surfaces as the error of gas estimation.
 async fn send<C: SolCall>(call: SolCallBuilder<&DynProvider, C>) -> Result<TransactionReceipt, ContractCallError> {
-    let receipt = call.send().await?.get_receipt().await.expect("receipt of a sent transaction");
+    let pending = call.send().await?;
+    // anvil mines on submission, so a receipt that takes long means the transaction is stuck
+    // (a nonce gap, say); fail instead of hanging the test run.
+    let receipt = tokio::time::timeout(RECEIPT_TIMEOUT, pending.get_receipt())
+        .await
+        .expect("no receipt within the timeout; is the transaction stuck behind a nonce gap?")
+        .expect("receipt of a sent transaction");
     assert!(receipt.status(), "transaction mined but failed: {receipt:?}");
     Ok(receipt)
 }
@@ -212,8 +226,18 @@ fn artifact_check_detects_a_changed_source() {
     let contracts = workspace_root().join("bridges/ethereum/contracts");
     let tmp = tempfile::tempdir().expect("tempdir");
     let copy = tmp.path().join("contracts");
-    std::fs::create_dir_all(copy.join("out")).expect("mkdir out");
-    for name in ["build.js", "KlxToken.sol", "KlxBridge.sol", "out/KlxToken.json", "out/KlxBridge.json"] {
+    for dir in ["test", "out/test"] {
+        std::fs::create_dir_all(copy.join(dir)).expect("mkdir");
+    }
+    for name in [
+        "build.js",
+        "KlxToken.sol",
+        "KlxBridge.sol",
+        "test/FeeOnTransferToken.sol",
+        "out/KlxToken.json",
+        "out/KlxBridge.json",
+        "out/test/FeeOnTransferToken.json",
+    ] {
         std::fs::copy(contracts.join(name), copy.join(name)).expect("copy contracts");
     }
 
@@ -243,12 +267,57 @@ async fn token_is_capped_klx() {
     assert_eq!(f.token.decimals().call().await.expect("decimals"), 18);
     assert_eq!(f.token.cap().call().await.expect("cap"), klx(480_000_000_000));
     let supply = f.token.totalSupply().call().await.expect("totalSupply");
-    let err = send(f.token.mint(f.user.address(), klx(480_000_000_000) - supply + U256::from(1u8)))
-        .await
-        .expect_err("mint above the cap");
-    assert!(err.to_string().contains("revert"), "{err:#}");
+    let cap = klx(480_000_000_000);
+    let over = cap - supply + U256::from(1u8);
+    let err = send(f.token.mint(f.user.address(), over)).await.expect_err("mint above the cap");
+    assert_eq!(
+        err.as_decoded_interface_error::<KlxTokenErrors>(),
+        Some(KlxTokenErrors::ERC20ExceededCap(KlxToken::ERC20ExceededCap {
+            increasedSupply: cap + U256::from(1u8),
+            cap
+        }))
+    );
     let err = send(f.token_as(&f.user).mint(f.user.address(), U256::from(1u8))).await.expect_err("mint by non-owner");
-    assert!(err.to_string().contains("revert"), "{err:#}");
+    assert_eq!(
+        err.as_decoded_interface_error::<KlxTokenErrors>(),
+        Some(KlxTokenErrors::OwnableUnauthorizedAccount(KlxToken::OwnableUnauthorizedAccount {
+            account: f.user.address()
+        }))
+    );
+    assert_eq!(f.token.totalSupply().call().await.expect("totalSupply"), supply);
+}
+
+#[tokio::test]
+async fn deposit_refuses_a_fee_on_transfer_token() {
+    let f = Fixture::new().await;
+    let fee_token = FeeOnTransferToken::deploy(f.chain.provider()).await.expect("deploy FeeOnTransferToken");
+    let bridge = f
+        .chain
+        .deploy_bridge(&BridgeConfig {
+            token: *fee_token.address(),
+            relayers: f.relayers.iter().map(PrivateKeySigner::address).collect(),
+            threshold: THRESHOLD,
+            guardian: f.guardian.address(),
+            per_tx_cap: per_tx_cap(),
+            window_cap: window_cap(),
+            window_seconds: WINDOW_SECONDS,
+        })
+        .await
+        .expect("deploy KlxBridge over the fee token");
+    let admin_before = fee_token.balanceOf(f.admin.address()).call().await.expect("balanceOf");
+
+    send(fee_token.approve(*bridge.address(), klx(100))).await.expect("approve");
+    let err = revert_of(send(bridge.deposit(klx(100), mainchain_recipient(0xaa))).await);
+    assert_eq!(
+        err,
+        KlxBridgeErrors::DepositAmountMismatch(KlxBridge::DepositAmountMismatch {
+            expected: klx(100),
+            received: klx(99),
+        })
+    );
+    assert_eq!(fee_token.balanceOf(f.admin.address()).call().await.expect("balanceOf"), admin_before);
+    assert_eq!(fee_token.balanceOf(*bridge.address()).call().await.expect("balanceOf"), U256::ZERO);
+    assert_eq!(bridge.depositNonce().call().await.expect("depositNonce"), 0);
 }
 
 #[tokio::test]

@@ -1,0 +1,189 @@
+//! The Ethereum bridge through a real `kalima` process and a real anvil node, as an exchange
+//! uses it: the relayer configured in `kalima.toml`, the bridge configured and followed over
+//! REST, a deposit minted, the node killed -9 in the middle of a second one and restarted
+//! (nothing minted twice), a withdrawal released, balances checked on both sides, and the
+//! chain verified at the end.
+
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256, U256};
+use ed25519_dalek::SigningKey;
+use kalima_bridge_ethereum::anvil::{BridgeConfig, TestChain as Anvil};
+use kalima_bridge_ethereum::contracts::KlxBridge::KlxBridgeInstance;
+use kalima_bridge_ethereum::contracts::KlxToken::KlxTokenInstance;
+use kalima_core::keys::NodeKey;
+use kalima_core::ledger::{AccountKey, KLX, SignedWithdrawal};
+use kalima_e2e::{Node, assert_verifies};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn deposit(anvil: &Anvil, token: Address, bridge: Address, amount: u128, to: &SigningKey) -> B256 {
+    let provider = anvil.provider_for(&anvil.signer(5));
+    let t = KlxTokenInstance::new(token, provider.clone());
+    let b = KlxBridgeInstance::new(bridge, provider);
+    t.approve(bridge, U256::from(amount)).send().await.expect("approve").get_receipt().await.expect("approve mined");
+    let r = b
+        .deposit(U256::from(amount), B256::from(AccountKey::of(to).0))
+        .send()
+        .await
+        .expect("deposit")
+        .get_receipt()
+        .await
+        .expect("deposit mined");
+    assert!(r.status(), "deposit reverted");
+    r.transaction_hash
+}
+
+async fn erc20(token: &KlxTokenInstance<alloy::providers::DynProvider>, who: Address) -> u128 {
+    u128::try_from(token.balanceOf(who).call().await.expect("balanceOf")).expect("fits")
+}
+
+/// Polls `GET path` until `done` holds for the JSON answer; mines blocks meanwhile so the
+/// relayer's finalized head moves.
+async fn wait_json(node: &Node, anvil: &Anvil, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, v) = node.get_json(path).await;
+        if status == StatusCode::OK && done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: last {status} {v}\n{}", node.log());
+        anvil.mine(8).await.expect("mine");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_nothing_twice() {
+    let anvil = Anvil::spawn(31337);
+    let relayer_eth = anvil.signer(1);
+    let token = anvil.deploy_token().await.expect("deploy token");
+    let bridge = anvil
+        .deploy_bridge(&BridgeConfig {
+            token: *token.address(),
+            relayers: vec![relayer_eth.address()],
+            threshold: 1,
+            guardian: anvil.signer(9).address(),
+            per_tx_cap: U256::from(1_000 * KLX),
+            window_cap: U256::from(10_000 * KLX),
+            window_seconds: 3600,
+        })
+        .await
+        .expect("deploy bridge");
+    let user = anvil.signer(5).address();
+    token.mint(user, U256::from(500 * KLX)).send().await.expect("mint").get_receipt().await.expect("mined");
+
+    // The node, with its relayer's keys in the data directory.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    Node::init(&dir).await;
+    let relayer_key = NodeKey::generate();
+    relayer_key.save(&dir.join("relayer.key")).expect("relayer key");
+    std::fs::write(dir.join("relayer-eth.key"), format!("0x{}\n", hex::encode(relayer_eth.to_bytes())))
+        .expect("eth key");
+    let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
+    toml.push_str(&format!(
+        "\n[bridge]\nrelayer_device = \"relayer-1\"\nreconcile_interval_ms = 300\n\n[[bridge.chains]]\nname = \"ethereum\"\nchain_id = 31337\nrpc_url = \"{}\"\nbridge = \"{:#x}\"\ntoken = \"{:#x}\"\npoll_interval_ms = 150\nsubmit_delay_ms = 500\n",
+        anvil.endpoint(),
+        bridge.address(),
+        token.address()
+    ));
+    std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+    let node = Node::start(&dir, &[]).await;
+
+    // The admin registers the relayer device and configures the bridge (1 of 1 here).
+    let (s, v) =
+        node.post_json("/api/v1/devices", &json!({ "id": "relayer-1", "public_key": relayer_key.public_hex() })).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let config = json!({
+        "chain_id": 31337,
+        "bridge": format!("{:#x}", bridge.address()),
+        "token": format!("{:#x}", token.address()),
+        "relayers": [{ "device": "relayer-1", "eth_address": format!("{:#x}", relayer_eth.address()) }],
+        "threshold": 1,
+        "release_ttl_secs": 3600,
+        "max_withdrawal": (1_000 * KLX).to_string(),
+    });
+    let r = node
+        .http()
+        .put(node.url("/api/v1/bridge/chains/ethereum"))
+        .bearer_auth(node.token())
+        .json(&config)
+        .send()
+        .await
+        .expect("PUT bridge");
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap_or_default());
+    // A threshold of 0 is refused with a reason.
+    let mut bad = config.clone();
+    bad["threshold"] = json!(0);
+    let r = node.http().put(node.url("/api/v1/bridge/chains/other")).bearer_auth(node.token()).json(&bad).send().await;
+    let r = r.expect("PUT bad bridge");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // Deposit: minted once final, and the status endpoint follows it by transaction hash.
+    let alice = SigningKey::generate(&mut rand::rngs::OsRng);
+    let alice_hex = AccountKey::of(&alice).to_hex();
+    let tx = deposit(&anvil, *token.address(), *bridge.address(), 100 * KLX, &alice).await;
+    let (_, v) = node.get_json(&format!("/api/v1/bridge/deposits/ethereum?tx_hash={tx:#x}")).await;
+    assert_eq!(v[0]["status"], "awaiting_finality", "{v}");
+    let account = format!("/api/v1/klx/accounts/{alice_hex}");
+    wait_json(&node, &anvil, &account, "the first mint", |v| v["balance"] == (100 * KLX).to_string()).await;
+    let (_, v) = node.get_json(&format!("/api/v1/bridge/deposits/ethereum?tx_hash={tx:#x}")).await;
+    assert_eq!(v[0]["status"], "minted", "{v}");
+    let record_tx = v[0]["record"]["tx_id"].as_str().expect("record tx id").to_string();
+    let (s, proof) = node.get_json(&format!("/api/v1/tx/{record_tx}")).await;
+    assert_eq!(s, StatusCode::OK, "the mint record has a proof: {proof}");
+
+    // A second deposit, and the node killed -9 while the relayer works on it.
+    deposit(&anvil, *token.address(), *bridge.address(), 25 * KLX, &alice).await;
+    anvil.mine(70).await.expect("mine");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.kill9();
+    let node = Node::start(&dir, &[]).await;
+    wait_json(&node, &anvil, &account, "the second mint", |v| v["balance"] == (125 * KLX).to_string()).await;
+    anvil.mine(100).await.expect("mine");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let (_, v) = node.get_json("/api/v1/klx/supply").await;
+    assert_eq!(v["minted"], (125 * KLX).to_string(), "minted exactly the two deposits: {v}");
+    assert_eq!(erc20(&token, *bridge.address()).await, 125 * KLX);
+
+    // Withdrawal: burned at once, released on Ethereum, reported back.
+    let before = erc20(&token, user).await;
+    let w = SignedWithdrawal::sign("kalima-dev", &alice, "ethereum", &format!("{user:#x}"), 40 * KLX, 1);
+    let (s, v) = node.post_json("/api/v1/bridge/withdrawals", &serde_json::to_value(&w).expect("json")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["withdrawal"]["id"].as_str().expect("withdrawal id").to_string();
+    // The same signed withdrawal again is refused (nonce), and so is an overdraft.
+    let (s, again) = node.post_json("/api/v1/bridge/withdrawals", &serde_json::to_value(&w).expect("json")).await;
+    assert_eq!((s, again["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("bad_nonce")), "{again}");
+    let over = SignedWithdrawal::sign("kalima-dev", &alice, "ethereum", &format!("{user:#x}"), 900 * KLX, 2);
+    let (s, v) = node.post_json("/api/v1/bridge/withdrawals", &serde_json::to_value(&over).expect("json")).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("insufficient_funds")), "{v}");
+
+    let path = format!("/api/v1/bridge/withdrawals/ethereum/{id}");
+    let done = wait_json(&node, &anvil, &path, "the release", |v| v["record"]["status"] == "released").await;
+    assert!(done["record"]["release"]["tx_hash"].as_str().is_some_and(|h| h.len() == 66), "{done}");
+    assert_eq!(erc20(&token, user).await, before + 40 * KLX, "40 KLX released to the user");
+    assert_eq!(erc20(&token, *bridge.address()).await, 85 * KLX);
+    let (_, v) = node.get_json(&account).await;
+    assert_eq!(v["balance"], (85 * KLX).to_string());
+
+    let (_, chains) = node.get_json("/api/v1/bridge/chains").await;
+    let totals = &chains[0]["totals"];
+    assert_eq!(
+        (totals["minted"].as_str(), totals["burned"].as_str(), totals["released"].as_str()),
+        (Some(&*(125 * KLX).to_string()), Some(&*(40 * KLX).to_string()), Some(&*(40 * KLX).to_string())),
+        "{chains}"
+    );
+    let status = wait_json(&node, &anvil, "/api/v1/bridge/status", "a passing conservation check", |v| {
+        v["conservation"]["ok"] == true && v["conservation"]["circulating"] == (85 * KLX).to_string()
+    })
+    .await;
+    assert_eq!(status["chains"][0]["halted"], Value::Null);
+    let metrics = node.http().get(node.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("kalima_bridge_deposits_attested_total"), "bridge metrics missing");
+    node.stop().await;
+    assert_verifies(&dir, &[]).await;
+}
