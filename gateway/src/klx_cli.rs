@@ -121,6 +121,10 @@ pub enum BridgeCommand {
         /// Seconds a release signature stays valid, for the printed configuration.
         #[arg(long, default_value_t = 86_400)]
         release_ttl_secs: u64,
+        /// `confirmations` of the printed configuration: 0 scans up to the `finalized` block,
+        /// which trails anvil's head by 64 blocks; 1 suits a local anvil.
+        #[arg(long, default_value_t = 0)]
+        confirmations: u64,
     },
     /// Mint KlxToken to an address (the token's owner only), for local testing.
     MintTestTokens {
@@ -326,12 +330,16 @@ fn bridge_section(dir: &Path) -> anyhow::Result<BridgeSection> {
         Ok(cfg) => Ok(cfg.bridge),
         Err(errors) => {
             use figment::providers::{Env, Format, Toml};
-            let section = figment::Figment::new()
-                .merge(Toml::file(dir.join(config::CONFIG_FILE)))
+            let file = dir.join(config::CONFIG_FILE);
+            let read = figment::Figment::new()
+                .merge(Toml::file(&file))
                 .merge(Env::prefixed("KALIMA_").filter(|k| k.as_str().contains("__")).split("__"))
-                .extract_inner::<BridgeSection>("bridge")
-                .or_else(|e| if e.missing() { Ok(BridgeSection::default()) } else { Err(e) })
-                .map_err(|e| anyhow::anyhow!("[bridge] of {}: {e}", dir.join(config::CONFIG_FILE).display()))?;
+                .extract_inner::<BridgeSection>("bridge");
+            let section = match read {
+                Ok(section) => section,
+                Err(e) if e.missing() => BridgeSection::default(),
+                Err(e) => bail!("[bridge] of {}: {e}", file.display()),
+            };
             eprintln!("note: the node will not start with this configuration yet: {errors}");
             Ok(section)
         }
@@ -405,6 +413,7 @@ pub async fn run_bridge(cmd: BridgeCommand) -> anyhow::Result<ExitCode> {
             token,
             name,
             release_ttl_secs,
+            confirmations,
         } => {
             validate_bridge_name(&name).map_err(anyhow::Error::msg)?;
             let devices =
@@ -443,10 +452,11 @@ pub async fn run_bridge(cmd: BridgeCommand) -> anyhow::Result<ExitCode> {
                 bridge: d.bridge.clone(),
                 token: d.token.clone(),
                 start_block: d.block,
+                confirmations,
                 ..ChainSettings::default()
             };
             println!();
-            println!("# kalima.toml of each relayer node, under [bridge]:");
+            println!("# Append to the kalima.toml of each relayer node:");
             print!("{}", chains_toml(settings)?);
             let config = BridgeChain {
                 chain_id: d.chain_id,

@@ -112,7 +112,17 @@ impl ChainWorker {
             .token
             .parse()
             .map_err(|e| Error::Config(format!("bridge {}: token address: {e}", settings.name)))?;
-        let provider = ProviderBuilder::new().wallet(identity.eth.clone()).connect_http(url).erased();
+        // The account nonce is read from the node for every transaction: the default cached
+        // nonce is consumed by a send that reverts at gas estimation (a release another relayer
+        // already made), and every later send from this key would then wait forever.
+        let provider = ProviderBuilder::new()
+            .disable_recommended_fillers()
+            .with_gas_estimation()
+            .with_simple_nonce_management()
+            .with_chain_id(settings.chain_id)
+            .wallet(identity.eth.clone())
+            .connect_http(url)
+            .erased();
         // Series exist from the start, so dashboards and alerts see zeros, not gaps.
         let chain_label = settings.name.clone();
         for name in [
@@ -232,6 +242,7 @@ impl ChainWorker {
         }
         self.attest_in_order(&cfg).await?;
         self.report_releases(&cfg, releases).await?;
+        self.expire_withdrawals(safe).await?;
         self.sign_withdrawals(&cfg).await?;
         if self.settings.submit_releases {
             self.send_releases(&cfg).await?;
@@ -322,10 +333,10 @@ impl ChainWorker {
             }
             match log.topic0() {
                 Some(t) if *t == KlxBridge::Deposit::SIGNATURE_HASH => {
-                    if let Some(d) = self.deposit_of(&log, tx_hash, block_number, log_index) {
-                        if d.nonce >= next {
-                            self.seen.insert(d.nonce, d);
-                        }
+                    if let Some(d) = self.deposit_of(&log, tx_hash, block_number, log_index)
+                        && d.nonce >= next
+                    {
+                        self.seen.insert(d.nonce, d);
                     }
                 }
                 Some(t) if *t == KlxBridge::Released::SIGNATURE_HASH => {
@@ -433,6 +444,41 @@ impl ChainWorker {
         let expiry = U256::from(w.expiry);
         let digest = release_digest(w.chain_id, bridge, token, recipient, amount, id, expiry);
         Ok((digest, recipient, amount, id, expiry))
+    }
+
+    /// Votes to refund withdrawals whose expiry passed in a final block without a release:
+    /// from then on no block can hold their release (its signatures have expired).
+    async fn expire_withdrawals(&mut self, safe: u64) -> Result<()> {
+        let name = self.settings.name.clone();
+        let pending = Ledger::new(self.chain.memcache()).pending_withdrawals(&name);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let final_time = self
+            .provider
+            .get_block_by_number(BlockNumberOrTag::Number(safe))
+            .await
+            .map_err(|e| Error::rpc(&name, e))?
+            .map(|b| b.header.timestamp)
+            .unwrap_or_default();
+        let bridge = KlxBridge::new(self.bridge, self.provider.clone());
+        for w in pending {
+            if final_time <= w.expiry || w.expired_votes.contains(&self.identity.device) {
+                continue;
+            }
+            let (_, _, _, id, _) = self.digest_of(&w)?;
+            let released =
+                bridge.released(id).block(BlockId::number(safe)).call().await.map_err(|e| Error::rpc(&name, e))?;
+            if released {
+                // Its release is final; the report comes from the log scan.
+                continue;
+            }
+            let op = LedgerOp::ExpireWithdrawal { chain: name.clone(), withdrawal: w.id.clone() };
+            if self.submit(&op, format!("expire:{name}:{}", w.id)).await? {
+                tracing::info!(target: "bridge::ethereum", chain = %name, withdrawal = %w.id, "Withdrawal expired unreleased; voted to refund it.");
+            }
+        }
+        Ok(())
     }
 
     async fn sign_withdrawals(&mut self, _cfg: &BridgeChain) -> Result<()> {
@@ -562,8 +608,14 @@ impl ChainWorker {
                 self.halt(&reason).await?;
                 return Ok(());
             }
-            if record.is_some_and(|w| w.status == WithdrawalStatus::Released) {
-                continue;
+            match record.map(|w| w.status) {
+                Some(WithdrawalStatus::Released) => continue,
+                Some(WithdrawalStatus::Refunded) => {
+                    let reason = format!("withdrawal {id_hex} was refunded and then released in {tx_hash:#x}");
+                    self.halt(&reason).await?;
+                    return Ok(());
+                }
+                _ => {}
             }
             let op = LedgerOp::ReportRelease {
                 chain: name.clone(),

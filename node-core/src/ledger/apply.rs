@@ -226,7 +226,7 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
             let address = bridge_address(chain, "withdrawals");
             let mut w: WithdrawalRecord = d
                 .get(&address, withdrawal)?
-                .filter(|w: &WithdrawalRecord| w.status != WithdrawalStatus::Released)
+                .filter(WithdrawalRecord::is_pending)
                 .ok_or_else(|| LedgerError::UnknownWithdrawal(withdrawal.clone()))?;
             if w.signatures.contains_key(&instr.device_id) {
                 return Err(LedgerError::AlreadyAttested {
@@ -255,6 +255,14 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
                 }
                 .into());
             }
+            if w.status == WithdrawalStatus::Refunded {
+                // Refunds wait for the expiry in a final block, after which the contract
+                // refuses the release: a release after a refund means money was made twice.
+                return Err(LedgerError::Invalid(format!(
+                    "withdrawal {withdrawal} was refunded; a release of it is a breach"
+                ))
+                .into());
+            }
             let hash = eth_bytes::<32>(tx_hash, "tx_hash")?;
             w.status = WithdrawalStatus::Released;
             w.release = Some(ReleaseReport {
@@ -267,6 +275,39 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
             s.released = s.released.saturating_add(w.amount);
             d.put_state(chain, &s);
             d.put(&address, withdrawal, &w, FINISHED_RECORD_TTL_SECS);
+        }
+        LedgerOp::ExpireWithdrawal { chain, withdrawal } => {
+            let cfg = relayer_checks(&d, ctx, instr, &device, chain)?;
+            let address = bridge_address(chain, "withdrawals");
+            let mut w: WithdrawalRecord = d
+                .get(&address, withdrawal)?
+                .filter(WithdrawalRecord::is_pending)
+                .ok_or_else(|| LedgerError::UnknownWithdrawal(withdrawal.clone()))?;
+            if (d.timestamp_ms.max(0) as u64) / 1000 <= w.expiry {
+                return Err(LedgerError::Invalid(format!("withdrawal {withdrawal} has not expired yet")).into());
+            }
+            if !w.expired_votes.insert(instr.device_id.clone()) {
+                return Err(LedgerError::AlreadyAttested {
+                    relayer: instr.device_id.clone(),
+                    what: withdrawal.clone(),
+                }
+                .into());
+            }
+            let votes = w.expired_votes.iter().filter(|r| cfg.relayer(r).is_some()).count();
+            if votes >= cfg.threshold as usize {
+                let from = AccountKey::from_hex_unchecked(&w.from)?;
+                d.credit(&from, w.amount)?;
+                let mut supply = d.supply()?;
+                supply.burned = supply.burned.saturating_sub(w.amount);
+                d.put(SUPPLY_ADDRESS, SUPPLY_KEY, &supply, 0);
+                let mut s = d.state(chain)?;
+                s.burned = s.burned.saturating_sub(w.amount);
+                d.put_state(chain, &s);
+                w.status = WithdrawalStatus::Refunded;
+                d.put(&address, withdrawal, &w, FINISHED_RECORD_TTL_SECS);
+            } else {
+                d.put(&address, withdrawal, &w, 0);
+            }
         }
         LedgerOp::Halt { chain, reason } => {
             relayer_checks(&d, ctx, instr, &device, chain)?;
@@ -341,8 +382,8 @@ fn configure(d: &mut Draft<'_>, registry: &Registry, name: &str, c: &BridgeChain
             _ => return invalid(format!("relayer {} must be a registered device with a public key", r.device)),
         }
     }
-    if !(60..=30 * 24 * 3600).contains(&c.release_ttl_secs) {
-        return invalid("release_ttl_secs must be between 60 and 2592000".into());
+    if !(1..=30 * 24 * 3600).contains(&c.release_ttl_secs) {
+        return invalid("release_ttl_secs must be between 1 and 2592000".into());
     }
     if c.max_withdrawal == 0 {
         return invalid("max_withdrawal must be above 0".into());
@@ -404,6 +445,7 @@ fn withdraw(
         signatures: Default::default(),
         status: WithdrawalStatus::Signing,
         release: None,
+        expired_votes: Default::default(),
     };
     d.put(&bridge_address(&w.chain, "withdrawals"), &id, &record, 0);
     Ok(())

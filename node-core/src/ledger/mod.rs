@@ -152,7 +152,7 @@ impl<'a> Ledger<'a> {
             .values(&bridge_address(name, "withdrawals"))
             .iter()
             .filter_map(|c| serde_json::from_slice::<WithdrawalRecord>(&c.tx.content.body).ok())
-            .filter(|w| w.status != WithdrawalStatus::Released)
+            .filter(WithdrawalRecord::is_pending)
             .collect();
         v.sort_by_key(|w| w.seq);
         v

@@ -177,6 +177,14 @@ pub enum LedgerOp {
         /// Its block.
         block_number: u64,
     },
+    /// A relayer saw a withdrawal's expiry pass in a final block with no release: once a
+    /// quorum agrees, the burned KLX is credited back.
+    ExpireWithdrawal {
+        /// Bridge name.
+        chain: String,
+        /// Withdrawal id (64 hex).
+        withdrawal: String,
+    },
     /// A relayer stops the bridge: its reconciliation found a breach.
     Halt {
         /// Bridge name.
@@ -198,6 +206,7 @@ impl LedgerOp {
             LedgerOp::AttestDeposit { chain, .. }
             | LedgerOp::SignRelease { chain, .. }
             | LedgerOp::ReportRelease { chain, .. }
+            | LedgerOp::ExpireWithdrawal { chain, .. }
             | LedgerOp::Halt { chain, .. } => (bridge_address(chain, "attestations"), device.to_string()),
         }
     }
@@ -209,6 +218,7 @@ impl LedgerOp {
             LedgerOp::AttestDeposit { .. }
                 | LedgerOp::SignRelease { .. }
                 | LedgerOp::ReportRelease { .. }
+                | LedgerOp::ExpireWithdrawal { .. }
                 | LedgerOp::Halt { .. }
         )
     }

@@ -195,6 +195,9 @@ pub enum WithdrawalStatus {
     Ready,
     /// Released on the bridged chain.
     Released,
+    /// Expired unreleased on the bridged chain (as a quorum of relayers saw in a final
+    /// block), and credited back to the account.
+    Refunded,
 }
 
 /// A relayer's report that a release landed in a finalized block.
@@ -244,4 +247,14 @@ pub struct WithdrawalRecord {
     /// Where it was released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<ReleaseReport>,
+    /// Relayers that saw it expire unreleased in a final block.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub expired_votes: std::collections::BTreeSet<String>,
+}
+
+impl WithdrawalRecord {
+    /// True until it is released or refunded.
+    pub fn is_pending(&self) -> bool {
+        matches!(self.status, WithdrawalStatus::Signing | WithdrawalStatus::Ready)
+    }
 }

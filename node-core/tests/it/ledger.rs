@@ -26,6 +26,10 @@ fn account() -> SigningKey {
 }
 
 fn config(relayers: &[(String, NodeKey)], threshold: u32) -> BridgeChain {
+    config_ttl(relayers, threshold, 3600)
+}
+
+fn config_ttl(relayers: &[(String, NodeKey)], threshold: u32, release_ttl_secs: u64) -> BridgeChain {
     BridgeChain {
         chain_id: 31337,
         bridge: BRIDGE.into(),
@@ -36,7 +40,7 @@ fn config(relayers: &[(String, NodeKey)], threshold: u32) -> BridgeChain {
             .map(|(i, (d, _))| Relayer { device: d.clone(), eth_address: format!("0x{:040x}", i + 1) })
             .collect(),
         threshold,
-        release_ttl_secs: 3600,
+        release_ttl_secs,
         max_withdrawal: 1_000 * KLX,
     }
 }
@@ -185,7 +189,7 @@ async fn disagreeing_relayers_mint_nothing_until_a_majority_agrees() {
 async fn deposits_are_minted_in_nonce_order_even_when_a_later_one_completes_first() {
     let b = with_wallet(3, 2).await;
     let (alice, bob) = (account(), account());
-    let d0 = deposit(0, &alice, 1 * KLX);
+    let d0 = deposit(0, &alice, KLX);
     let d1 = deposit(1, &bob, 2 * KLX);
 
     b.attest(0, &d1).await.expect("d1 vote 1");
@@ -195,7 +199,7 @@ async fn deposits_are_minted_in_nonce_order_even_when_a_later_one_completes_firs
 
     b.attest(0, &d0).await.expect("d0 vote 1");
     b.attest(2, &d0).await.expect("d0 vote 2");
-    assert_eq!(b.balance(&alice), 1 * KLX);
+    assert_eq!(b.balance(&alice), KLX);
     assert_eq!(b.balance(&bob), 2 * KLX, "nonce 1 is minted right after nonce 0");
     assert_eq!(b.ledger().bridge_state("eth").next_deposit, 2);
     assert!(b.ledger().pending_deposits("eth").is_empty());
@@ -469,4 +473,49 @@ async fn the_ledger_is_restored_from_the_store_after_a_restart() {
     assert_eq!(l.account(&AccountKey::of(&bob)).balance, 4 * KLX);
     assert_eq!(l.account(&AccountKey::of(&alice)).nonce, 1);
     assert_eq!(l.supply().minted, 10 * KLX);
+}
+
+#[tokio::test]
+async fn a_withdrawal_that_expires_unreleased_is_refunded_on_a_quorum_and_can_never_be_released() {
+    let b = with_wallet(3, 2).await;
+    b.admin(LedgerOp::ConfigureBridge { name: "eth".into(), config: config_ttl(&b.relayers, 2, 1) })
+        .await
+        .expect("one-second release ttl");
+    let alice = account();
+    b.attest(0, &deposit(0, &alice, 10 * KLX)).await.expect("vote");
+    b.attest(1, &deposit(0, &alice, 10 * KLX)).await.expect("vote");
+    let w = SignedWithdrawal::sign(CHAIN, &alice, "eth", "0x3c44cdddb6a900fa2b585dd299e03d12fa4293bc", 4 * KLX, 1);
+    b.holder(LedgerOp::Withdraw(w)).await.expect("withdrawal");
+    let wid = kalima_core::ledger::withdrawal_id(CHAIN, "eth", 0);
+    let expire = LedgerOp::ExpireWithdrawal { chain: "eth".into(), withdrawal: wid.clone() };
+    // Before its expiry, no refund.
+    assert!(matches!(ledger_refusal(b.relayer(0, expire.clone()).await), LedgerError::Invalid(_)));
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    b.relayer(0, expire.clone()).await.expect("first expiry vote");
+    assert_eq!(b.balance(&alice), 6 * KLX, "one vote of three refunds nothing");
+    assert!(matches!(ledger_refusal(b.relayer(0, expire.clone()).await), LedgerError::AlreadyAttested { .. }));
+    b.relayer(1, expire.clone()).await.expect("second expiry vote");
+    assert_eq!(b.balance(&alice), 10 * KLX, "refunded on a quorum");
+    let rec = b.ledger().withdrawal("eth", &wid).expect("record");
+    assert_eq!(rec.status, WithdrawalStatus::Refunded);
+    assert_eq!(b.ledger().supply().burned, 0);
+    assert_eq!(b.ledger().bridge_state("eth").burned, 0);
+    b.assert_conserved();
+
+    // Refunded: it cannot be signed, refunded again, or reported released.
+    let sign = LedgerOp::SignRelease {
+        chain: "eth".into(),
+        withdrawal: wid.clone(),
+        signature: format!("0x{}", "11".repeat(65)),
+    };
+    assert!(matches!(ledger_refusal(b.relayer(2, sign).await), LedgerError::UnknownWithdrawal(_)));
+    assert!(matches!(ledger_refusal(b.relayer(2, expire).await), LedgerError::UnknownWithdrawal(_)));
+    let report = LedgerOp::ReportRelease {
+        chain: "eth".into(),
+        withdrawal: wid,
+        tx_hash: format!("0x{:064x}", 5),
+        block_number: 9,
+    };
+    assert!(matches!(ledger_refusal(b.relayer(2, report).await), LedgerError::Invalid(_)));
+    assert_eq!(b.balance(&alice), 10 * KLX);
 }

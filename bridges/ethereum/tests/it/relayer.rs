@@ -169,6 +169,15 @@ impl Setup {
         Relayer::start_with(self.t.chain.clone(), &self.section(), self.identities[i].clone()).expect("start relayer")
     }
 
+    /// A relayer that signs releases but never sends them.
+    fn signing_only_relayer(&self, i: usize) -> Relayer {
+        let mut section = self.section();
+        for c in &mut section.chains {
+            c.submit_releases = false;
+        }
+        Relayer::start_with(self.t.chain.clone(), &section, self.identities[i].clone()).expect("start relayer")
+    }
+
     fn ledger(&self) -> Ledger<'_> {
         Ledger::new(self.t.chain.memcache())
     }
@@ -399,6 +408,71 @@ async fn the_conservation_check_halts_the_bridge_when_locked_funds_go_missing() 
     let refused = s.t.ledger(LedgerOp::Withdraw(w).instruction("wallet", String::new())).await;
     assert!(refused.is_err(), "withdrawal accepted while halted");
     assert_eq!(s.native(&alice), 50 * KLX);
+    for r in relayers {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_withdrawal_never_released_before_its_expiry_is_refunded_and_cannot_be_released_after() {
+    let s = Setup::start(&[("ethereum", 31337)]).await;
+    let e = &s.evms[0];
+    // A two-second release window, and relayers that sign but never send.
+    let mut config = s.ledger().bridge("ethereum").expect("bridge");
+    config.release_ttl_secs = 2;
+    s.t.ledger(LedgerOp::ConfigureBridge { name: "ethereum".into(), config }.instruction(ADMIN_ID, String::new()))
+        .await
+        .expect("short ttl");
+    let relayers: Vec<Relayer> = (0..3).map(|i| s.signing_only_relayer(i)).collect();
+    let alice = account();
+    e.deposit(20 * KLX, &alice).await;
+    e.finalize().await;
+    s.wait_native(&alice, 20 * KLX).await;
+    let before = e.balance(e.user).await;
+
+    let id = s.withdraw(&alice, "ethereum", e.user, 8 * KLX).await;
+    assert_eq!(s.native(&alice), 12 * KLX);
+    let signed = s.ledger().withdrawal("ethereum", &id);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    s.mine_until("the refund", || {
+        s.ledger().withdrawal("ethereum", &id).is_some_and(|w| w.status == WithdrawalStatus::Refunded)
+    })
+    .await;
+    assert_eq!(s.native(&alice), 20 * KLX, "refunded");
+    assert_eq!(e.balance(e.user).await, before, "nothing released");
+    assert_eq!(e.locked().await, 20 * KLX);
+
+    // The signatures collected before the expiry cannot release it now: the contract refuses.
+    let w = s.ledger().withdrawal("ethereum", &id).or(signed).expect("record");
+    assert!(w.signatures.len() >= 2, "the relayers signed before the expiry: {:?}", w.signatures.keys());
+    {
+        let sigs: Vec<alloy::primitives::Bytes> = w
+            .signatures
+            .values()
+            .filter_map(|h| hex::decode(h.trim_start_matches("0x")).ok())
+            .map(alloy::primitives::Bytes::from)
+            .collect();
+        let mut pairs = Vec::new();
+        let id_b256: B256 = format!("0x{}", w.id).parse().expect("id");
+        let digest = kalima_bridge_ethereum::contracts::release_digest(
+            w.chain_id,
+            *e.bridge.address(),
+            *e.token.address(),
+            e.user,
+            U256::from(w.amount),
+            id_b256,
+            U256::from(w.expiry),
+        );
+        for sig in sigs {
+            let signer = kalima_bridge_ethereum::contracts::recover_signer(&digest, &sig).expect("recover");
+            pairs.push((signer, sig));
+        }
+        let sorted = kalima_bridge_ethereum::contracts::sort_signatures(pairs);
+        let call = e.bridge.release(e.user, U256::from(w.amount), id_b256, U256::from(w.expiry), sorted);
+        assert!(call.call().await.is_err(), "an expired release went through");
+    }
+    assert_eq!(e.balance(e.user).await, before);
+    s.assert_conserved();
     for r in relayers {
         r.shutdown().await;
     }
