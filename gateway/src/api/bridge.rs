@@ -9,8 +9,8 @@ use axum::routing::{get, post, put};
 use kalima_bridge_ethereum::{ChainStatus, Conservation, FoundDeposit};
 use kalima_core::CommittedTx;
 use kalima_core::ledger::{
-    BridgeChain, BridgeState, DepositRecord, DepositStatus, Ledger, LedgerOp, SignedWithdrawal, WithdrawalRecord,
-    bridge_address, validate_bridge_name,
+    BridgeChain, BridgeState, DepositRecord, DepositStatus, Exchange, Ledger, LedgerOp, SignedWithdrawal,
+    WithdrawalRecord, bridge_address, validate_bridge_name,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,100 @@ pub fn router() -> axum::Router<AppState> {
         .route("/bridge/withdrawals", post(withdraw))
         .route("/bridge/withdrawals/{name}/{id}", get(withdrawal))
         .route("/bridge/status", get(status))
+        .route("/bridge/exchanges", post(register_exchange))
+        .route("/bridge/exchanges/{id}", get(exchange))
+        .route("/bridge/exchanges/{id}/addresses", post(add_addresses))
+        .route("/bridge/exchanges/{id}/addresses/{account}", get(exchange_address))
+}
+
+/// Registers an exchange (admin); at most 100.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewExchange {
+    /// Exchange id (letters, digits, `-`, `_`, `.`; at most 64 bytes).
+    pub id: String,
+    /// Registered device that manages its addresses.
+    pub device: String,
+}
+
+/// Native addresses to register to an exchange.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAddresses {
+    /// 1 to 1,000 accounts (64 hex) per call; at most 1,000,000 per exchange.
+    #[schema(min_items = 1, max_items = 1000)]
+    pub accounts: Vec<String>,
+}
+
+/// Whether an account is registered to an exchange.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExchangeAddress {
+    /// The account.
+    pub account: String,
+    /// The exchange it is registered to.
+    pub exchange: String,
+}
+
+/// Registers an exchange, managed by one of its devices (admin).
+#[utoipa::path(post, path = "/api/v1/bridge/exchanges", tag = "bridge", request_body = NewExchange,
+    responses((status = 201, body = TxReceipt), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn register_exchange(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(req): ApiJson<NewExchange>,
+) -> Result<(StatusCode, Json<TxReceipt>), ApiError> {
+    auth.require_admin()?;
+    let receipts = submit(&state, &LedgerOp::RegisterExchange { id: req.id, device: req.device }, &auth.0.id).await?;
+    let r = receipts.first().ok_or_else(|| ApiError::Internal("no receipt".into()))?;
+    Ok((StatusCode::CREATED, Json(TxReceipt::from(r))))
+}
+
+/// An exchange: its device, address count, and KLX deposited to and withdrawn from its
+/// addresses through the bridges.
+#[utoipa::path(get, path = "/api/v1/bridge/exchanges/{id}", tag = "bridge",
+    params(("id" = String, Path, description = "Exchange id")),
+    responses((status = 200, body = Exchange), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn exchange(
+    State(state): State<AppState>,
+    _auth: Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Exchange>, ApiError> {
+    Ledger::new(state.chain.memcache())
+        .exchange(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no exchange named {id}")))
+}
+
+/// Registers native addresses to an exchange (its managing device, or the admin).
+#[utoipa::path(post, path = "/api/v1/bridge/exchanges/{id}/addresses", tag = "bridge", request_body = NewAddresses,
+    params(("id" = String, Path, description = "Exchange id")),
+    responses((status = 200, body = TxReceipt), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn add_addresses(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<NewAddresses>,
+) -> Result<Json<TxReceipt>, ApiError> {
+    let op = LedgerOp::AddExchangeAddresses { exchange: id, accounts: req.accounts };
+    let receipts = submit(&state, &op, &auth.0.id).await?;
+    receipts.first().map(|r| Json(TxReceipt::from(r))).ok_or_else(|| ApiError::Internal("no receipt".into()))
+}
+
+/// Which exchange an account is registered to (404 when none, or another one).
+#[utoipa::path(get, path = "/api/v1/bridge/exchanges/{id}/addresses/{account}", tag = "bridge",
+    params(("id" = String, Path, description = "Exchange id"), ("account" = String, Path, description = "Account, 64 hex")),
+    responses((status = 200, body = ExchangeAddress), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn exchange_address(
+    State(state): State<AppState>,
+    _auth: Auth,
+    ApiPath((id, account)): ApiPath<(String, String)>,
+) -> Result<Json<ExchangeAddress>, ApiError> {
+    let account = account.to_ascii_lowercase();
+    match Ledger::new(state.chain.memcache()).exchange_of(&account) {
+        Some(ex) if ex == id => Ok(Json(ExchangeAddress { account, exchange: ex })),
+        _ => Err(ApiError::NotFound(format!("account {account} is not registered to exchange {id}"))),
+    }
 }
 
 /// A bridged chain: its configuration and totals.

@@ -203,7 +203,7 @@ impl utoipa::Modify for CommonResponses {
             )
         };
         for item in openapi.paths.paths.values_mut() {
-            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+            for op in [&mut item.get, &mut item.post, &mut item.put, &mut item.delete].into_iter().flatten() {
                 if op.security.as_ref().is_none_or(|s| s.is_empty()) {
                     continue;
                 }
@@ -251,6 +251,7 @@ impl utoipa::Modify for SecurityAddon {
         klx::account, klx::supply, klx::transfer,
         bridge::chains, bridge::configure, bridge::resume, bridge::deposits_by_tx, bridge::deposit,
         bridge::withdraw, bridge::withdrawal, bridge::status,
+        bridge::register_exchange, bridge::exchange, bridge::add_addresses, bridge::exchange_address,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
     modifiers(&SecurityAddon, &CommonResponses),

@@ -10,11 +10,12 @@ use serde::de::DeserializeOwned;
 
 use super::ops::{AccountKey, LedgerOp, eth_address, eth_bytes, withdrawal_id};
 use super::records::{
-    Account, BridgeChain, BridgeState, Deposit, DepositRecord, DepositStatus, Halt, ReleaseReport, Supply,
+    Account, BridgeChain, BridgeState, Deposit, DepositRecord, DepositStatus, Exchange, Halt, ReleaseReport, Supply,
     WithdrawalRecord, WithdrawalStatus,
 };
 use super::{
-    ACCOUNTS_ADDRESS, BRIDGES_ADDRESS, FINISHED_RECORD_TTL_SECS, KLX_SUPPLY_CAP, LedgerError, MAX_PENDING_DEPOSITS,
+    ACCOUNTS_ADDRESS, BRIDGES_ADDRESS, EXCHANGE_OF_ADDRESS, EXCHANGES_ADDRESS, FINISHED_RECORD_TTL_SECS,
+    KLX_SUPPLY_CAP, LedgerError, MAX_ADDRESSES_PER_CALL, MAX_EXCHANGE_ADDRESSES, MAX_EXCHANGES, MAX_PENDING_DEPOSITS,
     STATE_KEY, SUPPLY_ADDRESS, SUPPLY_KEY, bridge_address, validate_bridge_name,
 };
 use crate::error::Rejection;
@@ -33,6 +34,8 @@ type Slot = (String, String);
 #[derive(Default)]
 pub(crate) struct Overlay {
     values: HashMap<Slot, Vec<u8>>,
+    /// Exchanges registered earlier in the batch (not in the memcache yet).
+    new_exchanges: usize,
 }
 
 impl Overlay {
@@ -51,6 +54,7 @@ struct Draft<'a> {
     order: Vec<Slot>,
     writes: HashMap<Slot, (Vec<u8>, u32)>,
     timestamp_ms: i64,
+    new_exchanges: usize,
 }
 
 impl Draft<'_> {
@@ -121,6 +125,16 @@ impl Draft<'_> {
         Ok(())
     }
 
+    /// Adds to the totals of the exchange `account` is registered to, if any.
+    fn exchange_flow(&mut self, account: &AccountKey, deposited: u128, withdrawn: u128) -> Result<(), LedgerError> {
+        let Some(id) = self.get::<String>(EXCHANGE_OF_ADDRESS, &account.to_hex())? else { return Ok(()) };
+        let Some(mut ex) = self.get::<Exchange>(EXCHANGES_ADDRESS, &id)? else { return Ok(()) };
+        ex.deposited = ex.deposited.saturating_add(deposited);
+        ex.withdrawn = ex.withdrawn.saturating_add(withdrawn);
+        self.put(EXCHANGES_ADDRESS, &id, &ex, 0);
+        Ok(())
+    }
+
     fn credit(&mut self, to: &AccountKey, amount: u128) -> Result<(), LedgerError> {
         let mut a = self.account(to)?;
         // Unreachable under the supply cap, but a wrap here would create money.
@@ -180,6 +194,7 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
         order: Vec::new(),
         writes: HashMap::new(),
         timestamp_ms: ctx.timestamp_ms,
+        new_exchanges: 0,
     };
     match &op {
         LedgerOp::Transfer(t) => {
@@ -309,6 +324,67 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
                 d.put(&address, withdrawal, &w, 0);
             }
         }
+        LedgerOp::RegisterExchange { id, device: manager } => {
+            if !device.is_admin() {
+                return Err(LedgerError::AdminOnly.into());
+            }
+            crate::registry::validate_device_id(id)
+                .map_err(|e| LedgerError::Invalid(format!("exchange id: {}", e.reason)))?;
+            if d.get::<Exchange>(EXCHANGES_ADDRESS, id)?.is_some() {
+                return Err(LedgerError::Invalid(format!("exchange {id} is already registered")).into());
+            }
+            let count = d.cache.keys(EXCHANGES_ADDRESS).len() + d.base.new_exchanges;
+            if count >= MAX_EXCHANGES {
+                return Err(LedgerError::Invalid(format!("at most {MAX_EXCHANGES} exchanges may register")).into());
+            }
+            match ctx.registry.get(manager) {
+                Some(dev) if !dev.record.revoked => {}
+                _ => return Err(LedgerError::Invalid(format!("device {manager} is not registered")).into()),
+            }
+            let ex = Exchange {
+                device: manager.clone(),
+                addresses: 0,
+                deposited: 0,
+                withdrawn: 0,
+                registered_at_ms: d.timestamp_ms,
+            };
+            d.put(EXCHANGES_ADDRESS, id, &ex, 0);
+            d.new_exchanges += 1;
+        }
+        LedgerOp::AddExchangeAddresses { exchange, accounts } => {
+            let mut ex: Exchange = d
+                .get(EXCHANGES_ADDRESS, exchange)?
+                .ok_or_else(|| LedgerError::Invalid(format!("no exchange named {exchange}")))?;
+            if !device.is_admin() && device.id != ex.device {
+                return Err(
+                    LedgerError::Invalid(format!("only device {} manages exchange {exchange}", ex.device)).into()
+                );
+            }
+            if accounts.is_empty() || accounts.len() > MAX_ADDRESSES_PER_CALL {
+                return Err(LedgerError::Invalid(format!("send 1..={MAX_ADDRESSES_PER_CALL} accounts per call")).into());
+            }
+            for a in accounts {
+                let key = AccountKey::from_hex(a)?.to_hex();
+                match d.get::<String>(EXCHANGE_OF_ADDRESS, &key)? {
+                    Some(owner) if &owner == exchange => continue,
+                    Some(owner) => {
+                        return Err(
+                            LedgerError::Invalid(format!("account {key} is registered to exchange {owner}")).into()
+                        );
+                    }
+                    None => {}
+                }
+                if ex.addresses >= MAX_EXCHANGE_ADDRESSES {
+                    return Err(LedgerError::Invalid(format!(
+                        "exchange {exchange} holds the most addresses allowed ({MAX_EXCHANGE_ADDRESSES})"
+                    ))
+                    .into());
+                }
+                d.put(EXCHANGE_OF_ADDRESS, &key, exchange, 0);
+                ex.addresses += 1;
+            }
+            d.put(EXCHANGES_ADDRESS, exchange, &ex, 0);
+        }
         LedgerOp::Halt { chain, reason } => {
             relayer_checks(&d, ctx, instr, &device, chain)?;
             let mut s = d.state(chain)?;
@@ -322,8 +398,10 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
             d.put_state(chain, &s);
         }
     }
+    let new_exchanges = d.new_exchanges;
     let (written, values) = d.finish();
     overlay.values.extend(values);
+    overlay.new_exchanges += new_exchanges;
     let mut items = Vec::with_capacity(written.len() + 1);
     items.push(instr.clone());
     items.extend(written);
@@ -422,6 +500,7 @@ fn withdraw(
         return Err(LedgerError::OverCap { amount: w.amount.to_string(), cap: cfg.max_withdrawal.to_string() });
     }
     d.debit(from, w.amount, w.nonce)?;
+    d.exchange_flow(from, 0, w.amount)?;
     let mut supply = d.supply()?;
     supply.burned = supply.burned.saturating_add(w.amount);
     d.put(SUPPLY_ADDRESS, SUPPLY_KEY, &supply, 0);
@@ -509,6 +588,7 @@ fn attest(d: &mut Draft<'_>, name: &str, cfg: &BridgeChain, relayer: &str, dep: 
         }
         let to = AccountKey::from_hex_unchecked(&winner.recipient)?;
         d.credit(&to, winner.amount)?;
+        d.exchange_flow(&to, winner.amount, 0)?;
         supply.minted += winner.amount;
         d.put(SUPPLY_ADDRESS, SUPPLY_KEY, &supply, 0);
         s.minted = s.minted.saturating_add(winner.amount);

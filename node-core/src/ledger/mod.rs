@@ -19,8 +19,8 @@ pub use ops::{
     AccountKey, LedgerOp, SignedTransfer, SignedWithdrawal, account_signing_bytes, relayer_instruction, withdrawal_id,
 };
 pub use records::{
-    Account, BridgeChain, BridgeState, Deposit, DepositRecord, DepositStatus, Halt, Relayer, ReleaseReport, Supply,
-    WithdrawalRecord, WithdrawalStatus, amount,
+    Account, BridgeChain, BridgeState, Deposit, DepositRecord, DepositStatus, Exchange, Halt, Relayer, ReleaseReport,
+    Supply, WithdrawalRecord, WithdrawalStatus, amount,
 };
 
 use serde::de::DeserializeOwned;
@@ -44,6 +44,16 @@ pub const SUPPLY_KEY: &str = "total";
 pub const OPS_ADDRESS: &str = "/_kalima/klx/ops";
 /// Address of admin instructions (key = admin device id).
 pub const ADMIN_OPS_ADDRESS: &str = "/_kalima/klx/admin";
+/// Address of registered exchanges (key = exchange id).
+pub const EXCHANGES_ADDRESS: &str = "/_kalima/klx/exchanges";
+/// Address mapping a native account to the exchange it is registered to (key = account).
+pub const EXCHANGE_OF_ADDRESS: &str = "/_kalima/klx/exchange-of";
+/// Most exchanges that may register.
+pub const MAX_EXCHANGES: usize = 100;
+/// Most addresses one exchange may register.
+pub const MAX_EXCHANGE_ADDRESSES: u64 = 1_000_000;
+/// Most addresses one registration call carries.
+pub const MAX_ADDRESSES_PER_CALL: usize = 1_000;
 /// Address of bridge configurations (key = bridge name).
 pub const BRIDGES_ADDRESS: &str = "/_kalima/bridge/chains";
 /// Key of a bridge's state record under [`bridge_address`]`(name, "state")`.
@@ -101,6 +111,16 @@ impl<'a> Ledger<'a> {
             .iter()
             .filter_map(|c| Some((c.tx.content.key.clone(), serde_json::from_slice(&c.tx.content.body).ok()?)))
             .collect()
+    }
+
+    /// A registered exchange.
+    pub fn exchange(&self, id: &str) -> Option<Exchange> {
+        read(self.cache, EXCHANGES_ADDRESS, id)
+    }
+
+    /// The exchange an account is registered to.
+    pub fn exchange_of(&self, account: &str) -> Option<String> {
+        read(self.cache, EXCHANGE_OF_ADDRESS, account)
     }
 
     /// A bridge's configuration.

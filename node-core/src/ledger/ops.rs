@@ -150,6 +150,20 @@ pub enum LedgerOp {
         /// Bridge name.
         name: String,
     },
+    /// The admin registers an exchange, managed by `device`.
+    RegisterExchange {
+        /// Exchange id (device-id characters).
+        id: String,
+        /// Its managing device.
+        device: String,
+    },
+    /// An exchange's device (or the admin) registers native addresses to it.
+    AddExchangeAddresses {
+        /// Exchange id.
+        exchange: String,
+        /// Accounts (64 hex), at most 1,000 per call.
+        accounts: Vec<String>,
+    },
     /// A relayer attests a deposit it saw in a finalized block.
     AttestDeposit {
         /// Bridge name.
@@ -200,9 +214,10 @@ impl LedgerOp {
         match self {
             LedgerOp::Transfer(t) => (OPS_ADDRESS.into(), t.from.clone()),
             LedgerOp::Withdraw(w) => (OPS_ADDRESS.into(), w.from.clone()),
-            LedgerOp::ConfigureBridge { .. } | LedgerOp::ResumeBridge { .. } => {
-                (ADMIN_OPS_ADDRESS.into(), device.to_string())
-            }
+            LedgerOp::ConfigureBridge { .. }
+            | LedgerOp::ResumeBridge { .. }
+            | LedgerOp::RegisterExchange { .. }
+            | LedgerOp::AddExchangeAddresses { .. } => (ADMIN_OPS_ADDRESS.into(), device.to_string()),
             LedgerOp::AttestDeposit { chain, .. }
             | LedgerOp::SignRelease { chain, .. }
             | LedgerOp::ReportRelease { chain, .. }

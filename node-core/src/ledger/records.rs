@@ -258,3 +258,22 @@ impl WithdrawalRecord {
         matches!(self.status, WithdrawalStatus::Signing | WithdrawalStatus::Ready)
     }
 }
+
+/// A registered exchange (key = its id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Exchange {
+    /// Device that manages its addresses.
+    pub device: String,
+    /// Native addresses registered to it.
+    pub addresses: u64,
+    /// Minted by bridges to its addresses, base units.
+    #[serde(with = "amount")]
+    #[schema(value_type = String)]
+    pub deposited: u128,
+    /// Withdrawn from its addresses through bridges, base units.
+    #[serde(with = "amount")]
+    #[schema(value_type = String)]
+    pub withdrawn: u128,
+    /// Chain time of the registration.
+    pub registered_at_ms: i64,
+}

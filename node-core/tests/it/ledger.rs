@@ -519,3 +519,59 @@ async fn a_withdrawal_that_expires_unreleased_is_refunded_on_a_quorum_and_can_ne
     assert!(matches!(ledger_refusal(b.relayer(2, report).await), LedgerError::Invalid(_)));
     assert_eq!(b.balance(&alice), 10 * KLX);
 }
+
+#[tokio::test]
+async fn exchanges_register_their_addresses_within_the_limits_and_see_their_flows() {
+    let b = with_wallet(3, 2).await;
+    b.t.register("exchange-a", &[]).await;
+    let register = |id: &str, device: &str| LedgerOp::RegisterExchange { id: id.into(), device: device.into() };
+    // Only the admin registers exchanges, managed by a registered device.
+    let r = b.t.ledger(register("acme", "exchange-a").instruction("wallet", String::new())).await;
+    assert!(matches!(ledger_refusal(r), LedgerError::AdminOnly));
+    assert!(matches!(ledger_refusal(b.admin(register("acme", "nobody")).await), LedgerError::Invalid(_)));
+    b.admin(register("acme", "exchange-a")).await.expect("register acme");
+    assert!(matches!(ledger_refusal(b.admin(register("acme", "exchange-a")).await), LedgerError::Invalid(_)));
+
+    let (alice, bob) = (account(), account());
+    let add = |ex: &str, accounts: Vec<String>| LedgerOp::AddExchangeAddresses { exchange: ex.into(), accounts };
+    // Another device cannot add addresses to acme.
+    let op = add("acme", vec![AccountKey::of(&alice).to_hex()]);
+    assert!(matches!(
+        ledger_refusal(b.t.ledger(op.instruction("wallet", String::new())).await),
+        LedgerError::Invalid(_)
+    ));
+    b.t.ledger(op.instruction("exchange-a", String::new())).await.expect("add alice");
+    // Repeating an address is harmless; too many per call, or none, is refused.
+    b.t.ledger(add("acme", vec![AccountKey::of(&alice).to_hex()]).instruction("exchange-a", String::new()))
+        .await
+        .expect("repeat");
+    let many =
+        (0..kalima_core::ledger::MAX_ADDRESSES_PER_CALL + 1).map(|_| AccountKey::of(&account()).to_hex()).collect();
+    let r = b.t.ledger(add("acme", many).instruction("exchange-a", String::new())).await;
+    assert!(matches!(ledger_refusal(r), LedgerError::Invalid(_)));
+    assert_eq!(b.ledger().exchange("acme").map(|e| e.addresses), Some(1));
+    assert_eq!(b.ledger().exchange_of(&AccountKey::of(&alice).to_hex()).as_deref(), Some("acme"));
+
+    // Flows to and from its addresses are totalled; bob's are not its.
+    b.attest(0, &deposit(0, &alice, 10 * KLX)).await.expect("vote");
+    b.attest(1, &deposit(0, &alice, 10 * KLX)).await.expect("vote");
+    b.attest(0, &deposit(1, &bob, 3 * KLX)).await.expect("vote");
+    b.attest(1, &deposit(1, &bob, 3 * KLX)).await.expect("vote");
+    let w = SignedWithdrawal::sign(CHAIN, &alice, "eth", "0x3c44cdddb6a900fa2b585dd299e03d12fa4293bc", 4 * KLX, 1);
+    b.holder(LedgerOp::Withdraw(w)).await.expect("withdrawal");
+    let ex = b.ledger().exchange("acme").expect("acme");
+    assert_eq!((ex.deposited, ex.withdrawn), (10 * KLX, 4 * KLX));
+
+    // An address belongs to one exchange.
+    b.admin(register("other", "exchange-a")).await.expect("register other");
+    let r =
+        b.t.ledger(add("other", vec![AccountKey::of(&alice).to_hex()]).instruction("exchange-a", String::new())).await;
+    assert!(matches!(ledger_refusal(r), LedgerError::Invalid(_)));
+
+    // At most 100 exchanges.
+    for i in 2..kalima_core::ledger::MAX_EXCHANGES {
+        b.admin(register(&format!("ex-{i}"), "exchange-a")).await.expect("register");
+    }
+    assert!(matches!(ledger_refusal(b.admin(register("one-too-many", "exchange-a")).await), LedgerError::Invalid(_)));
+    b.assert_conserved();
+}

@@ -122,9 +122,25 @@ async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_
     let r = r.expect("PUT bad bridge");
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
-    // Deposit: minted once final, and the status endpoint follows it by transaction hash.
+    // An exchange, managed by its own device, registers its deposit address.
     let alice = SigningKey::generate(&mut rand::rngs::OsRng);
     let alice_hex = AccountKey::of(&alice).to_hex();
+    let (s, v) = node.post_json("/api/v1/devices", &json!({ "id": "acme-ops" })).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let acme_token = v["token"].as_str().expect("device token").to_string();
+    let (s, v) = node.post_json("/api/v1/bridge/exchanges", &json!({ "id": "acme", "device": "acme-ops" })).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let r = node
+        .http()
+        .post(node.url("/api/v1/bridge/exchanges/acme/addresses"))
+        .bearer_auth(&acme_token)
+        .json(&json!({ "accounts": [alice_hex] }))
+        .send()
+        .await
+        .expect("add address");
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap_or_default());
+
+    // Deposit: minted once final, and the status endpoint follows it by transaction hash.
     let tx = deposit(&anvil, *token.address(), *bridge.address(), 100 * KLX, &alice).await;
     let (_, v) = node.get_json(&format!("/api/v1/bridge/deposits/ethereum?tx_hash={tx:#x}")).await;
     assert_eq!(v[0]["status"], "awaiting_finality", "{v}");
@@ -182,6 +198,12 @@ async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_
     })
     .await;
     assert_eq!(status["chains"][0]["halted"], Value::Null);
+    let (_, acme) = node.get_json("/api/v1/bridge/exchanges/acme").await;
+    assert_eq!(
+        (acme["addresses"].as_u64(), acme["deposited"].as_str(), acme["withdrawn"].as_str()),
+        (Some(1), Some(&*(125 * KLX).to_string()), Some(&*(40 * KLX).to_string())),
+        "{acme}"
+    );
     let metrics = node.http().get(node.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
     assert!(metrics.contains("kalima_bridge_deposits_attested_total"), "bridge metrics missing");
     node.stop().await;
