@@ -209,3 +209,118 @@ async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_
     node.stop().await;
     assert_verifies(&dir, &[]).await;
 }
+
+/// GET on one master, as the admin.
+async fn master_json(c: &kalima_e2e::cluster::TestCluster, id: u64, path: &str) -> (StatusCode, Value) {
+    c.masters[&id].as_ref().expect("running master").get_json(path).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_master_down() {
+    use kalima_e2e::cluster::TestCluster;
+    let anvil = Anvil::spawn(31337);
+    let eth: Vec<_> = (1..=3).map(|i| anvil.signer(i)).collect();
+    let token = anvil.deploy_token().await.expect("deploy token");
+    let bridge = anvil
+        .deploy_bridge(&BridgeConfig {
+            token: *token.address(),
+            relayers: eth.iter().map(|s| s.address()).collect(),
+            threshold: 2,
+            guardian: anvil.signer(9).address(),
+            per_tx_cap: U256::from(1_000 * KLX),
+            window_cap: U256::from(10_000 * KLX),
+            window_seconds: 3600,
+        })
+        .await
+        .expect("deploy bridge");
+    let user = anvil.signer(5).address();
+    token.mint(user, U256::from(500 * KLX)).send().await.expect("mint").get_receipt().await.expect("mined");
+
+    // Each master runs the relayer of one operator: its own device key and Ethereum key.
+    let mut c = TestCluster::start(3, &[]).await;
+    let mut device_keys = Vec::new();
+    for id in 1..=3u64 {
+        c.stop(id).await;
+        let dir = c.dir(id);
+        let key = NodeKey::generate();
+        key.save(&dir.join("relayer.key")).expect("relayer key");
+        let eth_key = &eth[(id - 1) as usize];
+        std::fs::write(dir.join("relayer-eth.key"), format!("0x{}\n", hex::encode(eth_key.to_bytes()))).expect("eth key");
+        let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
+        toml.push_str(&format!(
+            "\n[bridge]\nrelayer_device = \"relayer-{id}\"\nreconcile_interval_ms = 300\n\n[[bridge.chains]]\nname = \"ethereum\"\nchain_id = 31337\nrpc_url = \"{}\"\nbridge = \"{:#x}\"\ntoken = \"{:#x}\"\npoll_interval_ms = 150\nsubmit_delay_ms = 500\n",
+            anvil.endpoint(),
+            bridge.address(),
+            token.address()
+        ));
+        std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+        c.restart(id, &[]).await;
+        device_keys.push(key);
+    }
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(30)).await;
+    let admin = |id: u64| c.masters[&id].as_ref().expect("running master");
+    for (i, key) in device_keys.iter().enumerate() {
+        let (s, v) = admin(1)
+            .post_json("/api/v1/devices", &json!({ "id": format!("relayer-{}", i + 1), "public_key": key.public_hex() }))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    // Configured through another master: the instruction is ordered by the leader.
+    let config = json!({
+        "chain_id": 31337,
+        "bridge": format!("{:#x}", bridge.address()),
+        "token": format!("{:#x}", token.address()),
+        "relayers": (1..=3).map(|i| json!({ "device": format!("relayer-{i}"), "eth_address": format!("{:#x}", eth[i - 1].address()) })).collect::<Vec<_>>(),
+        "threshold": 2,
+        "release_ttl_secs": 3600,
+        "max_withdrawal": (1_000 * KLX).to_string(),
+    });
+    let r = admin(2)
+        .http()
+        .put(admin(2).url("/api/v1/bridge/chains/ethereum"))
+        .bearer_auth(c.token())
+        .json(&config)
+        .send()
+        .await
+        .expect("PUT bridge");
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap_or_default());
+
+    let alice = SigningKey::generate(&mut rand::rngs::OsRng);
+    let account = format!("/api/v1/klx/accounts/{}", AccountKey::of(&alice).to_hex());
+    deposit(&anvil, *token.address(), *bridge.address(), 100 * KLX, &alice).await;
+    for id in 1..=3 {
+        wait_json(admin(id), &anvil, &account, "the mint on every master", |v| v["balance"] == (100 * KLX).to_string())
+            .await;
+    }
+    let (_, rec) = master_json(&c, 1, "/api/v1/bridge/deposits/ethereum/0").await;
+    assert!(rec["record"]["votes"].as_object().is_some_and(|v| v.len() >= 2), "minted on a majority: {rec}");
+
+    // One operator down: the other two still mint and release.
+    c.kill9(3);
+    deposit(&anvil, *token.address(), *bridge.address(), 50 * KLX, &alice).await;
+    let n1 = c.masters[&1].as_ref().expect("running");
+    wait_json(n1, &anvil, &account, "the mint with one relayer down", |v| v["balance"] == (150 * KLX).to_string()).await;
+    let before = erc20(&token, user).await;
+    let w = SignedWithdrawal::sign("kalima-dev", &alice, "ethereum", &format!("{user:#x}"), 30 * KLX, 1);
+    let n2 = c.masters[&2].as_ref().expect("running");
+    let (s, v) = n2.post_json("/api/v1/bridge/withdrawals", &serde_json::to_value(&w).expect("json")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["withdrawal"]["id"].as_str().expect("id").to_string();
+    wait_json(n1, &anvil, &format!("/api/v1/bridge/withdrawals/ethereum/{id}"), "the release", |v| {
+        v["record"]["status"] == "released"
+    })
+    .await;
+    assert_eq!(erc20(&token, user).await, before + 30 * KLX);
+    assert_eq!(erc20(&token, *bridge.address()).await, 120 * KLX);
+
+    // The third master comes back and holds the same balances.
+    c.restart(3, &[]).await;
+    c.wait_converged(1, Duration::from_secs(60)).await;
+    for id in 1..=3 {
+        let (_, v) = master_json(&c, id, &account).await;
+        assert_eq!(v["balance"], (120 * KLX).to_string(), "master {id}: {v}");
+        let (_, s) = master_json(&c, id, "/api/v1/klx/supply").await;
+        assert_eq!((s["minted"].as_str(), s["burned"].as_str()), (Some(&*(150 * KLX).to_string()), Some(&*(30 * KLX).to_string())), "master {id}");
+    }
+    c.check_and_stop(&Default::default()).await;
+}
