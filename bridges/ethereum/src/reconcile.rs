@@ -26,6 +26,8 @@ pub struct Conservation {
     pub circulating: String,
     /// Locked in the bridge contracts at their finalized blocks, base units.
     pub locked: String,
+    /// Locked per bridge, base units, as of the last check.
+    pub locked_by_chain: std::collections::BTreeMap<String, String>,
     /// True when the last check passed.
     pub ok: bool,
     /// The breach found, or why the check could not run.
@@ -118,6 +120,7 @@ impl Reconciler {
             )));
         }
         let mut locked = U256::ZERO;
+        let mut by_chain = std::collections::BTreeMap::new();
         for (name, _) in &bridges {
             let Some((settings, provider, bridge, token)) = self.chains.iter().find(|(s, ..)| &s.name == name) else {
                 return Err(Error::Config(format!(
@@ -129,11 +132,13 @@ impl Reconciler {
             metrics::gauge!("kalima_bridge_locked_klx", "chain" => name.clone())
                 .set(klx(u128::try_from(here).unwrap_or(u128::MAX)));
             locked = locked.saturating_add(here);
+            by_chain.insert(name.clone(), here.to_string());
         }
         {
             let mut last = self.last.write();
             last.circulating = circulating.to_string();
             last.locked = locked.to_string();
+            last.locked_by_chain = by_chain;
         }
         if U256::from(circulating) > locked {
             return Ok(Some(format!(

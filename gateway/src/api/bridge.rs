@@ -138,6 +138,9 @@ pub struct ChainJson {
     pub config: BridgeChain,
     /// Totals (minted, burned, released) and cursors.
     pub totals: BridgeState,
+    /// Locked in the contract at its last final block (base units), as this node's relayer
+    /// last read it; absent when this node runs no relayer for the chain.
+    pub locked: Option<String>,
 }
 
 /// A record and the transaction that holds it (fetch its proof at `GET /api/v1/tx/{id}`).
@@ -222,16 +225,22 @@ async fn latest<T: DeserializeOwned + ToSchema>(
     Ok(Some(Recorded { record, tx_id: hex::encode(c.id), height: c.height }))
 }
 
-/// Every bridged chain with its totals.
+/// Every bridged chain with its totals: minted, burned, released, and locked.
 #[utoipa::path(get, path = "/api/v1/bridge/chains", tag = "bridge",
     responses((status = 200, body = Vec<ChainJson>)), security(("bearer" = [])))]
 pub async fn chains(State(state): State<AppState>, _auth: Auth) -> Json<Vec<ChainJson>> {
     let ledger = Ledger::new(state.chain.memcache());
+    let locked = state.relayer.as_ref().map(|r| r.conservation.read().locked_by_chain.clone()).unwrap_or_default();
     Json(
         ledger
             .bridges()
             .into_iter()
-            .map(|(name, config)| ChainJson { totals: ledger.bridge_state(&name), name, config })
+            .map(|(name, config)| ChainJson {
+                totals: ledger.bridge_state(&name),
+                locked: locked.get(&name).cloned(),
+                name,
+                config,
+            })
             .collect(),
     )
 }

@@ -204,6 +204,8 @@ async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_
         (Some(1), Some(&*(125 * KLX).to_string()), Some(&*(40 * KLX).to_string())),
         "{acme}"
     );
+    let (_, chains) = node.get_json("/api/v1/bridge/chains").await;
+    assert_eq!(chains[0]["locked"], (85 * KLX).to_string(), "locked per chain: {chains}");
     let metrics = node.http().get(node.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
     assert!(metrics.contains("kalima_bridge_deposits_attested_total"), "bridge metrics missing");
     node.stop().await;
@@ -245,7 +247,8 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
         let key = NodeKey::generate();
         key.save(&dir.join("relayer.key")).expect("relayer key");
         let eth_key = &eth[(id - 1) as usize];
-        std::fs::write(dir.join("relayer-eth.key"), format!("0x{}\n", hex::encode(eth_key.to_bytes()))).expect("eth key");
+        std::fs::write(dir.join("relayer-eth.key"), format!("0x{}\n", hex::encode(eth_key.to_bytes())))
+            .expect("eth key");
         let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
         toml.push_str(&format!(
             "\n[bridge]\nrelayer_device = \"relayer-{id}\"\nreconcile_interval_ms = 300\n\n[[bridge.chains]]\nname = \"ethereum\"\nchain_id = 31337\nrpc_url = \"{}\"\nbridge = \"{:#x}\"\ntoken = \"{:#x}\"\npoll_interval_ms = 150\nsubmit_delay_ms = 500\n",
@@ -261,7 +264,10 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
     let admin = |id: u64| c.masters[&id].as_ref().expect("running master");
     for (i, key) in device_keys.iter().enumerate() {
         let (s, v) = admin(1)
-            .post_json("/api/v1/devices", &json!({ "id": format!("relayer-{}", i + 1), "public_key": key.public_hex() }))
+            .post_json(
+                "/api/v1/devices",
+                &json!({ "id": format!("relayer-{}", i + 1), "public_key": key.public_hex() }),
+            )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
     }
@@ -299,7 +305,8 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
     c.kill9(3);
     deposit(&anvil, *token.address(), *bridge.address(), 50 * KLX, &alice).await;
     let n1 = c.masters[&1].as_ref().expect("running");
-    wait_json(n1, &anvil, &account, "the mint with one relayer down", |v| v["balance"] == (150 * KLX).to_string()).await;
+    wait_json(n1, &anvil, &account, "the mint with one relayer down", |v| v["balance"] == (150 * KLX).to_string())
+        .await;
     let before = erc20(&token, user).await;
     let w = SignedWithdrawal::sign("kalima-dev", &alice, "ethereum", &format!("{user:#x}"), 30 * KLX, 1);
     let n2 = c.masters[&2].as_ref().expect("running");
@@ -320,7 +327,11 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
         let (_, v) = master_json(&c, id, &account).await;
         assert_eq!(v["balance"], (120 * KLX).to_string(), "master {id}: {v}");
         let (_, s) = master_json(&c, id, "/api/v1/klx/supply").await;
-        assert_eq!((s["minted"].as_str(), s["burned"].as_str()), (Some(&*(150 * KLX).to_string()), Some(&*(30 * KLX).to_string())), "master {id}");
+        assert_eq!(
+            (s["minted"].as_str(), s["burned"].as_str()),
+            (Some(&*(150 * KLX).to_string()), Some(&*(30 * KLX).to_string())),
+            "master {id}"
+        );
     }
     c.check_and_stop(&Default::default()).await;
 }
