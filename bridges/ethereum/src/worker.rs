@@ -359,22 +359,10 @@ impl ChainWorker {
             tracing::warn!(target: "bridge::ethereum", chain = %name, tx = %tx_hash, reason, "Deposit log ignored.");
             None
         };
-        let Ok(decoded) = log.log_decode::<KlxBridge::Deposit>() else { return ignored("undecodable") };
-        let e = decoded.inner.data;
-        if e.token != self.token {
-            return ignored("token");
+        match decode_deposit(log, self.token, tx_hash, block_number, log_index) {
+            Ok(d) => Some(d),
+            Err(reason) => ignored(reason),
         }
-        let Ok(amount) = u128::try_from(e.amount) else { return ignored("amount") };
-        Some(Deposit {
-            nonce: e.nonce,
-            tx_hash: format!("{tx_hash:#x}"),
-            log_index,
-            block_number,
-            from: format!("{:#x}", e.from),
-            recipient: hex::encode(e.mainchainRecipient),
-            amount,
-            token: format!("{:#x}", e.token),
-        })
     }
 
     /// Submits one instruction; a refusal saying it is already done counts as done.
@@ -681,6 +669,32 @@ pub(crate) async fn locked_at(
     token.balanceOf(bridge).block(BlockId::number(block)).call().await.map_err(|e| Error::rpc(chain, e))
 }
 
+/// The deposit a `Deposit` log of the bridge says, or why it is not one to mint (a metrics
+/// label): undecodable, another token, an amount over 128 bits.
+fn decode_deposit(
+    log: &Log,
+    token: Address,
+    tx_hash: B256,
+    block_number: u64,
+    log_index: u64,
+) -> std::result::Result<Deposit, &'static str> {
+    let e = log.log_decode::<KlxBridge::Deposit>().map_err(|_| "undecodable")?.inner.data;
+    if e.token != token {
+        return Err("token");
+    }
+    let amount = u128::try_from(e.amount).map_err(|_| "amount")?;
+    Ok(Deposit {
+        nonce: e.nonce,
+        tx_hash: format!("{tx_hash:#x}"),
+        log_index,
+        block_number,
+        from: format!("{:#x}", e.from),
+        recipient: hex::encode(e.mainchainRecipient),
+        amount,
+        token: format!("{:#x}", e.token),
+    })
+}
+
 /// A deposit found in a source transaction, and whether it is final yet.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FoundDeposit {
@@ -711,27 +725,9 @@ pub async fn deposits_in_tx(settings: &ChainSettings, tx_hash: &str) -> Result<V
         if log.address() != bridge || log.topic0() != Some(&KlxBridge::Deposit::SIGNATURE_HASH) || log.removed {
             continue;
         }
-        let Ok(decoded) = log.log_decode::<KlxBridge::Deposit>() else { continue };
-        let e = decoded.inner.data;
         let (Some(block_number), Some(log_index)) = (log.block_number, log.log_index) else { continue };
-        if e.token != token {
-            continue;
-        }
-        let Ok(amount) = u128::try_from(e.amount) else { continue };
-        found.push(FoundDeposit {
-            deposit: Deposit {
-                nonce: e.nonce,
-                tx_hash: format!("{hash:#x}"),
-                log_index,
-                block_number,
-                from: format!("{:#x}", e.from),
-                recipient: hex::encode(e.mainchainRecipient),
-                amount,
-                token: format!("{:#x}", e.token),
-            },
-            finalized: block_number <= safe,
-            safe_block: safe,
-        });
+        let Ok(deposit) = decode_deposit(log, token, hash, block_number, log_index) else { continue };
+        found.push(FoundDeposit { deposit, finalized: block_number <= safe, safe_block: safe });
     }
     Ok(found)
 }

@@ -40,6 +40,53 @@ async fn erc20(token: &KlxTokenInstance<alloy::providers::DynProvider>, who: Add
     u128::try_from(token.balanceOf(who).call().await.expect("balanceOf")).expect("fits")
 }
 
+/// Token and bridge on `anvil` with `relayers` and `threshold`; the user (dev account 5)
+/// holds 500 KLX.
+async fn deploy(
+    anvil: &Anvil,
+    relayers: Vec<Address>,
+    threshold: u64,
+) -> (KlxTokenInstance<alloy::providers::DynProvider>, KlxBridgeInstance<alloy::providers::DynProvider>, Address) {
+    let token = anvil.deploy_token().await.expect("deploy token");
+    let bridge = anvil
+        .deploy_bridge(&BridgeConfig {
+            token: *token.address(),
+            relayers,
+            threshold,
+            guardian: anvil.signer(9).address(),
+            per_tx_cap: U256::from(1_000 * KLX),
+            window_cap: U256::from(10_000 * KLX),
+            window_seconds: 3600,
+        })
+        .await
+        .expect("deploy bridge");
+    let user = anvil.signer(5).address();
+    token.mint(user, U256::from(500 * KLX)).send().await.expect("mint").get_receipt().await.expect("mined");
+    (token, bridge, user)
+}
+
+/// Gives the node in `dir` the relayer `device` with a fresh device key and Ethereum key
+/// `eth`, serving `bridge` on `anvil`; returns the device key.
+fn add_relayer(
+    dir: &std::path::Path,
+    device: &str,
+    eth: &alloy::signers::local::PrivateKeySigner,
+    anvil: &Anvil,
+    token: Address,
+    bridge: Address,
+) -> NodeKey {
+    let key = NodeKey::generate();
+    key.save(&dir.join("relayer.key")).expect("relayer key");
+    std::fs::write(dir.join("relayer-eth.key"), format!("0x{}\n", hex::encode(eth.to_bytes()))).expect("eth key");
+    let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
+    toml.push_str(&format!(
+        "\n[bridge]\nrelayer_device = \"{device}\"\nreconcile_interval_ms = 300\n\n[[bridge.chains]]\nname = \"ethereum\"\nchain_id = 31337\nrpc_url = \"{}\"\nbridge = \"{bridge:#x}\"\ntoken = \"{token:#x}\"\npoll_interval_ms = 150\nsubmit_delay_ms = 500\n",
+        anvil.endpoint(),
+    ));
+    std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+    key
+}
+
 /// Polls `GET path` until `done` holds for the JSON answer; mines blocks meanwhile so the
 /// relayer's finalized head moves.
 async fn wait_json(node: &Node, anvil: &Anvil, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -59,38 +106,13 @@ async fn wait_json(node: &Node, anvil: &Anvil, path: &str, what: &str, done: imp
 async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_nothing_twice() {
     let anvil = Anvil::spawn(31337);
     let relayer_eth = anvil.signer(1);
-    let token = anvil.deploy_token().await.expect("deploy token");
-    let bridge = anvil
-        .deploy_bridge(&BridgeConfig {
-            token: *token.address(),
-            relayers: vec![relayer_eth.address()],
-            threshold: 1,
-            guardian: anvil.signer(9).address(),
-            per_tx_cap: U256::from(1_000 * KLX),
-            window_cap: U256::from(10_000 * KLX),
-            window_seconds: 3600,
-        })
-        .await
-        .expect("deploy bridge");
-    let user = anvil.signer(5).address();
-    token.mint(user, U256::from(500 * KLX)).send().await.expect("mint").get_receipt().await.expect("mined");
+    let (token, bridge, user) = deploy(&anvil, vec![relayer_eth.address()], 1).await;
 
     // The node, with its relayer's keys in the data directory.
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("data");
     Node::init(&dir).await;
-    let relayer_key = NodeKey::generate();
-    relayer_key.save(&dir.join("relayer.key")).expect("relayer key");
-    std::fs::write(dir.join("relayer-eth.key"), format!("0x{}\n", hex::encode(relayer_eth.to_bytes())))
-        .expect("eth key");
-    let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
-    toml.push_str(&format!(
-        "\n[bridge]\nrelayer_device = \"relayer-1\"\nreconcile_interval_ms = 300\n\n[[bridge.chains]]\nname = \"ethereum\"\nchain_id = 31337\nrpc_url = \"{}\"\nbridge = \"{:#x}\"\ntoken = \"{:#x}\"\npoll_interval_ms = 150\nsubmit_delay_ms = 500\n",
-        anvil.endpoint(),
-        bridge.address(),
-        token.address()
-    ));
-    std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+    let relayer_key = add_relayer(&dir, "relayer-1", &relayer_eth, &anvil, *token.address(), *bridge.address());
     let node = Node::start(&dir, &[]).await;
 
     // The admin registers the relayer device and configures the bridge (1 of 1 here).
@@ -222,41 +244,16 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
     use kalima_e2e::cluster::TestCluster;
     let anvil = Anvil::spawn(31337);
     let eth: Vec<_> = (1..=3).map(|i| anvil.signer(i)).collect();
-    let token = anvil.deploy_token().await.expect("deploy token");
-    let bridge = anvil
-        .deploy_bridge(&BridgeConfig {
-            token: *token.address(),
-            relayers: eth.iter().map(|s| s.address()).collect(),
-            threshold: 2,
-            guardian: anvil.signer(9).address(),
-            per_tx_cap: U256::from(1_000 * KLX),
-            window_cap: U256::from(10_000 * KLX),
-            window_seconds: 3600,
-        })
-        .await
-        .expect("deploy bridge");
-    let user = anvil.signer(5).address();
-    token.mint(user, U256::from(500 * KLX)).send().await.expect("mint").get_receipt().await.expect("mined");
+    let (token, bridge, user) = deploy(&anvil, eth.iter().map(|s| s.address()).collect(), 2).await;
 
     // Each master runs the relayer of one operator: its own device key and Ethereum key.
     let mut c = TestCluster::start(3, &[]).await;
     let mut device_keys = Vec::new();
     for id in 1..=3u64 {
         c.stop(id).await;
-        let dir = c.dir(id);
-        let key = NodeKey::generate();
-        key.save(&dir.join("relayer.key")).expect("relayer key");
         let eth_key = &eth[(id - 1) as usize];
-        std::fs::write(dir.join("relayer-eth.key"), format!("0x{}\n", hex::encode(eth_key.to_bytes())))
-            .expect("eth key");
-        let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
-        toml.push_str(&format!(
-            "\n[bridge]\nrelayer_device = \"relayer-{id}\"\nreconcile_interval_ms = 300\n\n[[bridge.chains]]\nname = \"ethereum\"\nchain_id = 31337\nrpc_url = \"{}\"\nbridge = \"{:#x}\"\ntoken = \"{:#x}\"\npoll_interval_ms = 150\nsubmit_delay_ms = 500\n",
-            anvil.endpoint(),
-            bridge.address(),
-            token.address()
-        ));
-        std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+        let key =
+            add_relayer(&c.dir(id), &format!("relayer-{id}"), eth_key, &anvil, *token.address(), *bridge.address());
         c.restart(id, &[]).await;
         device_keys.push(key);
     }
