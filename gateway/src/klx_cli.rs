@@ -370,7 +370,7 @@ pub async fn run_klx(cmd: KlxCommand) -> anyhow::Result<ExitCode> {
             let to = parse_account(&to)?;
             let amount = amount.base_units()?;
             let client = NodeClient::new(&node)?;
-            let chain = client.chain_name(chain).await?;
+            let chain = client.chain_name(chain, &AccountKey::of(&key)).await?;
             let nonce = client.next_nonce(&AccountKey::of(&key)).await?;
             let transfer = SignedTransfer::sign(&chain, &key, &to, amount, nonce);
             print_json(&client.post("/api/v1/klx/transfers", &transfer).await?)?;
@@ -381,7 +381,7 @@ pub async fn run_klx(cmd: KlxCommand) -> anyhow::Result<ExitCode> {
             check_eth_address(&to)?;
             let amount = amount.base_units()?;
             let client = NodeClient::new(&node)?;
-            let chain = client.chain_name(chain).await?;
+            let chain = client.chain_name(chain, &AccountKey::of(&key)).await?;
             let nonce = client.next_nonce(&AccountKey::of(&key)).await?;
             let withdrawal = SignedWithdrawal::sign(&chain, &key, &bridge, &to, amount, nonce);
             let answer = client.post("/api/v1/bridge/withdrawals", &withdrawal).await?;
@@ -589,24 +589,17 @@ impl NodeClient {
             .into())
     }
 
-    /// `given`, else the chain name in the node's latest checkpoint.
-    async fn chain_name(&self, given: Option<String>) -> anyhow::Result<String> {
+    /// `given`, else the chain name the node reports with every account (the name holder
+    /// signatures are bound to).
+    async fn chain_name(&self, given: Option<String>, account: &AccountKey) -> anyhow::Result<String> {
         if let Some(chain) = given {
             return Ok(chain);
         }
-        match self.get("/api/v1/checkpoints/latest").await {
-            Ok(cp) => cp
-                .get("chain")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .context("the node's checkpoint names no chain; pass --chain"),
-            Err(e) if e.downcast_ref::<NodeError>().is_some_and(|n| n.status == 404) => {
-                bail!(
-                    "the node has signed no checkpoint yet, so its chain name is unknown: pass --chain ([node] chain)"
-                )
-            }
-            Err(e) => Err(e.context("reading the chain name from the node (or pass --chain)")),
-        }
+        let answer = self
+            .get(&format!("/api/v1/klx/accounts/{}", account.to_hex()))
+            .await
+            .context("reading the chain name from the node (or pass --chain)")?;
+        answer.get("chain").and_then(Value::as_str).map(str::to_string).context("the node names no chain; pass --chain")
     }
 
     /// The nonce the account's next instruction must carry.

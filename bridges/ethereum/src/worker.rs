@@ -128,11 +128,14 @@ impl ChainWorker {
         for name in [
             "kalima_bridge_deposits_attested_total",
             "kalima_bridge_release_signatures_total",
-            "kalima_bridge_round_errors_total",
             "kalima_bridge_halts_total",
             "kalima_bridge_bad_signatures_total",
         ] {
             metrics::counter!(name, "chain" => chain_label.clone()).increment(0);
+        }
+        for kind in ["rpc", "config"] {
+            metrics::counter!("kalima_bridge_round_errors_total", "chain" => chain_label.clone(), "kind" => kind)
+                .increment(0);
         }
         metrics::gauge!("kalima_bridge_halted", "chain" => chain_label).set(0.0);
         status.write().insert(
@@ -166,7 +169,9 @@ impl ChainWorker {
                     interval
                 }
                 Err(e) => {
-                    metrics::counter!("kalima_bridge_round_errors_total", "chain" => name.clone()).increment(1);
+                    let kind = if matches!(e, Error::Rpc { .. }) { "rpc" } else { "config" };
+                    metrics::counter!("kalima_bridge_round_errors_total", "chain" => name.clone(), "kind" => kind)
+                        .increment(1);
                     tracing::warn!(target: "bridge::ethereum", chain = %name, error = %format!("{e:#}"), "Relayer round failed.");
                     if matches!(e, Error::Rpc { .. }) {
                         // Back off on a failing RPC node, up to a minute.

@@ -31,6 +31,8 @@ pub struct AccountJson {
     pub balance: String,
     /// Instructions it signed; the next must carry `nonce + 1`.
     pub nonce: u64,
+    /// The chain name its signatures are bound to (see `openapi/ENCODING.md`).
+    pub chain: String,
 }
 
 /// Native supply, in base units.
@@ -65,7 +67,12 @@ pub async fn account(
 ) -> Result<Json<AccountJson>, ApiError> {
     let key = AccountKey::from_hex(&account).map_err(kalima_core::Rejection::from)?;
     let a = Ledger::new(state.chain.memcache()).account(&key);
-    Ok(Json(AccountJson { account: key.to_hex(), balance: a.balance.to_string(), nonce: a.nonce }))
+    Ok(Json(AccountJson {
+        account: key.to_hex(),
+        balance: a.balance.to_string(),
+        nonce: a.nonce,
+        chain: state.chain.config().chain.clone(),
+    }))
 }
 
 /// The native supply.

@@ -215,8 +215,11 @@ async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_
         (Some(&*(125 * KLX).to_string()), Some(&*(40 * KLX).to_string()), Some(&*(40 * KLX).to_string())),
         "{chains}"
     );
+    // The release is final once the relayer reads 85 locked at its final block.
     let status = wait_json(&node, &anvil, "/api/v1/bridge/status", "a passing conservation check", |v| {
-        v["conservation"]["ok"] == true && v["conservation"]["circulating"] == (85 * KLX).to_string()
+        v["conservation"]["ok"] == true
+            && v["conservation"]["circulating"] == (85 * KLX).to_string()
+            && v["conservation"]["locked_by_chain"]["ethereum"] == (85 * KLX).to_string()
     })
     .await;
     assert_eq!(status["chains"][0]["halted"], Value::Null);
@@ -229,7 +232,15 @@ async fn an_exchange_bridges_klx_both_ways_through_the_node_and_a_restart_mints_
     let (_, chains) = node.get_json("/api/v1/bridge/chains").await;
     assert_eq!(chains[0]["locked"], (85 * KLX).to_string(), "locked per chain: {chains}");
     let metrics = node.http().get(node.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
-    assert!(metrics.contains("kalima_bridge_deposits_attested_total"), "bridge metrics missing");
+    // Every series the bridge alert rules use is exported by a relayer node.
+    let rules = std::fs::read_to_string(kalima_e2e::workspace_root().join("dashboards/prometheus-bridge-alerts.yml"))
+        .expect("reading the bridge alert rules");
+    let used: std::collections::BTreeSet<&str> =
+        rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("kalima_")).collect();
+    assert!(used.len() >= 4, "the rules name {used:?}");
+    for series in used {
+        assert!(metrics.contains(series), "the bridge alert rules use {series}, which /metrics does not export");
+    }
     node.stop().await;
     assert_verifies(&dir, &[]).await;
 }
