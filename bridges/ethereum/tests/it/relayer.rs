@@ -477,3 +477,55 @@ async fn a_withdrawal_never_released_before_its_expiry_is_refunded_and_cannot_be
         r.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_conservation_check_halts_the_bridge_when_the_native_ledger_is_tampered_with() {
+    use kalima_core::ledger::{ACCOUNTS_ADDRESS, Account};
+    use kalima_core::tx::{Transaction, TxContent};
+    let s = Setup::start(&[("ethereum", 31337)]).await;
+    let relayers: Vec<Relayer> = (0..3).map(|i| s.relayer(i)).collect();
+    let e = &s.evms[0];
+    let alice = account();
+    e.deposit(50 * KLX, &alice).await;
+    e.finalize().await;
+    s.wait_native(&alice, 50 * KLX).await;
+    wait_for(PATIENCE, "a passing conservation check", || relayers[0].conservation.read().ok.then_some(()), || {
+        format!("{:?}", relayers[0].conservation.read())
+    })
+    .await;
+
+    // Mallory's balance appears in the node's memory without any mint on the chain, as a
+    // corrupted or compromised node would hold it.
+    let mallory = account();
+    let forged = Account { balance: 1_000 * KLX, nonce: 0 };
+    let tx = Transaction {
+        global_sequence: u64::MAX,
+        sequence: 1,
+        timestamp_ms: 0,
+        previous: [0; 32],
+        content: TxContent {
+            device_id: "_node".into(),
+            address: ACCOUNTS_ADDRESS.into(),
+            key: AccountKey::of(&mallory).to_hex(),
+            body: serde_json::to_vec(&forged).expect("json"),
+            ..TxContent::default()
+        },
+    };
+    let committed = Arc::new(kalima_core::CommittedTx { id: tx.id(), tx, height: 0 });
+    s.t.chain.memcache().apply([&committed]);
+    assert_eq!(s.native(&mallory), 1_000 * KLX);
+
+    let halted = wait_for(PATIENCE, "the bridge to halt", || s.ledger().bridge_state("ethereum").halted, || {
+        format!("{:?}", relayers[0].conservation.read())
+    })
+    .await;
+    assert!(halted.reason.contains("balances sum"), "{}", halted.reason);
+    // Mallory cannot take the forged KLX out through the bridge.
+    let w = SignedWithdrawal::sign(CHAIN, &mallory, "ethereum", &format!("{:#x}", e.user), 10 * KLX, 1);
+    let refused = s.t.ledger(LedgerOp::Withdraw(w).instruction("wallet", String::new())).await;
+    assert!(refused.is_err(), "a withdrawal of forged KLX was accepted");
+    assert_eq!(e.locked().await, 50 * KLX);
+    for r in relayers {
+        r.shutdown().await;
+    }
+}
