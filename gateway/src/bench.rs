@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Lorawan(crate::bench_lorawan::LorawanArgs),
     /// Masters on this machine: committed transactions/s, commit latency, leader failover.
     Cluster(crate::bench_cluster::ClusterArgs),
+    /// Holder-signed KLX transfers over REST: committed transfers/s and latency.
+    Klx(crate::bench_klx::KlxArgs),
     /// The simulated Modbus devices of `bench modbus` (run in their own process).
     #[command(hide = true)]
     ModbusSim(crate::bench_modbus::SimArgs),
@@ -86,6 +88,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Lorawan(a) => crate::bench_lorawan::run(a).await,
         BenchCommand::Mqtt(a) => crate::bench_mqtt::run(a).await,
         BenchCommand::Cluster(a) => crate::bench_cluster::run(a).await,
+        BenchCommand::Klx(a) => crate::bench_klx::run(a).await,
         BenchCommand::ModbusSim(a) => crate::bench_modbus::serve(a).await,
     }
 }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_klx;
 pub mod bench_lorawan;
 pub mod bench_modbus;
 pub mod bench_mqtt;

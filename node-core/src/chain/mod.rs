@@ -98,6 +98,15 @@ pub enum Guard {
     Ledger,
 }
 
+impl Guard {
+    /// True for registry changes: writes ordered after one in the same commit would be
+    /// checked against the registry as it was before it, so it ends its commit. Ledger
+    /// instructions see earlier ones of the same commit, so they do not.
+    pub(crate) fn ends_group(guard: &Option<Guard>) -> bool {
+        matches!(guard, Some(Guard::DeviceAbsent(_) | Guard::DevicePresent(_)))
+    }
+}
+
 /// A proposal waiting for the sequencer, with the writer to answer.
 pub(crate) struct Submission {
     pub(crate) proposal: Proposal,

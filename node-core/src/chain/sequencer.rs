@@ -54,7 +54,7 @@ impl Sequencer {
             }
             // A guarded submission (registration, grant, revocation) ends its group: writes
             // queued behind it are checked against the registry it changes.
-            while n < max && subs.last().is_none_or(|s| s.proposal.guard.is_none()) {
+            while n < max && subs.last().is_none_or(|s| !crate::chain::Guard::ends_group(&s.proposal.guard)) {
                 match self.rx.try_recv() {
                     Ok(s) => {
                         n += s.proposal.items.len();

@@ -75,7 +75,7 @@ pub(super) async fn run(mut p: Proposer) {
             subs.push(s);
         }
         // A guarded submission ends its group, as on a single node.
-        while n < p.max_commit && subs.last().is_none_or(|s| s.proposal.guard.is_none()) {
+        while n < p.max_commit && subs.last().is_none_or(|s| !crate::chain::Guard::ends_group(&s.proposal.guard)) {
             match p.rx.try_recv() {
                 Ok(s) => {
                     n += s.proposal.items.len();

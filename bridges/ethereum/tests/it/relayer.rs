@@ -489,9 +489,12 @@ async fn the_conservation_check_halts_the_bridge_when_the_native_ledger_is_tampe
     e.deposit(50 * KLX, &alice).await;
     e.finalize().await;
     s.wait_native(&alice, 50 * KLX).await;
-    wait_for(PATIENCE, "a passing conservation check", || relayers[0].conservation.read().ok.then_some(()), || {
-        format!("{:?}", relayers[0].conservation.read())
-    })
+    wait_for(
+        PATIENCE,
+        "a passing conservation check",
+        || relayers[0].conservation.read().ok.then_some(()),
+        || format!("{:?}", relayers[0].conservation.read()),
+    )
     .await;
 
     // Mallory's balance appears in the node's memory without any mint on the chain, as a
@@ -515,9 +518,12 @@ async fn the_conservation_check_halts_the_bridge_when_the_native_ledger_is_tampe
     s.t.chain.memcache().apply([&committed]);
     assert_eq!(s.native(&mallory), 1_000 * KLX);
 
-    let halted = wait_for(PATIENCE, "the bridge to halt", || s.ledger().bridge_state("ethereum").halted, || {
-        format!("{:?}", relayers[0].conservation.read())
-    })
+    let halted = wait_for(
+        PATIENCE,
+        "the bridge to halt",
+        || s.ledger().bridge_state("ethereum").halted,
+        || format!("{:?}", relayers[0].conservation.read()),
+    )
     .await;
     assert!(halted.reason.contains("balances sum"), "{}", halted.reason);
     // Mallory cannot take the forged KLX out through the bridge.
