@@ -137,6 +137,7 @@ pub async fn verify_chain_with(
     let mut signers = Signers::default();
     let mut claims: Vec<(u64, u64, String)> = Vec::new();
     let mut expected_index = IndexDigest::random();
+    let mut ledger = crate::ledger::Audit::default();
     // A running node keeps committing: verify the chain up to the head seen now, and only the
     // checkpoints made by then.
     let Some(snapshot) = store.latest_raw_block().await? else {
@@ -236,6 +237,7 @@ pub async fn verify_chain_with(
             report.bytes += raw.stored_len() as u64;
             for c in &txs {
                 signers.check(chain, c).map_err(|reason| corrupt(header.height, reason))?;
+                ledger.observe(c).map_err(|reason| corrupt(header.height, reason))?;
                 if c.tx.content.address == crate::cluster::cosign::CHECKPOINTS_ADDRESS {
                     let claim = cosigned_claim(chain, c, &trusts).map_err(|reason| corrupt(header.height, reason))?;
                     claims.push(claim);
@@ -297,6 +299,9 @@ pub async fn verify_chain_with(
             format!("index {table} does not match the transactions ({rows} rows stored, {expected} expected)"),
         ));
     }
+    // Commits write all their blocks at once, so the head read above ends a commit: the
+    // ledger's records must add up there.
+    ledger.check().map_err(|reason| corrupt(last_height, reason))?;
     // A co-signed checkpoint names a block by height: it must have that tree size and root.
     for (height, tree_size, root) in &claims {
         let b = store.block(*height).await?;

@@ -9,11 +9,13 @@
 //! them. The memcache holds the current records; this module reads them back.
 
 mod apply;
+mod audit;
 mod error;
 mod ops;
 mod records;
 
 pub(crate) use apply::{Context as LedgerContext, Overlay, expand};
+pub(crate) use audit::Audit;
 pub use error::LedgerError;
 pub use ops::{
     AccountKey, LedgerOp, SignedTransfer, SignedWithdrawal, account_signing_bytes, relayer_instruction, withdrawal_id,

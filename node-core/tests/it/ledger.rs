@@ -575,3 +575,45 @@ async fn exchanges_register_their_addresses_within_the_limits_and_see_their_flow
     assert!(matches!(ledger_refusal(b.admin(register("one-too-many", "exchange-a")).await), LedgerError::Invalid(_)));
     b.assert_conserved();
 }
+
+#[tokio::test]
+async fn verify_replays_the_ledger_and_finds_it_adds_up() {
+    let b = with_wallet(3, 2).await;
+    let (alice, bob) = (account(), account());
+    for (n, who, amount) in [(0, &alice, 10 * KLX), (1, &bob, 5 * KLX)] {
+        b.attest(0, &deposit(n, who, amount)).await.expect("vote");
+        b.attest(1, &deposit(n, who, amount)).await.expect("vote");
+    }
+    b.holder(LedgerOp::Transfer(SignedTransfer::sign(CHAIN, &alice, &AccountKey::of(&bob), 3 * KLX, 1)))
+        .await
+        .expect("transfer");
+    let w = SignedWithdrawal::sign(CHAIN, &bob, "eth", "0x3c44cdddb6a900fa2b585dd299e03d12fa4293bc", 2 * KLX, 1);
+    b.holder(LedgerOp::Withdraw(w)).await.expect("withdrawal");
+    let report = kalima_core::verify::verify_chain(b.t.chain.store(), CHAIN, |_| {}).await.expect("the chain verifies");
+    assert!(report.transactions > 20, "{report:?}");
+}
+
+#[tokio::test]
+async fn verify_finds_a_balance_that_no_mint_explains() {
+    use kalima_core::ledger::{ACCOUNTS_ADDRESS, Account};
+    use kalima_core::tx::TxContent;
+    for (writer, expected) in [("_node", "balances sum"), (ADMIN_ID, "not by the node")] {
+        let b = with_wallet(3, 2).await;
+        let alice = account();
+        b.attest(0, &deposit(0, &alice, 10 * KLX)).await.expect("vote");
+        b.attest(1, &deposit(0, &alice, 10 * KLX)).await.expect("vote");
+        // A balance record that did not come from a ledger instruction (the write path
+        // refuses system addresses; a bug or a compromised node inside it would not).
+        let forged = TxContent {
+            device_id: writer.into(),
+            address: ACCOUNTS_ADDRESS.into(),
+            key: AccountKey::of(&account()).to_hex(),
+            body: serde_json::to_vec(&Account { balance: 1_000 * KLX, nonce: 0 }).expect("json"),
+            ..TxContent::default()
+        };
+        b.t.chain.submit(vec![forged], None).await.expect("stored");
+        let err =
+            kalima_core::verify::verify_chain(b.t.chain.store(), CHAIN, |_| {}).await.expect_err("must not verify");
+        assert!(err.to_string().contains(expected), "{writer}: {err}");
+    }
+}
