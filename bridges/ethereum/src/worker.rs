@@ -42,6 +42,9 @@ use crate::contracts::{KlxBridge, recover_signer, release_digest, sign_release, 
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 
+/// Longest wait for a sent release to be mined.
+const RECEIPT_WAIT: Duration = Duration::from_secs(120);
+
 /// What a relayer reports about one chain (`GET /api/v1/bridge/status`).
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct ChainStatus {
@@ -562,7 +565,12 @@ impl ChainWorker {
             .send()
             .await
             .map_err(|e| Error::rpc(&name, format!("release {}: {e}", w.id)))?;
-        let receipt = pending.get_receipt().await.map_err(|e| Error::rpc(&name, e))?;
+        // A release that does not mine in time is looked at again next round: `released`
+        // tells whether it landed, and the chain refuses a second release of the same id.
+        let receipt = tokio::time::timeout(RECEIPT_WAIT, pending.get_receipt())
+            .await
+            .map_err(|_| Error::rpc(&name, format!("release {} not mined within {RECEIPT_WAIT:?}", w.id)))?
+            .map_err(|e| Error::rpc(&name, e))?;
         let outcome = if receipt.status() { "mined" } else { "reverted" };
         metrics::counter!("kalima_bridge_releases_sent_total", "chain" => name.clone(), "outcome" => outcome)
             .increment(1);

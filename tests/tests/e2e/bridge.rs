@@ -269,6 +269,8 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
         device_keys.push(key);
     }
     c.wait_leader(&[1, 2, 3], Duration::from_secs(30)).await;
+    // Every master holds genesis (and so the admin device) before the admin calls it.
+    c.wait_converged(0, Duration::from_secs(60)).await;
     let admin = |id: u64| c.masters[&id].as_ref().expect("running master");
     for (i, key) in device_keys.iter().enumerate() {
         let (s, v) = admin(1)
