@@ -93,6 +93,22 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// What a load worker measured: latencies (µs), completed operations, errors.
+pub(crate) type WorkerResult = (Histogram<u64>, u64, u64);
+
+/// Waits for every load worker and adds up what they measured.
+pub(crate) async fn join_workers(workers: Vec<tokio::task::JoinHandle<WorkerResult>>) -> anyhow::Result<WorkerResult> {
+    let mut hist = Histogram::<u64>::new(3)?;
+    let (mut done, mut errors) = (0u64, 0u64);
+    for w in workers {
+        let (h, d, e) = w.await?;
+        hist.add(h)?;
+        done += d;
+        errors += e;
+    }
+    Ok((hist, done, errors))
+}
+
 fn reading(worker: usize, i: u64, keys: usize) -> serde_json::Value {
     let k = (i as usize + worker * 7919) % keys.max(1);
     json!({ "address": format!("/bench/line-{}", k % 16), "key": format!("sensor-{k}"), "body": { "value": i % 1000, "unit": "C" } })
@@ -220,14 +236,7 @@ pub(crate) async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
             (hist, readings, errors)
         }));
     }
-    let mut hist = Histogram::<u64>::new(3)?;
-    let (mut readings, mut errors) = (0u64, 0u64);
-    for w in workers {
-        let (h, r, e) = w.await?;
-        hist.add(h)?;
-        readings += r;
-        errors += e;
-    }
+    let (hist, readings, errors) = join_workers(workers).await?;
     let secs = started.elapsed().as_secs_f64();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(

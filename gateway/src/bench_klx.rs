@@ -125,14 +125,7 @@ pub async fn run(a: KlxArgs) -> anyhow::Result<()> {
             (hist, done, errors)
         }));
     }
-    let mut hist = Histogram::<u64>::new(3)?;
-    let (mut done, mut errors) = (0u64, 0u64);
-    for w in workers {
-        let (h, d, e) = w.await?;
-        hist.add(h)?;
-        done += d;
-        errors += e;
-    }
+    let (hist, done, errors) = crate::bench::join_workers(workers).await?;
     let secs = started.elapsed().as_secs_f64();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(

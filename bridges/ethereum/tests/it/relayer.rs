@@ -197,6 +197,19 @@ impl Setup {
         .await;
     }
 
+    /// Deposits `amount` on `evm` for `to`, makes it final, and waits for the mint.
+    async fn deposit_minted(&self, evm: &Evm, amount: u128, to: &SigningKey) {
+        let want = self.native(to) + amount;
+        evm.deposit(amount, to).await;
+        evm.finalize().await;
+        self.wait_native(to, want).await;
+    }
+
+    /// The three relayers, each serving every chain.
+    fn relayers(&self) -> Vec<Relayer> {
+        (0..3).map(|i| self.relayer(i)).collect()
+    }
+
     async fn withdraw(&self, from: &SigningKey, bridge: &str, to: Address, amount: u128) -> String {
         let nonce = self.ledger().account(&AccountKey::of(from)).nonce + 1;
         let w = SignedWithdrawal::sign(CHAIN, from, bridge, &format!("{to:#x}"), amount, nonce);
@@ -232,7 +245,7 @@ fn account() -> SigningKey {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn klx_crosses_to_the_chain_and_back_with_balances_matching_on_both_sides() {
     let s = Setup::start(&[("ethereum", 31337)]).await;
-    let relayers: Vec<Relayer> = (0..3).map(|i| s.relayer(i)).collect();
+    let relayers = s.relayers();
     let e = &s.evms[0];
     let alice = account();
 
@@ -269,7 +282,7 @@ async fn klx_crosses_to_the_chain_and_back_with_balances_matching_on_both_sides(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deposit_reorged_away_before_finality_is_never_minted() {
     let s = Setup::start(&[("ethereum", 31337)]).await;
-    let relayers: Vec<Relayer> = (0..3).map(|i| s.relayer(i)).collect();
+    let relayers = s.relayers();
     let e = &s.evms[0];
     let (alice, bob) = (account(), account());
     let before = e.balance(e.user).await;
@@ -286,9 +299,7 @@ async fn a_deposit_reorged_away_before_finality_is_never_minted() {
 
     // A later deposit (nonce 0 again, since the first never happened) is minted; the
     // reorged one never is.
-    e.deposit(3 * KLX, &bob).await;
-    e.finalize().await;
-    s.wait_native(&bob, 3 * KLX).await;
+    s.deposit_minted(e, 3 * KLX, &bob).await;
     e.finalize().await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(s.native(&alice), 0, "the reorged deposit was minted");
@@ -345,7 +356,7 @@ async fn a_relayer_killed_mid_flight_and_restarted_mints_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_chains_at_once_keep_separate_totals_and_conservation_holds_across_them() {
     let s = Setup::start(&[("ethereum", 31337), ("polygon", 31338)]).await;
-    let relayers: Vec<Relayer> = (0..3).map(|i| s.relayer(i)).collect();
+    let relayers = s.relayers();
     let (eth, pol) = (&s.evms[0], &s.evms[1]);
     let alice = account();
     eth.deposit(30 * KLX, &alice).await;
@@ -374,12 +385,10 @@ async fn two_chains_at_once_keep_separate_totals_and_conservation_holds_across_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_conservation_check_halts_the_bridge_when_locked_funds_go_missing() {
     let s = Setup::start(&[("ethereum", 31337)]).await;
-    let relayers: Vec<Relayer> = (0..3).map(|i| s.relayer(i)).collect();
+    let relayers = s.relayers();
     let e = &s.evms[0];
     let alice = account();
-    e.deposit(50 * KLX, &alice).await;
-    e.finalize().await;
-    s.wait_native(&alice, 50 * KLX).await;
+    s.deposit_minted(e, 50 * KLX, &alice).await;
 
     // Tamper with the token ledger: the bridge's balance (OpenZeppelin ERC20 `_balances`, slot
     // 0) drops to 10 KLX, as if locked funds were drained.
@@ -425,9 +434,7 @@ async fn a_withdrawal_never_released_before_its_expiry_is_refunded_and_cannot_be
         .expect("short ttl");
     let relayers: Vec<Relayer> = (0..3).map(|i| s.signing_only_relayer(i)).collect();
     let alice = account();
-    e.deposit(20 * KLX, &alice).await;
-    e.finalize().await;
-    s.wait_native(&alice, 20 * KLX).await;
+    s.deposit_minted(e, 20 * KLX, &alice).await;
     let before = e.balance(e.user).await;
 
     let id = s.withdraw(&alice, "ethereum", e.user, 8 * KLX).await;
@@ -483,12 +490,10 @@ async fn the_conservation_check_halts_the_bridge_when_the_native_ledger_is_tampe
     use kalima_core::ledger::{ACCOUNTS_ADDRESS, Account};
     use kalima_core::tx::{Transaction, TxContent};
     let s = Setup::start(&[("ethereum", 31337)]).await;
-    let relayers: Vec<Relayer> = (0..3).map(|i| s.relayer(i)).collect();
+    let relayers = s.relayers();
     let e = &s.evms[0];
     let alice = account();
-    e.deposit(50 * KLX, &alice).await;
-    e.finalize().await;
-    s.wait_native(&alice, 50 * KLX).await;
+    s.deposit_minted(e, 50 * KLX, &alice).await;
     wait_for(
         PATIENCE,
         "a passing conservation check",
