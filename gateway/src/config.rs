@@ -40,6 +40,8 @@ pub struct Config {
     pub client: crate::client::ClientSection,
     /// The relayer of the Ethereum/Polygon bridge run by this node.
     pub bridge: kalima_bridge_ethereum::BridgeSection,
+    /// Public chains this node anchors its checkpoints on.
+    pub anchor: kalima_bridge_ethereum::AnchorSection,
 }
 
 /// `[node]`
@@ -154,8 +156,10 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 11] =
-            ["node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster", "client", "bridge"];
+        const SECTIONS: [&str; 12] = [
+            "node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster", "client", "bridge",
+            "anchor",
+        ];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
                 for k in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
@@ -175,6 +179,7 @@ impl Config {
             cluster: section(&fig, "cluster", &mut errs),
             client: section(&fig, "client", &mut errs),
             bridge: section(&fig, "bridge", &mut errs),
+            anchor: section(&fig, "anchor", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -216,6 +221,7 @@ impl Config {
         errs.extend(self.modbus.validate());
         errs.extend(self.lorawan.validate());
         errs.extend(self.bridge.validate());
+        errs.extend(self.anchor.validate());
         if self.cluster.role == crate::cluster::Role::Client && self.bridge.relayer_device.is_some() {
             errs.push("[bridge] relayer_device: a client node cannot run a relayer; run it on a master".into());
         }

@@ -146,6 +146,7 @@ pub struct Running {
     adapters: Adapters,
     cluster: Option<Arc<Cluster>>,
     relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
+    anchors: Option<Arc<kalima_bridge_ethereum::anchor::AnchorService>>,
 }
 
 /// Listeners of the API and the field protocols, bound before any state is touched so a
@@ -255,6 +256,9 @@ impl Running {
         if let Some(r) = &self.relayer {
             r.shutdown().await;
         }
+        if let Some(a) = &self.anchors {
+            a.shutdown().await;
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -352,6 +356,10 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         .context("starting the bridge relayer")?
         .map(Arc::new);
     state.relayer = relayer.clone();
+    let anchors = kalima_bridge_ethereum::anchor::AnchorService::start(chain.clone(), &config.anchor, dir)
+        .context("starting checkpoint anchoring")?
+        .map(Arc::new);
+    state.anchors = anchors.clone();
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);
@@ -363,7 +371,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster, relayer })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster, relayer, anchors })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

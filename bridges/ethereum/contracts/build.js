@@ -21,6 +21,7 @@ const OPENZEPPELIN_VERSION = '5.7.0';
 const CONTRACTS = [
   ['KlxToken.sol', 'KlxToken'],
   ['KlxBridge.sol', 'KlxBridge'],
+  ['KlxAnchor.sol', 'KlxAnchor'],
   ['test/FeeOnTransferToken.sol', 'FeeOnTransferToken'],
 ];
 const REBUILD = 'node bridges/ethereum/contracts/build.js';

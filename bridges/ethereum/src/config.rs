@@ -118,3 +118,69 @@ impl BridgeSection {
         errors
     }
 }
+
+/// `[anchor]`: where this node anchors its checkpoints. Off while `targets` is empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnchorSection {
+    /// Public chains to anchor on.
+    pub targets: Vec<AnchorTarget>,
+}
+
+/// One public chain with a `KlxAnchor` contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnchorTarget {
+    /// Name of the target (`ethereum`, `polygon`), the key of its anchor records.
+    pub name: String,
+    /// JSON-RPC URL.
+    pub rpc_url: String,
+    /// `KlxAnchor` address.
+    pub contract: String,
+    /// secp256k1 key (hex) allowed to anchor (created if missing; fund it).
+    pub key_file: String,
+    /// Blocks on top of the anchor before it is recorded.
+    pub confirmations: u64,
+    /// Seconds between anchors (the latest checkpoint, when it is newer than the last anchor).
+    pub interval_secs: u64,
+}
+
+impl Default for AnchorTarget {
+    fn default() -> Self {
+        Self {
+            name: "ethereum".into(),
+            rpc_url: "http://127.0.0.1:8545".into(),
+            contract: String::new(),
+            key_file: "anchor-eth.key".into(),
+            confirmations: 12,
+            interval_secs: 3600,
+        }
+    }
+}
+
+impl AnchorSection {
+    /// Every problem with the section, one message each.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = format!("[anchor] targets[{i}]");
+            if kalima_core::ledger::validate_bridge_name(&t.name).is_err() {
+                errors.push(format!("{at}.name: {:?} must be 1..=32 of a-z, 0-9, '-'", t.name));
+            }
+            if !names.insert(t.name.clone()) {
+                errors.push(format!("{at}.name: {} is listed twice", t.name));
+            }
+            if t.contract.parse::<alloy::primitives::Address>().is_err() {
+                errors.push(format!("{at}.contract: {:?} is not an address (0x + 40 hex)", t.contract));
+            }
+            if t.rpc_url.parse::<alloy::transports::http::reqwest::Url>().is_err() {
+                errors.push(format!("{at}.rpc_url: {:?} is not a URL", t.rpc_url));
+            }
+            if t.interval_secs == 0 {
+                errors.push(format!("{at}.interval_secs: must be above 0"));
+            }
+        }
+        errors
+    }
+}

@@ -25,10 +25,16 @@ mod bindings {
         KlxToken,
         "contracts/out/KlxToken.json"
     );
+
+    alloy::sol!(
+        #[sol(rpc, all_derives)]
+        KlxAnchor,
+        "contracts/out/KlxAnchor.json"
+    );
 }
 
-/// Bindings of the bridge and of the test token, with their bytecode for deployment.
-pub use bindings::{KlxBridge, KlxToken};
+/// Bindings of the bridge, the test token and the checkpoint anchor, with their bytecode.
+pub use bindings::{KlxAnchor, KlxBridge, KlxToken};
 
 sol! {
     /// The typed message relayers sign to authorise a release; it must stay identical to

@@ -35,17 +35,21 @@ impl Identity {
             k.save(device_key_file)?;
             k
         };
-        let eth = if eth_key_file.exists() {
-            let text = std::fs::read_to_string(eth_key_file)
-                .map_err(|e| Error::Config(format!("{}: {e}", eth_key_file.display())))?;
-            text.trim()
-                .parse::<PrivateKeySigner>()
-                .map_err(|e| Error::Config(format!("{}: not a secp256k1 key in hex: {e}", eth_key_file.display())))?
-        } else {
-            let k = PrivateKeySigner::random();
-            write_new_private(eth_key_file, format!("0x{}\n", hex::encode(k.to_bytes())).as_bytes())?;
-            k
-        };
+        let eth = load_or_create_eth_key(eth_key_file)?;
         Ok(Self { device: device.to_string(), device_key, eth })
+    }
+}
+
+/// Loads a secp256k1 key (hex) from `path`, creating it (mode 0600) when missing.
+pub fn load_or_create_eth_key(path: &Path) -> Result<PrivateKeySigner> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        text.trim()
+            .parse::<PrivateKeySigner>()
+            .map_err(|e| Error::Config(format!("{}: not a secp256k1 key in hex: {e}", path.display())))
+    } else {
+        let k = PrivateKeySigner::random();
+        write_new_private(path, format!("0x{}\n", hex::encode(k.to_bytes())).as_bytes())?;
+        Ok(k)
     }
 }

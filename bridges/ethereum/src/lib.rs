@@ -2,6 +2,7 @@
 //! the `KlxBridge` contract bindings and the relayer that attests deposits, signs and sends
 //! releases, reports them, and halts the bridge when conservation breaks.
 
+pub mod anchor;
 pub mod config;
 pub mod contracts;
 pub mod devtools;
@@ -21,7 +22,7 @@ use kalima_core::Chain;
 use parking_lot::RwLock;
 use tokio::task::JoinHandle;
 
-pub use config::{BridgeSection, ChainSettings};
+pub use config::{AnchorSection, AnchorTarget, BridgeSection, ChainSettings};
 pub use error::{Error, Result};
 pub use identity::Identity;
 pub use reconcile::{Conservation, Reconciler};

@@ -2,6 +2,7 @@
 //! compatibility surface, operations endpoints, the OpenAPI document and Swagger UI.
 
 pub mod adapters;
+pub mod anchors;
 pub mod bridge;
 pub mod chain;
 pub mod cluster;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub cluster: Option<Arc<kalima_core::cluster::Cluster>>,
     /// The bridge relayer, when `[bridge] relayer_device` is set.
     pub relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
+    /// Checkpoint anchoring, when `[anchor]` names targets.
+    pub anchors: Option<Arc<kalima_bridge_ethereum::anchor::AnchorService>>,
 }
 
 impl AppState {
@@ -74,6 +77,7 @@ impl AppState {
             lorawan: None,
             cluster: None,
             relayer: None,
+            anchors: None,
         }
     }
 }
@@ -251,6 +255,7 @@ impl utoipa::Modify for SecurityAddon {
         klx::account, klx::supply, klx::transfer,
         bridge::chains, bridge::configure, bridge::resume, bridge::deposits_by_tx, bridge::deposit,
         bridge::withdraw, bridge::withdrawal, bridge::status,
+        anchors::list, anchors::anchor_now,
         bridge::register_exchange, bridge::exchange, bridge::add_addresses, bridge::exchange_address,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
@@ -265,6 +270,7 @@ impl utoipa::Modify for SecurityAddon {
         (name = "cluster", description = "Master cluster: membership, leader, Raft and chain positions (admin)"),
         (name = "klx", description = "Native KLX: accounts, supply, holder-signed transfers"),
         (name = "bridge", description = "Ethereum/Polygon bridge: deposits, withdrawals, totals, relayer status"),
+        (name = "anchors", description = "Checkpoints anchored on public chains"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -289,6 +295,7 @@ pub fn api_router() -> Router<AppState> {
         .merge(cluster::router())
         .merge(klx::router())
         .merge(bridge::router())
+        .merge(anchors::router())
 }
 
 /// The whole HTTP application.

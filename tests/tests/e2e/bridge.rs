@@ -345,3 +345,53 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
     }
     c.check_and_stop(&Default::default()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_anchors_its_checkpoint_on_demand_and_serves_the_anchor() {
+    let anvil = Anvil::spawn(31337);
+    let anchor_key = anvil.signer(2);
+    let contract = kalima_bridge_ethereum::contracts::KlxAnchor::deploy(anvil.provider(), vec![anchor_key.address()])
+        .await
+        .expect("deploy KlxAnchor");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    Node::init(&dir).await;
+    std::fs::write(dir.join("anchor-eth.key"), format!("0x{}\n", hex::encode(anchor_key.to_bytes()))).expect("key");
+    let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
+    toml.push_str(&format!(
+        "\n[[anchor.targets]]\nname = \"ethereum\"\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\nconfirmations = 2\n",
+        anvil.endpoint(),
+        contract.address()
+    ));
+    std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+    let node = Node::start(&dir, &[]).await;
+    node.put("/plant-1/line-1", "temp", json!(21.5)).await;
+
+    let (s, v) = node.post_json("/api/v1/anchors", &json!({})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let size = v["tree_size"].as_u64().expect("tree size");
+    let anchors = wait_json(&node, &anvil, "/api/v1/anchors", "the anchor", |v| {
+        v["anchors"].as_array().is_some_and(|a| a.iter().any(|x| x["tree_size"].as_u64() == Some(size)))
+    })
+    .await;
+    let a = &anchors["anchors"][0];
+    // The anchor holds the root of the node's signed checkpoint at that size, on the public chain.
+    let (_, cp) = node.get_json("/api/v1/checkpoints/latest").await;
+    assert_eq!((cp["tree_size"].as_u64(), &cp["root"]), (Some(size), &a["root"]), "{cp} vs {a}");
+    let (chain, tree_size, root, _, by) = kalima_bridge_ethereum::anchor::read_anchor(
+        anvil.endpoint().as_str(),
+        &format!("{:#x}", contract.address()),
+        a["tx_hash"].as_str().expect("tx hash"),
+    )
+    .await
+    .expect("read the anchor")
+    .expect("an Anchored event");
+    assert_eq!(
+        (chain.as_str(), tree_size, hex::encode(root), by),
+        ("kalima-dev", size, a["root"].as_str().expect("root").to_string(), anchor_key.address())
+    );
+    let (_, history) = node.get_json("/api/v1/anchors?target=ethereum").await;
+    assert_eq!(history["anchors"].as_array().map(Vec::len), Some(1), "{history}");
+    node.stop().await;
+    assert_verifies(&dir, &[]).await;
+}

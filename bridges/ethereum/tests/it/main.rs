@@ -1,4 +1,5 @@
 //! Integration tests of the Ethereum bridge, against real anvil nodes.
 
+mod anchor;
 mod contracts;
 mod relayer;
