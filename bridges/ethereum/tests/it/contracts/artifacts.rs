@@ -37,20 +37,7 @@ fn artifact_check_detects_a_changed_source() {
     let contracts = workspace_root().join("bridges/ethereum/contracts");
     let tmp = tempfile::tempdir().expect("tempdir");
     let copy = tmp.path().join("contracts");
-    for dir in ["test", "out/test"] {
-        std::fs::create_dir_all(copy.join(dir)).expect("mkdir");
-    }
-    for name in [
-        "build.js",
-        "KlxToken.sol",
-        "KlxBridge.sol",
-        "test/FeeOnTransferToken.sol",
-        "out/KlxToken.json",
-        "out/KlxBridge.json",
-        "out/test/FeeOnTransferToken.json",
-    ] {
-        std::fs::copy(contracts.join(name), copy.join(name)).expect("copy contracts");
-    }
+    copy_tree(&contracts, &copy);
 
     // Unchanged sources in another directory still match: the artifacts do not depend on
     // where the repository lives.
@@ -68,4 +55,18 @@ fn artifact_check_detects_a_changed_source() {
     assert!(stderr.contains("KlxBridge.json"), "{stderr}");
     assert!(!stderr.contains("KlxToken.json"), "{stderr}");
     assert!(stderr.contains("node bridges/ethereum/contracts/build.js"), "{stderr}");
+}
+
+/// Copies every file below `from` into `to` (the contracts directory is small and flat).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("list contracts") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("file name"));
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy contracts");
+        }
+    }
 }
