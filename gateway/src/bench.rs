@@ -109,6 +109,24 @@ pub(crate) async fn join_workers(workers: Vec<tokio::task::JoinHandle<WorkerResu
     Ok((hist, done, errors))
 }
 
+/// A node in a temporary directory on free ports, with no periodic checkpoints (they would
+/// add commits to what is measured); `storage` overrides its SQLite default. Returns the
+/// directory (the node's files live as long as it does), the node and its admin token.
+pub(crate) async fn temp_node(storage: Option<&str>) -> anyhow::Result<(tempfile::TempDir, node::Running, String)> {
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    node::init(dir.path(), "bench")?;
+    let mut cfg = Config::load(dir.path())?;
+    cfg.api.listen = "127.0.0.1:0".into();
+    cfg.mqtt.listen = "127.0.0.1:0".into();
+    cfg.chain.checkpoint_interval_secs = 0;
+    if let Some(s) = storage {
+        cfg.storage.url = s.to_string();
+    }
+    let running = node::start(dir.path(), cfg).await?;
+    let token = node::read_admin_token(dir.path())?;
+    Ok((dir, running, token))
+}
+
 fn reading(worker: usize, i: u64, keys: usize) -> serde_json::Value {
     let k = (i as usize + worker * 7919) % keys.max(1);
     json!({ "address": format!("/bench/line-{}", k % 16), "key": format!("sensor-{k}"), "body": { "value": i % 1000, "unit": "C" } })
@@ -120,18 +138,8 @@ pub(crate) async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     let (base, token) = match &a.url {
         Some(u) => (u.trim_end_matches('/').to_string(), a.token.clone().context("--token is required with --url")?),
         None => {
-            let dir = tempfile::tempdir().context("creating a temporary directory")?;
-            node::init(dir.path(), "bench")?;
-            let mut cfg = Config::load(dir.path())?;
-            cfg.api.listen = "127.0.0.1:0".into();
-            cfg.mqtt.listen = "127.0.0.1:0".into();
-            cfg.chain.checkpoint_interval_secs = 0;
-            if let Some(s) = &a.storage {
-                cfg.storage.url = s.clone();
-            }
-            let r = node::start(dir.path(), cfg).await?;
+            let (dir, r, token) = temp_node(a.storage.as_deref()).await?;
             let base = format!("http://{}", r.api_addr);
-            let token = node::read_admin_token(dir.path())?;
             running = Some(r);
             tmp = Some(dir);
             (base, token)

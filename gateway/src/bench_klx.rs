@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
@@ -15,9 +15,6 @@ use kalima_core::ledger::{
     AccountKey, BridgeChain, Deposit, KLX, LedgerOp, Relayer, SignedTransfer, relayer_instruction,
 };
 use serde_json::json;
-
-use crate::config::Config;
-use crate::node;
 
 /// Options of `kalima bench klx`.
 #[derive(Debug, Args)]
@@ -38,15 +35,8 @@ pub async fn run(a: KlxArgs) -> anyhow::Result<()> {
     if a.concurrency == 0 || a.accounts == 0 {
         bail!("--concurrency and --accounts must be at least 1");
     }
-    let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    node::init(dir.path(), "bench")?;
-    let mut cfg = Config::load(dir.path())?;
-    cfg.api.listen = "127.0.0.1:0".into();
-    cfg.mqtt.listen = "127.0.0.1:0".into();
-    cfg.chain.checkpoint_interval_secs = 0;
-    let running = node::start(dir.path(), cfg).await?;
+    let (dir, running, token) = crate::bench::temp_node(None).await?;
     let base = format!("http://{}", running.api_addr);
-    let token = node::read_admin_token(dir.path())?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(a.concurrency).tcp_nodelay(true).build()?;
     let chain = running.chain.clone();
     let chain_name = chain.config().chain.clone();

@@ -12,9 +12,6 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use crate::config::Config;
-use crate::node;
-
 /// Options of `kalima bench mqtt`.
 #[derive(Debug, Args)]
 pub struct MqttArgs {
@@ -96,15 +93,9 @@ pub async fn run(a: MqttArgs) -> anyhow::Result<()> {
         let _ = m.kill().await;
     }
 
-    let dir = tempfile::tempdir()?;
-    node::init(dir.path(), "bench")?;
-    let mut cfg = Config::load(dir.path())?;
-    cfg.api.listen = "127.0.0.1:0".into();
-    cfg.mqtt.listen = "127.0.0.1:0".into();
-    cfg.chain.checkpoint_interval_secs = 0;
-    let running = node::start(dir.path(), cfg).await?;
+    // The directory lives until the end: the node's files are in it.
+    let (_dir, running, token) = crate::bench::temp_node(None).await?;
     let port = running.mqtt_addr().context("MQTT server not started")?.port();
-    let token = node::read_admin_token(dir.path())?;
     let kalima_rate = throughput(port, Some(("admin", &token)), "kalima/bench/mqtt", &a).await?;
 
     // Delivery latency: a subscriber on kalima/out sees each publish, paced at --rate.

@@ -248,10 +248,10 @@ impl ChainWorker {
             self.scan(start, end, &mut releases).await?;
             start = end + 1;
         }
-        self.attest_in_order(&cfg).await?;
-        self.report_releases(&cfg, releases).await?;
+        self.attest_in_order().await?;
+        self.report_releases(releases).await?;
         self.expire_withdrawals(safe).await?;
-        self.sign_withdrawals(&cfg).await?;
+        self.sign_withdrawals().await?;
         if self.settings.submit_releases {
             self.send_releases(&cfg).await?;
         }
@@ -388,7 +388,7 @@ impl ChainWorker {
         }
     }
 
-    async fn attest_in_order(&mut self, _cfg: &BridgeChain) -> Result<()> {
+    async fn attest_in_order(&mut self) -> Result<()> {
         let name = self.settings.name.clone();
         let me = self.identity.device.clone();
         loop {
@@ -477,7 +477,7 @@ impl ChainWorker {
         Ok(())
     }
 
-    async fn sign_withdrawals(&mut self, _cfg: &BridgeChain) -> Result<()> {
+    async fn sign_withdrawals(&mut self) -> Result<()> {
         let name = self.settings.name.clone();
         let pending = Ledger::new(self.chain.memcache()).pending_withdrawals(&name);
         for w in pending {
@@ -579,11 +579,7 @@ impl ChainWorker {
         Ok(())
     }
 
-    async fn report_releases(
-        &mut self,
-        _cfg: &BridgeChain,
-        releases: Vec<(B256, Address, U256, B256, u64)>,
-    ) -> Result<()> {
+    async fn report_releases(&mut self, releases: Vec<(B256, Address, U256, B256, u64)>) -> Result<()> {
         let name = self.settings.name.clone();
         let address = bridge_address(&name, "withdrawals");
         for (id, recipient, amount, tx_hash, block_number) in releases {

@@ -112,7 +112,6 @@ struct Setup {
     t: TestChain,
     identities: Vec<Arc<Identity>>,
     evms: Vec<Evm>,
-    wallet_key: std::sync::atomic::AtomicU64,
 }
 
 impl Setup {
@@ -153,7 +152,7 @@ impl Setup {
                 .expect("configure bridge");
             evms.push(evm);
         }
-        Setup { t, identities, evms, wallet_key: Default::default() }
+        Setup { t, identities, evms }
     }
 
     fn section(&self) -> BridgeSection {
@@ -213,7 +212,6 @@ impl Setup {
     async fn withdraw(&self, from: &SigningKey, bridge: &str, to: Address, amount: u128) -> String {
         let nonce = self.ledger().account(&AccountKey::of(from)).nonce + 1;
         let w = SignedWithdrawal::sign(CHAIN, from, bridge, &format!("{to:#x}"), amount, nonce);
-        let _ = self.wallet_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.t.ledger(LedgerOp::Withdraw(w).instruction("wallet", String::new())).await.expect("withdraw");
         let pending = self.ledger().pending_withdrawals(bridge);
         pending.last().expect("a pending withdrawal").id.clone()
