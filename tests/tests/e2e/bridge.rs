@@ -273,13 +273,19 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
     c.wait_converged(0, Duration::from_secs(60)).await;
     let admin = |id: u64| c.masters[&id].as_ref().expect("running master");
     for (i, key) in device_keys.iter().enumerate() {
-        let (s, v) = admin(1)
-            .post_json(
-                "/api/v1/devices",
-                &json!({ "id": format!("relayer-{}", i + 1), "public_key": key.public_hex() }),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let body = json!({ "id": format!("relayer-{}", i + 1), "public_key": key.public_hex() });
+        // Just after the restarts a master may still be reconnecting to the leader: it
+        // answers 503 "retry", and a client retries (409 means an earlier try went through).
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (s, v) = admin(1).post_json("/api/v1/devices", &body).await;
+            if s == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            assert!(s == StatusCode::CREATED || s == StatusCode::CONFLICT, "{s} {v}");
+            break;
+        }
     }
     // Configured through another master: the instruction is ordered by the leader.
     let config = json!({
@@ -291,15 +297,25 @@ async fn relayers_on_three_masters_mint_by_majority_and_keep_bridging_with_one_m
         "release_ttl_secs": 3600,
         "max_withdrawal": (1_000 * KLX).to_string(),
     });
-    let r = admin(2)
-        .http()
-        .put(admin(2).url("/api/v1/bridge/chains/ethereum"))
-        .bearer_auth(c.token())
-        .json(&config)
-        .send()
-        .await
-        .expect("PUT bridge");
-    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap_or_default());
+    // The same configuration sent again is harmless: retry while master 2 reconnects.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let r = admin(2)
+            .http()
+            .put(admin(2).url("/api/v1/bridge/chains/ethereum"))
+            .bearer_auth(c.token())
+            .json(&config)
+            .send()
+            .await
+            .expect("PUT bridge");
+        let status = r.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        assert_eq!(status, StatusCode::OK, "{}", r.text().await.unwrap_or_default());
+        break;
+    }
 
     let alice = SigningKey::generate(&mut rand::rngs::OsRng);
     let account = format!("/api/v1/klx/accounts/{}", AccountKey::of(&alice).to_hex());
