@@ -14,3 +14,4 @@ pub mod config;
 pub mod demo;
 pub mod klx_cli;
 pub mod node;
+pub mod receipt_cli;

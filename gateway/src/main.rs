@@ -83,6 +83,9 @@ enum Command {
         #[command(subcommand)]
         action: klx_cli::KlxCommand,
     },
+    /// Check a transaction receipt (from GET /api/v1/tx/{id}/receipt) with no node running:
+    /// proofs, checkpoint signatures, and its anchors on their public chains (--rpc).
+    VerifyReceipt(kalima_gateway::receipt_cli::VerifyReceiptArgs),
     /// Bridge contracts on an EVM node (development, e.g. a local anvil): deploy, mint, deposit.
     Bridge {
         #[command(subcommand)]
@@ -257,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Klx { action } => klx_cli::run_klx(action).await,
         Command::Bridge { action } => klx_cli::run_bridge(action).await,
         Command::Bench { what } => bench::run(what).await.map(|_| ExitCode::SUCCESS),
+        Command::VerifyReceipt(args) => kalima_gateway::receipt_cli::verify_receipt(args).await,
         Command::Openapi => {
             print!("{}", kalima_gateway::api::openapi_json());
             Ok(ExitCode::SUCCESS)

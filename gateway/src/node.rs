@@ -146,7 +146,7 @@ pub struct Running {
     adapters: Adapters,
     cluster: Option<Arc<Cluster>>,
     relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
-    anchors: Option<Arc<kalima_bridge_ethereum::anchor::AnchorService>>,
+    anchors: Option<Arc<kalima_core::anchor::AnchorService>>,
 }
 
 /// Listeners of the API and the field protocols, bound before any state is touched so a
@@ -356,9 +356,10 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         .context("starting the bridge relayer")?
         .map(Arc::new);
     state.relayer = relayer.clone();
-    let anchors = kalima_bridge_ethereum::anchor::AnchorService::start(chain.clone(), &config.anchor, dir)
-        .context("starting checkpoint anchoring")?
-        .map(Arc::new);
+    let anchorers =
+        kalima_bridge_ethereum::anchor::anchorers(&config.anchor, dir).context("starting checkpoint anchoring")?;
+    let anchors =
+        (!anchorers.is_empty()).then(|| Arc::new(kalima_core::anchor::AnchorService::start(chain.clone(), anchorers)));
     state.anchors = anchors.clone();
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();

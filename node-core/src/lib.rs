@@ -3,6 +3,7 @@
 //! the sequencer with group commit, the memcache, the bus, devices and grants, and ingest:
 //! the narrow interface every front door writes through.
 
+pub mod anchor;
 pub mod block;
 pub mod bus;
 pub mod chain;
@@ -15,6 +16,7 @@ pub mod keys;
 pub mod ledger;
 pub mod memcache;
 pub mod merkle;
+pub mod receipt;
 pub mod registry;
 pub mod store;
 #[cfg(any(test, feature = "test-utils"))]

@@ -1,7 +1,6 @@
-//! Anchoring checkpoints on Ethereum or Polygon: the latest signed checkpoint (chain name,
-//! tree size, root, height) goes into a `KlxAnchor` event, is confirmed after N blocks (sent
-//! again if a reorg drops it), and the anchor is recorded on this chain under
-//! `/_kalima/anchors`, so `GET /api/v1/anchors` and anyone reading the chain find it.
+//! Anchoring checkpoints on Ethereum or Polygon: a checkpoint (chain name, tree size, root,
+//! height) goes into a `KlxAnchor` event and is confirmed after N blocks, sent again if a
+//! reorg drops it. Scheduling and recording are `kalima_core::anchor`'s.
 
 use std::time::Duration;
 
@@ -9,44 +8,14 @@ use alloy::primitives::{Address, B256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
-use kalima_core::checkpoint::Checkpoint;
-use kalima_core::registry::NODE_DEVICE_ID;
-use kalima_core::tx::TxContent;
-use kalima_core::{Chain, Error as CoreError, Rejection};
-use serde::{Deserialize, Serialize};
+use kalima_core::anchor::{AnchorKind, AnchorRecord};
+use kalima_core::checkpoint::CheckpointJson;
 
 use crate::contracts::KlxAnchor;
 use crate::error::{Error, Result};
 
-/// Address of anchor records (key = anchoring target, e.g. `ethereum`; history = every anchor).
-pub const ANCHORS_ADDRESS: &str = "/_kalima/anchors";
-
-/// One checkpoint anchored on a public chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AnchorRecord {
-    /// Where: the target's name (`ethereum`, `polygon`).
-    pub target: String,
-    /// Its EVM chain id.
-    pub chain_id: u64,
-    /// The `KlxAnchor` contract.
-    pub contract: String,
-    /// This chain's name, as in the checkpoint.
-    pub chain: String,
-    /// Transactions covered.
-    pub tree_size: u64,
-    /// Merkle root (hex) at that size.
-    pub root: String,
-    /// Block height of the checkpoint.
-    pub height: u64,
-    /// The anchoring transaction.
-    pub tx_hash: String,
-    /// Its block, confirmed.
-    pub block_number: u64,
-}
-
 /// Anchors checkpoints through one `KlxAnchor` contract.
 pub struct Anchorer {
-    chain: Chain,
     target: String,
     provider: DynProvider,
     contract: Address,
@@ -66,14 +35,7 @@ pub enum Confirmation {
 impl Anchorer {
     /// An anchorer sending from `key` to `contract` on `rpc_url`, confirming after
     /// `confirmations` blocks.
-    pub fn new(
-        chain: Chain,
-        target: &str,
-        rpc_url: &str,
-        contract: &str,
-        key: PrivateKeySigner,
-        confirmations: u64,
-    ) -> Result<Self> {
+    pub fn new(target: &str, rpc_url: &str, contract: &str, key: PrivateKeySigner, confirmations: u64) -> Result<Self> {
         let url = rpc_url.parse().map_err(|e| Error::Config(format!("anchor {target}: rpc_url {rpc_url}: {e}")))?;
         let contract =
             contract.parse().map_err(|e| Error::Config(format!("anchor {target}: contract {contract}: {e}")))?;
@@ -85,25 +47,18 @@ impl Anchorer {
             .wallet(key)
             .connect_http(url)
             .erased();
-        Ok(Self {
-            chain,
-            target: target.to_string(),
-            provider,
-            contract,
-            confirmations,
-            poll: Duration::from_millis(200),
-        })
+        Ok(Self { target: target.to_string(), provider, contract, confirmations, poll: Duration::from_millis(200) })
     }
 
     /// Sends the anchoring transaction of `cp`; returns its hash once mined.
-    pub async fn submit(&self, cp: &Checkpoint) -> Result<B256> {
+    pub async fn submit(&self, chain: &str, tree_size: u64, root: B256, height: u64) -> Result<B256> {
         let t = &self.target;
         let anchor = KlxAnchor::new(self.contract, self.provider.clone());
         let pending = anchor
-            .anchor(cp.chain.clone(), cp.tree_size, B256::from(cp.root), cp.height)
+            .anchor(chain.to_string(), tree_size, root, height)
             .send()
             .await
-            .map_err(|e| Error::rpc(t, format!("anchoring tree size {}: {e}", cp.tree_size)))?;
+            .map_err(|e| Error::rpc(t, format!("anchoring tree size {tree_size}: {e}")))?;
         let receipt = tokio::time::timeout(Duration::from_secs(120), pending.get_receipt())
             .await
             .map_err(|_| Error::rpc(t, "the anchor was not mined within 120 s"))?
@@ -135,23 +90,19 @@ impl Anchorer {
             tokio::time::sleep(self.poll).await;
         }
     }
+}
 
-    /// The latest anchor recorded on this chain for this target.
-    pub fn latest(&self) -> Option<AnchorRecord> {
-        let c = self.chain.memcache().get(ANCHORS_ADDRESS, &self.target)?;
-        serde_json::from_slice(&c.tx.content.body).ok()
+#[async_trait::async_trait]
+impl kalima_core::anchor::Anchorer for Anchorer {
+    fn target(&self) -> &str {
+        &self.target
     }
 
-    /// Anchors the latest checkpoint unless it is already anchored: sends it, confirms it
-    /// (sending again after a reorg), and records it. `None` when there was nothing new.
-    pub async fn anchor_latest(&self) -> Result<Option<AnchorRecord>> {
-        let Some(cp) = self.chain.latest_checkpoint().await? else { return Ok(None) };
-        if self.latest().is_some_and(|a| a.tree_size >= cp.tree_size) {
-            return Ok(None);
-        }
+    async fn anchor(&self, cp: &CheckpointJson) -> std::result::Result<AnchorRecord, String> {
+        let root: B256 = format!("0x{}", cp.root).parse().map_err(|e| format!("checkpoint root {}: {e}", cp.root))?;
         let (tx, block) = loop {
-            let tx = self.submit(&cp).await?;
-            match self.confirm(tx).await? {
+            let tx = self.submit(&cp.chain, cp.tree_size, root, cp.height).await.map_err(|e| format!("{e:#}"))?;
+            match self.confirm(tx).await.map_err(|e| format!("{e:#}"))? {
                 Confirmation::Confirmed(block) => break (tx, block),
                 Confirmation::Dropped => {
                     metrics::counter!("kalima_anchor_reorged_total", "target" => self.target.clone()).increment(1);
@@ -159,39 +110,48 @@ impl Anchorer {
                 }
             }
         };
-        let chain_id = self.provider.get_chain_id().await.map_err(|e| Error::rpc(&self.target, e))?;
-        let record = AnchorRecord {
+        let chain_id = self.provider.get_chain_id().await.map_err(|e| format!("{:#}", Error::rpc(&self.target, e)))?;
+        Ok(AnchorRecord {
             target: self.target.clone(),
-            chain_id,
+            kind: AnchorKind::Ethereum,
+            network: chain_id.to_string(),
             contract: format!("{:#x}", self.contract),
             chain: cp.chain.clone(),
             tree_size: cp.tree_size,
-            root: hex::encode(cp.root),
+            root: cp.root.clone(),
             height: cp.height,
             tx_hash: format!("{tx:#x}"),
             block_number: block,
-        };
-        let content = TxContent {
-            device_id: NODE_DEVICE_ID.into(),
-            address: ANCHORS_ADDRESS.into(),
-            key: self.target.clone(),
-            body: serde_json::to_vec(&record).unwrap_or_default(),
-            idempotency_key: format!("anchor:{}:{}", self.target, cp.tree_size),
-            ..TxContent::default()
-        };
-        match self.chain.submit(vec![content], None).await {
-            Ok(_) | Err(CoreError::Rejected(Rejection::DuplicateIdempotencyKey { .. })) => {}
-            Err(e) => return Err(e.into()),
-        }
-        metrics::counter!("kalima_anchors_total", "target" => self.target.clone()).increment(1);
-        tracing::info!(target: "bridge::ethereum", anchor = %self.target, tree_size = cp.tree_size, tx = %tx, block, "Checkpoint anchored.");
-        Ok(Some(record))
+            checkpoint: None,
+        })
     }
 }
 
-/// Finds the `Anchored` event of `tx` on `rpc_url`: what a verifier checks, with nothing
-/// but RPC access to the public chain. Returns (chain name, tree size, root, height, anchorer).
-pub async fn read_anchor(rpc_url: &str, contract: &str, tx: &str) -> Result<Option<(String, u64, B256, u64, Address)>> {
+/// An `Anchored` event as read back from the public chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnChainAnchor {
+    /// The chain name in the event.
+    pub chain: String,
+    /// Tree size in the event.
+    pub tree_size: u64,
+    /// Root in the event.
+    pub root: B256,
+    /// Checkpoint height in the event.
+    pub height: u64,
+    /// Who anchored it.
+    pub anchorer: Address,
+    /// The block holding the transaction.
+    pub block_number: u64,
+    /// Blocks on top of it (0 when it is the latest).
+    pub confirmations: u64,
+    /// The RPC endpoint's chain id.
+    pub chain_id: u64,
+}
+
+/// Finds the `Anchored` event of `tx` emitted by `contract` on `rpc_url`: what a verifier
+/// checks with nothing but RPC access to the public chain. `None` when the transaction is
+/// unknown there or holds no such event.
+pub async fn read_anchor(rpc_url: &str, contract: &str, tx: &str) -> Result<Option<OnChainAnchor>> {
     let url = rpc_url.parse().map_err(|e| Error::Config(format!("rpc_url {rpc_url}: {e}")))?;
     let contract: Address = contract.parse().map_err(|e| Error::Config(format!("contract {contract}: {e}")))?;
     let tx: B256 = tx.parse().map_err(|e| Error::Config(format!("transaction {tx}: {e}")))?;
@@ -199,76 +159,41 @@ pub async fn read_anchor(rpc_url: &str, contract: &str, tx: &str) -> Result<Opti
     let Some(receipt) = provider.get_transaction_receipt(tx).await.map_err(|e| Error::rpc("anchor", e))? else {
         return Ok(None);
     };
+    let (Some(block_number), true) = (receipt.block_number, receipt.status()) else { return Ok(None) };
+    let latest = provider.get_block_number().await.map_err(|e| Error::rpc("anchor", e))?;
+    let chain_id = provider.get_chain_id().await.map_err(|e| Error::rpc("anchor", e))?;
     for log in receipt.inner.logs() {
         if log.address() != contract || log.topic0() != Some(&KlxAnchor::Anchored::SIGNATURE_HASH) {
             continue;
         }
         if let Ok(e) = log.log_decode::<KlxAnchor::Anchored>() {
             let a = e.inner.data;
-            return Ok(Some((a.chain, a.treeSize, a.root, a.height, a.anchorer)));
+            return Ok(Some(OnChainAnchor {
+                chain: a.chain,
+                tree_size: a.treeSize,
+                root: a.root,
+                height: a.height,
+                anchorer: a.anchorer,
+                block_number,
+                confirmations: latest.saturating_sub(block_number),
+                chain_id,
+            }));
         }
     }
     Ok(None)
 }
 
-/// The anchorers of `[anchor]`, each anchoring on its schedule and on demand.
-pub struct AnchorService {
-    /// One per target: `notify_one` keeps a permit, so a request made while a target is busy
-    /// anchoring is served right after.
-    now: Vec<std::sync::Arc<tokio::sync::Notify>>,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// The configured targets.
-    pub targets: Vec<String>,
-}
-
-impl AnchorService {
-    /// Starts one task per target of `section` (keys relative to `dir`); `None` when none.
-    pub fn start(chain: Chain, section: &crate::config::AnchorSection, dir: &std::path::Path) -> Result<Option<Self>> {
-        if section.targets.is_empty() {
-            return Ok(None);
-        }
-        let mut nows = Vec::new();
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let mut tasks = Vec::new();
-        for t in &section.targets {
-            let key = crate::identity::load_or_create_eth_key(&dir.join(&t.key_file))?;
-            tracing::info!(target: "bridge::ethereum", anchor = %t.name, from = %key.address(), contract = %t.contract, "Anchoring checkpoints.");
-            let a = Anchorer::new(chain.clone(), &t.name, &t.rpc_url, &t.contract, key, t.confirmations)?;
-            let now = std::sync::Arc::new(tokio::sync::Notify::new());
-            nows.push(now.clone());
-            let (mut rx, every) = (rx.clone(), Duration::from_secs(t.interval_secs));
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = now.notified() => {}
-                        _ = rx.changed() => return,
-                    }
-                    if let Err(e) = a.anchor_latest().await {
-                        metrics::counter!("kalima_anchor_errors_total", "target" => a.target.clone()).increment(1);
-                        tracing::warn!(target: "bridge::ethereum", anchor = %a.target, error = %format!("{e:#}"), "Anchoring failed; retrying at the next turn.");
-                    }
-                }
-            }));
-        }
-        let targets = section.targets.iter().map(|t| t.name.clone()).collect();
-        Ok(Some(Self { now: nows, stop, tasks: parking_lot::Mutex::new(tasks), targets }))
+/// The anchorers of `[[anchor.targets]]` (keys relative to `dir`), each with its interval.
+pub fn anchorers(
+    section: &crate::config::AnchorSection,
+    dir: &std::path::Path,
+) -> Result<Vec<(std::sync::Arc<dyn kalima_core::anchor::Anchorer>, Duration)>> {
+    let mut out: Vec<(std::sync::Arc<dyn kalima_core::anchor::Anchorer>, Duration)> = Vec::new();
+    for t in &section.targets {
+        let key = crate::identity::load_or_create_eth_key(&dir.join(&t.key_file))?;
+        tracing::info!(target: "bridge::ethereum", anchor = %t.name, from = %key.address(), contract = %t.contract, "Anchoring checkpoints.");
+        let a = Anchorer::new(&t.name, &t.rpc_url, &t.contract, key, t.confirmations)?;
+        out.push((std::sync::Arc::new(a), Duration::from_secs(t.interval_secs)));
     }
-
-    /// Anchors the latest checkpoint on every target now (in the background).
-    pub fn anchor_now(&self) {
-        for n in &self.now {
-            n.notify_one();
-        }
-    }
-
-    /// Stops the tasks.
-    pub async fn shutdown(&self) {
-        let _ = self.stop.send(true);
-        let tasks = std::mem::take(&mut *self.tasks.lock());
-        for t in tasks {
-            let _ = t.await;
-        }
-    }
+    Ok(out)
 }

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use kalima_bridge_ethereum::anchor::{ANCHORS_ADDRESS, AnchorRecord};
+use kalima_core::anchor::{ANCHORS_ADDRESS, AnchorRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 

@@ -59,7 +59,7 @@ pub struct AppState {
     /// The bridge relayer, when `[bridge] relayer_device` is set.
     pub relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
     /// Checkpoint anchoring, when `[anchor]` names targets.
-    pub anchors: Option<Arc<kalima_bridge_ethereum::anchor::AnchorService>>,
+    pub anchors: Option<Arc<kalima_core::anchor::AnchorService>>,
 }
 
 impl AppState {
@@ -245,7 +245,7 @@ impl utoipa::Modify for SecurityAddon {
         license(name = "Apache-2.0")
     ),
     paths(
-        tx::write_one, tx::write_batch, tx::move_key, tx::read_tx,
+        tx::write_one, tx::write_batch, tx::move_key, tx::read_tx, tx::read_receipt,
         values::values, values::addresses, values::history,
         chain::list_blocks, chain::block, chain::latest_checkpoint, chain::new_checkpoint, chain::consistency,
         stream::sse, stream::ws,

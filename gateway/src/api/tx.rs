@@ -26,6 +26,17 @@ pub fn router() -> axum::Router<AppState> {
         .route("/tx/batch", post(write_batch))
         .route("/tx/move", post(move_key))
         .route("/tx/{id}", get(read_tx))
+        .route("/tx/{id}/receipt", get(read_receipt))
+}
+
+/// Query of a receipt.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptQuery {
+    /// Size of the tree the inclusion proof is for, e.g. the `tree_size` of a proof already
+    /// held (default: the tree the transaction was committed into, its index + 1).
+    #[param(minimum = 1)]
+    pub tree_size: Option<u64>,
 }
 
 /// Many writes committed together.
@@ -208,9 +219,7 @@ pub async fn read_tx(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<TxWithProof>, ApiError> {
-    let mut h = [0u8; 32];
-    hex::decode_to_slice(&id, &mut h)
-        .map_err(|_| ApiError::BadRequest("invalid_id", "a transaction id is 64 hex digits".into()))?;
+    let h = parse_id(&id)?;
     let c =
         state.chain.store().tx_by_id(&h).await?.ok_or_else(|| ApiError::NotFound(format!("no transaction {id}")))?;
     auth.require_read(&c.tx.content.address)?;
@@ -223,4 +232,44 @@ pub async fn read_tx(
     }
     let proof = state.chain.inclusion_proof(c.tx.global_sequence, None).await?;
     Ok(Json(TxWithProof { transaction: TxJson::from(&c), tx_bytes: B64.encode(c.tx.encode()), proof }))
+}
+
+fn parse_id(id: &str) -> Result<[u8; 32], ApiError> {
+    let mut h = [0u8; 32];
+    hex::decode_to_slice(id, &mut h)
+        .map_err(|_| ApiError::BadRequest("invalid_id", "a transaction id is 64 hex digits".into()))?;
+    Ok(h)
+}
+
+/// A self-contained receipt of a transaction: its bytes, inclusion proof, a consistency
+/// proof to the latest anchored checkpoint (or the latest checkpoint while none is anchored),
+/// the checkpoint's signatures and its anchors. `kalima verify-receipt` checks it offline;
+/// the format is documented in `openapi/RECEIPT.md`.
+#[utoipa::path(get, path = "/api/v1/tx/{id}/receipt", tag = "transactions",
+    params(("id" = String, Path, description = "Transaction id (64 hex digits)", pattern = "^[0-9a-fA-F]{64}$"), ReceiptQuery),
+    responses(
+        (status = 200, description = "The receipt (format kalima-receipt-v1, see openapi/RECEIPT.md)", body = inline(Object)),
+        (status = 400, description = "Not a transaction id, or a tree_size that does not hold it", body = ErrorBody),
+        (status = 403, description = "No read grant on its address", body = ErrorBody),
+        (status = 404, description = "Unknown id", body = ErrorBody),
+        (status = 409, description = "No checkpoint covers the transaction yet", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn read_receipt(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ReceiptQuery>,
+) -> Result<Json<kalima_core::receipt::Receipt>, ApiError> {
+    use kalima_core::receipt::BuildError;
+    let h = parse_id(&id)?;
+    let c =
+        state.chain.store().tx_by_id(&h).await?.ok_or_else(|| ApiError::NotFound(format!("no transaction {id}")))?;
+    auth.require_read(&c.tx.content.address)?;
+    match kalima_core::receipt::build(&state.chain, &h, q.tree_size).await {
+        Ok(r) => Ok(Json(r)),
+        Err(BuildError::NotFound(m)) => Err(ApiError::NotFound(format!("no transaction {m}"))),
+        Err(BuildError::BadSize(m)) => Err(ApiError::BadRequest("invalid_field", m)),
+        Err(BuildError::NotCheckpointed(m)) => Err(ApiError::Conflict("not_checkpointed", m)),
+        Err(BuildError::Chain(e)) => Err(e.into()),
+    }
 }

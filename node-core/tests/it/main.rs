@@ -21,6 +21,7 @@ mod ledger;
 mod link;
 mod outbox;
 mod proofs;
+mod receipt;
 mod restart;
 mod store;
 mod upgrade;

@@ -7,13 +7,15 @@
 use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, U256};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::SigningKey;
 use kalima_bridge_ethereum::anvil::{BridgeConfig, TestChain as Anvil};
 use kalima_bridge_ethereum::contracts::KlxBridge::KlxBridgeInstance;
 use kalima_bridge_ethereum::contracts::KlxToken::KlxTokenInstance;
 use kalima_core::keys::NodeKey;
 use kalima_core::ledger::{AccountKey, KLX, SignedWithdrawal};
-use kalima_e2e::{Node, assert_verifies};
+use kalima_e2e::{Node, assert_verifies, describe, kalima, stdout};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -381,7 +383,8 @@ async fn a_node_anchors_its_checkpoint_on_demand_and_serves_the_anchor() {
     ));
     std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
     let node = Node::start(&dir, &[]).await;
-    node.put("/plant-1/line-1", "temp", json!(21.5)).await;
+    let written = node.put("/plant-1/line-1", "temp", json!(21.5)).await;
+    let id = written["id"].as_str().expect("transaction id").to_string();
 
     let (s, v) = node.post_json("/api/v1/anchors", &json!({})).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
@@ -394,7 +397,7 @@ async fn a_node_anchors_its_checkpoint_on_demand_and_serves_the_anchor() {
     // The anchor holds the root of the node's signed checkpoint at that size, on the public chain.
     let (_, cp) = node.get_json("/api/v1/checkpoints/latest").await;
     assert_eq!((cp["tree_size"].as_u64(), &cp["root"]), (Some(size), &a["root"]), "{cp} vs {a}");
-    let (chain, tree_size, root, _, by) = kalima_bridge_ethereum::anchor::read_anchor(
+    let on_chain = kalima_bridge_ethereum::anchor::read_anchor(
         anvil.endpoint().as_str(),
         &format!("{:#x}", contract.address()),
         a["tx_hash"].as_str().expect("tx hash"),
@@ -403,11 +406,61 @@ async fn a_node_anchors_its_checkpoint_on_demand_and_serves_the_anchor() {
     .expect("read the anchor")
     .expect("an Anchored event");
     assert_eq!(
-        (chain.as_str(), tree_size, hex::encode(root), by),
+        (on_chain.chain.as_str(), on_chain.tree_size, hex::encode(on_chain.root), on_chain.anchorer),
         ("kalima-dev", size, a["root"].as_str().expect("root").to_string(), anchor_key.address())
     );
     let (_, history) = node.get_json("/api/v1/anchors?target=ethereum").await;
     assert_eq!(history["anchors"].as_array().map(Vec::len), Some(1), "{history}");
+
+    // A receipt of the reading, then checked with the node stopped and only anvil's RPC.
+    let (s, receipt) = node.get_json(&format!("/api/v1/tx/{id}/receipt")).await;
+    assert_eq!(s, StatusCode::OK, "{receipt}");
+    assert_eq!(receipt["checkpoint"]["tree_size"].as_u64(), Some(size), "{receipt}");
+    assert_eq!(receipt["anchors"][0]["tx_hash"], a["tx_hash"], "{receipt}");
+    let node_key = receipt["checkpoint"]["signatures"][0]["signer"].as_str().expect("signer").to_string();
     node.stop().await;
     assert_verifies(&dir, &[]).await;
+    let file = tmp.path().join("receipt.json");
+    std::fs::write(&file, receipt.to_string()).expect("receipt file");
+    let rpc = format!("ethereum={}", anvil.endpoint());
+    let file_arg = file.to_str().expect("utf-8 path");
+    let check = |args: Vec<String>| async move {
+        let mut all = vec!["verify-receipt".to_string()];
+        all.extend(args);
+        kalima(&all, &[]).await
+    };
+    let o = check(vec![
+        file_arg.into(),
+        "--rpc".into(),
+        rpc.clone(),
+        "--trust".into(),
+        node_key.clone(),
+        "--require-anchor".into(),
+    ])
+    .await;
+    let out = stdout(&o);
+    assert!(o.status.success() && out.contains("VERIFIED"), "{}", describe(&o));
+    assert!(out.contains("verified on the public chain") && out.contains("body: 21.5"), "{out}");
+
+    // Without the public chain, the anchor is reported unchecked, and --require-anchor fails.
+    let o = check(vec![file_arg.into(), "--require-anchor".into()]).await;
+    assert!(!o.status.success() && stdout(&o).contains("not checked (pass --rpc ethereum=URL)"), "{}", describe(&o));
+    // Another signer than the one trusted: refused.
+    let o = check(vec![file_arg.into(), "--trust".into(), hex::encode([5u8; 32])]).await;
+    assert!(!o.status.success() && stdout(&o).contains("0 trusted signature(s)"), "{}", describe(&o));
+    // A forged reading: the bytes no longer hash to the proven leaf.
+    let mut forged = receipt.clone();
+    let bytes = B64.decode(forged["tx_bytes"].as_str().expect("bytes")).expect("base64");
+    let at = bytes.windows(4).position(|w| w == b"21.5").expect("the reading in the bytes");
+    let mut bytes = bytes;
+    bytes[at] = b'3';
+    forged["tx_bytes"] = json!(B64.encode(&bytes));
+    std::fs::write(&file, forged.to_string()).expect("receipt file");
+    let o = check(vec![file_arg.into(), "--rpc".into(), rpc.clone()]).await;
+    assert!(!o.status.success() && stdout(&o).contains("FAILED"), "{}", describe(&o));
+    // An anchor checked on another chain than the one it names is refused.
+    let other = Anvil::spawn(31338);
+    std::fs::write(&file, receipt.to_string()).expect("receipt file");
+    let o = check(vec![file_arg.into(), "--rpc".into(), format!("ethereum={}", other.endpoint())]).await;
+    assert!(!o.status.success() && stdout(&o).contains("anchor ethereum: "), "{}", describe(&o));
 }

@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use alloy::primitives::B256;
-use kalima_bridge_ethereum::anchor::{ANCHORS_ADDRESS, AnchorRecord, Anchorer, Confirmation, read_anchor};
+use kalima_bridge_ethereum::anchor::{Anchorer, Confirmation, read_anchor};
 use kalima_bridge_ethereum::anvil::TestChain as Anvil;
 use kalima_bridge_ethereum::contracts::KlxAnchor;
+use kalima_core::anchor::{ANCHORS_ADDRESS, AnchorKind, AnchorRecord, anchor_latest, latest_anchor};
 use kalima_core::testing::TestChain;
 use kalima_core::tx::TxContent;
 
@@ -57,8 +58,7 @@ async fn setup() -> (TestChain, Anvil, String, Anchorer) {
     let anchorer_key = anvil.signer(1);
     let contract = KlxAnchor::deploy(anvil.provider(), vec![anchorer_key.address()]).await.expect("deploy anchor");
     let contract = format!("{:#x}", contract.address());
-    let a = Anchorer::new(t.chain.clone(), "ethereum", anvil.endpoint().as_str(), &contract, anchorer_key, 3)
-        .expect("anchorer");
+    let a = Anchorer::new("ethereum", anvil.endpoint().as_str(), &contract, anchorer_key, 3).expect("anchorer");
     (t, anvil, contract, a)
 }
 
@@ -69,25 +69,33 @@ async fn the_latest_checkpoint_is_anchored_confirmed_and_recorded_on_the_chain()
     write(&t, 5).await;
     let cp = t.chain.checkpoint_now().await.expect("checkpoint");
 
-    let record = a.anchor_latest().await.expect("anchor").expect("something to anchor");
+    let record = anchor_latest(&t.chain, &a).await.expect("anchor").expect("something to anchor");
     assert_eq!(
         (record.tree_size, record.root.as_str(), record.height),
         (cp.tree_size, &*hex::encode(cp.root), cp.height)
     );
     assert_eq!(record.chain, "anchor-test");
     // What a verifier sees with nothing but RPC access.
-    let (chain, size, root, height, _by) = read_anchor(anvil.endpoint().as_str(), &contract, &record.tx_hash)
+    let on_chain = read_anchor(anvil.endpoint().as_str(), &contract, &record.tx_hash)
         .await
         .expect("read")
         .expect("the Anchored event");
-    assert_eq!((chain.as_str(), size, root, height), ("anchor-test", cp.tree_size, B256::from(cp.root), cp.height));
-    assert!(a.latest().is_some_and(|l| l == record), "recorded on the chain");
+    assert_eq!(
+        (on_chain.chain.as_str(), on_chain.tree_size, on_chain.root, on_chain.height),
+        ("anchor-test", cp.tree_size, B256::from(cp.root), cp.height)
+    );
+    assert_eq!((on_chain.block_number, on_chain.chain_id), (record.block_number, 31337));
+    assert!(on_chain.confirmations >= 3, "recorded only after 3 confirmations: {on_chain:?}");
+    assert!(latest_anchor(&t.chain, "ethereum").is_some_and(|l| l == record), "recorded on the chain");
+    assert_eq!((record.kind, record.network.as_str()), (AnchorKind::Ethereum, "31337"));
+    let signed = record.checkpoint.as_ref().expect("the anchored checkpoint is recorded with its signatures");
+    assert_eq!(signed.valid_signers().len(), 1, "the node's signature verifies");
 
     // Nothing new: nothing sent. A newer checkpoint: a second anchor, both in the history.
-    assert_eq!(a.anchor_latest().await.expect("anchor"), None);
+    assert_eq!(anchor_latest(&t.chain, &a).await.expect("anchor"), None);
     write(&t, 3).await;
     let cp2 = t.chain.checkpoint_now().await.expect("checkpoint");
-    let second = a.anchor_latest().await.expect("anchor").expect("a newer checkpoint");
+    let second = anchor_latest(&t.chain, &a).await.expect("anchor").expect("a newer checkpoint");
     assert_eq!(second.tree_size, cp2.tree_size);
     let history = t.history(ANCHORS_ADDRESS, "ethereum").await;
     let sizes: Vec<u64> = history
@@ -102,13 +110,13 @@ async fn an_anchor_dropped_by_a_reorg_before_its_confirmations_is_sent_again() {
     let (t, anvil, contract, a) = setup().await;
     write(&t, 4).await;
     let cp = t.chain.checkpoint_now().await.expect("checkpoint");
-    let dropped = a.submit(&cp).await.expect("sent");
+    let dropped = a.submit(&cp.chain, cp.tree_size, B256::from(cp.root), cp.height).await.expect("sent");
     anvil.reorg(1).await.expect("reorg");
     let _miner = Miner::start(&anvil);
     assert_eq!(a.confirm(dropped).await.expect("confirm"), Confirmation::Dropped);
     assert!(read_anchor(anvil.endpoint().as_str(), &contract, &format!("{dropped:#x}")).await.expect("read").is_none());
 
-    let record = a.anchor_latest().await.expect("anchor").expect("anchored again");
+    let record = anchor_latest(&t.chain, &a).await.expect("anchor").expect("anchored again");
     assert_ne!(record.tx_hash, format!("{dropped:#x}"));
     assert_eq!(record.tree_size, cp.tree_size);
     assert!(read_anchor(anvil.endpoint().as_str(), &contract, &record.tx_hash).await.expect("read").is_some());
@@ -121,14 +129,20 @@ async fn only_allowed_anchorers_anchor_and_only_newer_tree_sizes() {
     write(&t, 2).await;
     let cp = t.chain.checkpoint_now().await.expect("checkpoint");
     // Someone else's key.
-    let stranger = Anchorer::new(t.chain.clone(), "ethereum", anvil.endpoint().as_str(), &contract, anvil.signer(4), 1)
-        .expect("anchorer");
-    let err = stranger.submit(&cp).await.expect_err("a stranger anchored");
+    let stranger =
+        Anchorer::new("ethereum", anvil.endpoint().as_str(), &contract, anvil.signer(4), 1).expect("anchorer");
+    let err = stranger
+        .submit(&cp.chain, cp.tree_size, B256::from(cp.root), cp.height)
+        .await
+        .expect_err("a stranger anchored");
     let selector = hex::encode(<KlxAnchor::NotAnchorer as alloy::sol_types::SolError>::SELECTOR);
     assert!(err.to_string().contains(&selector), "expected NotAnchorer (0x{selector}): {err}");
-    a.anchor_latest().await.expect("anchor").expect("anchored");
+    anchor_latest(&t.chain, &a).await.expect("anchor").expect("anchored");
     // The same size again is refused by the contract.
-    let err = a.submit(&cp).await.expect_err("the same size was anchored twice");
+    let err = a
+        .submit(&cp.chain, cp.tree_size, B256::from(cp.root), cp.height)
+        .await
+        .expect_err("the same size was anchored twice");
     let selector = hex::encode(<KlxAnchor::NotNewer as alloy::sol_types::SolError>::SELECTOR);
     assert!(err.to_string().contains(&selector), "expected NotNewer (0x{selector}): {err}");
 }
