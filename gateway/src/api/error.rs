@@ -46,6 +46,10 @@ pub enum ApiError {
     MethodNotAllowed,
     /// The caller holds too many of a bounded resource (live streams).
     TooMany(String),
+    /// Missing or unknown credentials that are not a device token (a buyer's access token).
+    Unauthorized(&'static str, String),
+    /// Known credentials that do not allow this.
+    Forbidden(&'static str, String),
     /// A fault inside the node (logged).
     Internal(String),
 }
@@ -58,6 +62,8 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(code, _) => (StatusCode::BAD_REQUEST, code),
             ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
+            ApiError::Unauthorized(code, _) => (StatusCode::UNAUTHORIZED, code),
+            ApiError::Forbidden(code, _) => (StatusCode::FORBIDDEN, code),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -73,6 +79,8 @@ impl ApiError {
             ApiError::NotFound(m)
             | ApiError::BadRequest(_, m)
             | ApiError::Conflict(_, m)
+            | ApiError::Unauthorized(_, m)
+            | ApiError::Forbidden(_, m)
             | ApiError::Unavailable(m)
             | ApiError::TooLarge(m)
             | ApiError::TooMany(m) => m.clone(),
@@ -104,8 +112,13 @@ pub fn rejection_status(r: &Rejection) -> StatusCode {
 pub fn ledger_status(e: &LedgerError) -> StatusCode {
     match e {
         LedgerError::Invalid(_) | LedgerError::BadAccountSignature(_) => StatusCode::BAD_REQUEST,
-        LedgerError::NotRelayer { .. } | LedgerError::AdminOnly => StatusCode::FORBIDDEN,
-        LedgerError::UnknownBridge(_) | LedgerError::UnknownWithdrawal(_) => StatusCode::NOT_FOUND,
+        LedgerError::NotRelayer { .. } | LedgerError::AdminOnly | LedgerError::NotProvider { .. } => {
+            StatusCode::FORBIDDEN
+        }
+        LedgerError::UnknownBridge(_) | LedgerError::UnknownWithdrawal(_) | LedgerError::UnknownFeed(_) => {
+            StatusCode::NOT_FOUND
+        }
+        LedgerError::PriceMismatch { .. } | LedgerError::MarketNotConfigured => StatusCode::CONFLICT,
         LedgerError::BadNonce { .. }
         | LedgerError::AlreadyMinted { .. }
         | LedgerError::AlreadyAttested { .. }

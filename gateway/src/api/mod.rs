@@ -11,6 +11,7 @@ pub mod devices;
 pub mod error;
 pub mod extract;
 pub mod klx;
+pub mod market;
 pub mod model;
 pub mod ops;
 pub mod stream;
@@ -233,6 +234,17 @@ impl utoipa::Modify for SecurityAddon {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            "access_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A buyer's feed access token, <subscription id>.<secret>, whose SHA-256 the purchase carried",
+                    ))
+                    .build(),
+            ),
+        );
     }
 }
 
@@ -256,6 +268,8 @@ impl utoipa::Modify for SecurityAddon {
         bridge::chains, bridge::configure, bridge::resume, bridge::deposits_by_tx, bridge::deposit,
         bridge::withdraw, bridge::withdrawal, bridge::status,
         anchors::list, anchors::anchor_now,
+        market::list, market::one, market::list_feed, market::delist, market::purchase, market::stream, market::ws,
+        market::subscription, market::statement, market::config, market::set_config,
         bridge::register_exchange, bridge::exchange, bridge::add_addresses, bridge::exchange_address,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
@@ -271,6 +285,7 @@ impl utoipa::Modify for SecurityAddon {
         (name = "klx", description = "Native KLX: accounts, supply, holder-signed transfers"),
         (name = "bridge", description = "Ethereum/Polygon bridge: deposits, withdrawals, totals, relayer status"),
         (name = "anchors", description = "Checkpoints anchored on public chains"),
+        (name = "marketplace", description = "Oracle feeds: catalogue, listing, purchases in KLX, delivery with proofs, provider statements"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -296,6 +311,7 @@ pub fn api_router() -> Router<AppState> {
         .merge(klx::router())
         .merge(bridge::router())
         .merge(anchors::router())
+        .merge(market::router())
 }
 
 /// The whole HTTP application.

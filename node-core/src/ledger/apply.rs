@@ -8,6 +8,11 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::market::{
+    Currency, FEEDS_ADDRESS, Feed, MARKET_CONFIG_ADDRESS, MARKET_CONFIG_KEY, MAX_PERIODS, MarketConfig,
+    PURCHASES_ADDRESS, PurchaseRecord, STATEMENTS_ADDRESS, SUBSCRIPTIONS_ADDRESS, SignedPurchase, Statement,
+    Subscription, subscription_id,
+};
 use super::ops::{AccountKey, LedgerOp, eth_address, eth_bytes, withdrawal_id};
 use super::records::{
     Account, BridgeChain, BridgeState, Deposit, DepositRecord, DepositStatus, Exchange, Halt, ReleaseReport, Supply,
@@ -397,6 +402,51 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
             s.halted = Some(Halt { reason, by: instr.device_id.clone(), at_ms: d.timestamp_ms });
             d.put_state(chain, &s);
         }
+        LedgerOp::ConfigureMarket { config } => {
+            if !device.is_admin() {
+                return Err(LedgerError::AdminOnly.into());
+            }
+            config.validate()?;
+            d.put(MARKET_CONFIG_ADDRESS, MARKET_CONFIG_KEY, config, 0);
+        }
+        LedgerOp::ListFeed { feed } => {
+            feed.validate()?;
+            if !device.can_write(&feed.prefix) {
+                return Err(LedgerError::Invalid(format!(
+                    "device {} needs a write grant on {} to sell it",
+                    device.id, feed.prefix
+                ))
+                .into());
+            }
+            let now = d.timestamp_ms;
+            let record = match d.get::<Feed>(FEEDS_ADDRESS, &feed.id)? {
+                Some(old) if old.provider != device.id => {
+                    return Err(LedgerError::NotProvider { feed: feed.id.clone(), provider: old.provider }.into());
+                }
+                Some(old) => Feed { spec: feed.clone(), listed: true, updated_at_ms: now, ..old },
+                None => Feed {
+                    spec: feed.clone(),
+                    provider: device.id.clone(),
+                    listed: true,
+                    listed_at_ms: now,
+                    updated_at_ms: now,
+                },
+            };
+            d.put(FEEDS_ADDRESS, &feed.id, &record, 0);
+        }
+        LedgerOp::DelistFeed { feed } => {
+            let mut f: Feed = d.get(FEEDS_ADDRESS, feed)?.ok_or_else(|| LedgerError::UnknownFeed(feed.clone()))?;
+            if f.provider != device.id && !device.is_admin() {
+                return Err(LedgerError::NotProvider { feed: feed.clone(), provider: f.provider }.into());
+            }
+            f.listed = false;
+            f.updated_at_ms = d.timestamp_ms;
+            d.put(FEEDS_ADDRESS, feed, &f, 0);
+        }
+        LedgerOp::Purchase(p) => {
+            let buyer = op.verify_holder(ctx.chain)?;
+            purchase(&mut d, &buyer, p, instr.body.len())?;
+        }
     }
     let new_exchanges = d.new_exchanges;
     let (written, values) = d.finish();
@@ -615,4 +665,80 @@ fn quorum(rec: &DepositRecord, cfg: &BridgeChain) -> Option<Deposit> {
         }
     }
     counts.into_iter().find(|(_, n)| *n >= cfg.threshold).map(|(d, _)| d.clone())
+}
+
+/// A KLX purchase: the buyer pays the feed's price; the gas of the instruction is burned in
+/// part and split, the rest credited to the provider; the subscription is extended from its
+/// current expiry (or from now) and takes the new token.
+fn purchase(d: &mut Draft<'_>, buyer: &AccountKey, p: &SignedPurchase, bytes: usize) -> Result<(), LedgerError> {
+    let feed: Feed = d.get(FEEDS_ADDRESS, &p.feed)?.ok_or_else(|| LedgerError::UnknownFeed(p.feed.clone()))?;
+    if !feed.listed {
+        return Err(LedgerError::UnknownFeed(p.feed.clone()));
+    }
+    if p.count == 0 || p.count > MAX_PERIODS {
+        return Err(LedgerError::Invalid(format!("count must be 1..={MAX_PERIODS}")));
+    }
+    let price = feed.price(p.period, Currency::Klx).ok_or_else(|| {
+        LedgerError::Invalid(format!("feed {} has no KLX price per {:?}", p.feed, p.period).to_lowercase())
+    })?;
+    let due = price.saturating_mul(u128::from(p.count));
+    if p.amount != due {
+        return Err(LedgerError::PriceMismatch {
+            feed: p.feed.clone(),
+            due: due.to_string(),
+            got: p.amount.to_string(),
+        });
+    }
+    let config: MarketConfig =
+        d.get(MARKET_CONFIG_ADDRESS, MARKET_CONFIG_KEY)?.ok_or(LedgerError::MarketNotConfigured)?;
+    let (foundation, masters, dapp) = config.validate()?;
+    let split = config.split(Currency::Klx, bytes, p.amount);
+    let payout = AccountKey::from_hex(&feed.spec.payout)?;
+    d.debit(buyer, p.amount, p.nonce)?;
+    for (to, amount) in [
+        (&payout, split.provider),
+        (&foundation, split.foundation),
+        (&masters, split.masters),
+        (&dapp, split.dapp_fund),
+    ] {
+        if amount > 0 {
+            d.credit(to, amount)?;
+        }
+    }
+    if split.burned > 0 {
+        let mut supply = d.supply()?;
+        supply.fees_burned = supply.fees_burned.saturating_add(split.burned);
+        d.put(SUPPLY_ADDRESS, SUPPLY_KEY, &supply, 0);
+    }
+    let id = subscription_id(&p.feed, &p.buyer);
+    let now = d.timestamp_ms;
+    let mut sub = d.get::<Subscription>(SUBSCRIPTIONS_ADDRESS, &id)?.unwrap_or(Subscription {
+        id: id.clone(),
+        feed: p.feed.clone(),
+        buyer: p.buyer.clone(),
+        token_hash: String::new(),
+        expires_at_ms: now,
+        purchases: 0,
+    });
+    sub.expires_at_ms = sub.expires_at_ms.max(now).saturating_add(p.period.millis().saturating_mul(i64::from(p.count)));
+    sub.token_hash = p.token_hash.to_ascii_lowercase();
+    sub.purchases += 1;
+    d.put(SUBSCRIPTIONS_ADDRESS, &id, &sub, 0);
+    let record = PurchaseRecord {
+        subscription: id,
+        feed: p.feed.clone(),
+        buyer: p.buyer.clone(),
+        period: p.period,
+        count: p.count,
+        currency: Currency::Klx,
+        split: split.clone(),
+        expires_at_ms: sub.expires_at_ms,
+        at_ms: now,
+    };
+    d.put(PURCHASES_ADDRESS, &feed.provider, &record, 0);
+    let mut st: Statement = d.get(STATEMENTS_ADDRESS, &feed.provider)?.unwrap_or_default();
+    st.klx.add(&split);
+    st.purchases += 1;
+    d.put(STATEMENTS_ADDRESS, &feed.provider, &st, 0);
+    Ok(())
 }

@@ -91,9 +91,33 @@ pub enum LedgerError {
         /// The cap.
         cap: String,
     },
-    /// Only the admin configures bridges.
-    #[error("only the admin configures bridges")]
+    /// Only the admin configures bridges and the marketplace.
+    #[error("only the admin configures bridges and the marketplace")]
     AdminOnly,
+    /// No listed feed of that id.
+    #[error("no listed feed {0}")]
+    UnknownFeed(String),
+    /// The feed belongs to another provider.
+    #[error("feed {feed} belongs to provider {provider}")]
+    NotProvider {
+        /// Feed id.
+        feed: String,
+        /// Its provider.
+        provider: String,
+    },
+    /// The amount paid is not the feed's price times the periods bought.
+    #[error("feed {feed} costs {due} base units for this purchase, {got} offered")]
+    PriceMismatch {
+        /// Feed id.
+        feed: String,
+        /// What is due.
+        due: String,
+        /// What was offered.
+        got: String,
+    },
+    /// The admin has not set the marketplace's economics yet.
+    #[error("the marketplace's economics are not configured yet (PUT /api/v1/market/config)")]
+    MarketNotConfigured,
 }
 
 impl LedgerError {
@@ -114,6 +138,10 @@ impl LedgerError {
             LedgerError::UnknownWithdrawal(_) => "unknown_withdrawal",
             LedgerError::OverCap { .. } => "over_cap",
             LedgerError::AdminOnly => "admin_only",
+            LedgerError::UnknownFeed(_) => "unknown_feed",
+            LedgerError::NotProvider { .. } => "not_provider",
+            LedgerError::PriceMismatch { .. } => "price_mismatch",
+            LedgerError::MarketNotConfigured => "market_not_configured",
         }
     }
 }

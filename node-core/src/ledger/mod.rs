@@ -11,6 +11,7 @@
 mod apply;
 mod audit;
 mod error;
+pub mod market;
 mod ops;
 mod records;
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
+use super::market::{FeedSpec, MARKET_OPS_ADDRESS, MarketConfig, SignedPurchase, purchase_bytes};
 use super::records::{BridgeChain, Deposit, amount};
 use super::{ADMIN_OPS_ADDRESS, LedgerError, OPS_ADDRESS, bridge_address};
 use crate::keys::NodeKey;
@@ -56,7 +57,7 @@ impl AccountKey {
         hex::encode(self.0)
     }
 
-    fn verify(&self, msg: &[u8], signature_hex: &str) -> Result<(), LedgerError> {
+    pub(crate) fn verify(&self, msg: &[u8], signature_hex: &str) -> Result<(), LedgerError> {
         let mut sig = [0u8; 64];
         hex::decode_to_slice(signature_hex, &mut sig)
             .map_err(|_| LedgerError::Invalid("signature must be 128 hex characters".into()))?;
@@ -206,6 +207,23 @@ pub enum LedgerOp {
         /// What it found.
         reason: String,
     },
+    /// The admin sets the marketplace's economics.
+    ConfigureMarket {
+        /// The economics.
+        config: MarketConfig,
+    },
+    /// A provider lists a feed, or updates its own.
+    ListFeed {
+        /// The feed.
+        feed: FeedSpec,
+    },
+    /// A provider (or the admin) delists a feed.
+    DelistFeed {
+        /// Feed id.
+        feed: String,
+    },
+    /// A buyer pays for periods of a feed in KLX.
+    Purchase(SignedPurchase),
 }
 
 impl LedgerOp {
@@ -214,7 +232,10 @@ impl LedgerOp {
         match self {
             LedgerOp::Transfer(t) => (OPS_ADDRESS.into(), t.from.clone()),
             LedgerOp::Withdraw(w) => (OPS_ADDRESS.into(), w.from.clone()),
-            LedgerOp::ConfigureBridge { .. }
+            LedgerOp::Purchase(p) => (OPS_ADDRESS.into(), p.buyer.clone()),
+            LedgerOp::ListFeed { .. } | LedgerOp::DelistFeed { .. } => (MARKET_OPS_ADDRESS.into(), device.to_string()),
+            LedgerOp::ConfigureMarket { .. }
+            | LedgerOp::ConfigureBridge { .. }
             | LedgerOp::ResumeBridge { .. }
             | LedgerOp::RegisterExchange { .. }
             | LedgerOp::AddExchangeAddresses { .. } => (ADMIN_OPS_ADDRESS.into(), device.to_string()),
@@ -267,7 +288,12 @@ impl LedgerOp {
                 from.verify(&bytes, &w.signature)?;
                 Ok(from)
             }
-            _ => Err(LedgerError::Invalid("only transfers and withdrawals carry a holder signature".into())),
+            LedgerOp::Purchase(p) => {
+                let (buyer, bytes) = purchase_bytes(chain, p)?;
+                buyer.verify(&bytes, &p.signature)?;
+                Ok(buyer)
+            }
+            _ => Err(LedgerError::Invalid("only transfers, withdrawals and purchases carry a holder signature".into())),
         }
     }
 }
@@ -297,11 +323,12 @@ pub fn account_signing_bytes(chain: &str, op: &LedgerOp) -> Result<Vec<u8>, Ledg
         LedgerOp::Withdraw(w) => {
             withdrawal_bytes(chain, &AccountKey::from_hex(&w.from)?, &w.chain, &w.recipient, w.amount, w.nonce)
         }
-        _ => Err(LedgerError::Invalid("only transfers and withdrawals are signed by a holder".into())),
+        LedgerOp::Purchase(p) => Ok(purchase_bytes(chain, p)?.1),
+        _ => Err(LedgerError::Invalid("only transfers, withdrawals and purchases are signed by a holder".into())),
     }
 }
 
-fn prefix(chain: &str, tag: u8, from: &AccountKey) -> Vec<u8> {
+pub(crate) fn signing_prefix(chain: &str, tag: u8, from: &AccountKey) -> Vec<u8> {
     let mut b = Vec::with_capacity(128);
     b.extend_from_slice(ACCOUNT_SIGNING_DOMAIN);
     b.extend_from_slice(&(chain.len() as u16).to_be_bytes());
@@ -312,7 +339,7 @@ fn prefix(chain: &str, tag: u8, from: &AccountKey) -> Vec<u8> {
 }
 
 fn transfer_bytes(chain: &str, from: &AccountKey, to: &AccountKey, amount: u128, nonce: u64) -> Vec<u8> {
-    let mut b = prefix(chain, 1, from);
+    let mut b = signing_prefix(chain, 1, from);
     b.extend_from_slice(&to.0);
     b.extend_from_slice(&amount.to_be_bytes());
     b.extend_from_slice(&nonce.to_be_bytes());
@@ -327,7 +354,7 @@ fn withdrawal_bytes(
     amount: u128,
     nonce: u64,
 ) -> Result<Vec<u8>, LedgerError> {
-    let mut b = prefix(chain, 2, from);
+    let mut b = signing_prefix(chain, 2, from);
     b.extend_from_slice(&(bridge.len() as u16).to_be_bytes());
     b.extend_from_slice(bridge.as_bytes());
     b.extend_from_slice(&eth_bytes::<20>(recipient, "recipient")?);

@@ -52,12 +52,16 @@ pub struct Supply {
     #[serde(with = "amount")]
     #[schema(value_type = String)]
     pub burned: u128,
+    /// Burned as the burn share of marketplace gas (locked on the bridged chains for good).
+    #[serde(with = "amount", default)]
+    #[schema(value_type = String)]
+    pub fees_burned: u128,
 }
 
 impl Supply {
     /// KLX in circulation on the chain.
     pub fn circulating(&self) -> u128 {
-        self.minted.saturating_sub(self.burned)
+        self.minted.saturating_sub(self.burned).saturating_sub(self.fees_burned)
     }
 }
 

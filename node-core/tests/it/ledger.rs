@@ -11,17 +11,17 @@ use kalima_core::registry::ADMIN_ID;
 use kalima_core::testing::TestChain;
 use kalima_core::{Error, Rejection};
 
-const CHAIN: &str = "ledger-test";
+pub(crate) const CHAIN: &str = "ledger-test";
 const TOKEN: &str = "0x5fbdb2315678afecb367f032d93f642f64180aa3";
 const BRIDGE: &str = "0xe7f1725e7734ce288f8367e1bb143e90bb3f0512";
 
-struct Bridge {
-    t: TestChain,
+pub(crate) struct Bridge {
+    pub(crate) t: TestChain,
     relayers: Vec<(String, NodeKey)>,
     idem: std::sync::atomic::AtomicU64,
 }
 
-fn account() -> SigningKey {
+pub(crate) fn account() -> SigningKey {
     SigningKey::generate(&mut rand::rngs::OsRng)
 }
 
@@ -45,14 +45,14 @@ fn config_ttl(relayers: &[(String, NodeKey)], threshold: u32, release_ttl_secs: 
     }
 }
 
-fn refusal(r: kalima_core::Result<Vec<kalima_core::Receipt>>) -> Rejection {
+pub(crate) fn refusal(r: kalima_core::Result<Vec<kalima_core::Receipt>>) -> Rejection {
     match r {
         Err(Error::Rejected(rej)) => rej,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
-fn ledger_refusal(r: kalima_core::Result<Vec<kalima_core::Receipt>>) -> LedgerError {
+pub(crate) fn ledger_refusal(r: kalima_core::Result<Vec<kalima_core::Receipt>>) -> LedgerError {
     match refusal(r) {
         Rejection::Ledger(e) => e,
         other => panic!("expected a ledger refusal, got {other:?}"),
@@ -80,7 +80,7 @@ impl Bridge {
         format!("k{}", self.idem.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     }
 
-    async fn admin(&self, op: LedgerOp) -> kalima_core::Result<Vec<kalima_core::Receipt>> {
+    pub(crate) async fn admin(&self, op: LedgerOp) -> kalima_core::Result<Vec<kalima_core::Receipt>> {
         self.t.ledger(op.instruction(ADMIN_ID, String::new())).await
     }
 
@@ -89,25 +89,25 @@ impl Bridge {
         self.t.ledger(relayer_instruction(CHAIN, &op, id, self.key(), key)).await
     }
 
-    async fn attest(&self, i: usize, d: &Deposit) -> kalima_core::Result<Vec<kalima_core::Receipt>> {
+    pub(crate) async fn attest(&self, i: usize, d: &Deposit) -> kalima_core::Result<Vec<kalima_core::Receipt>> {
         self.relayer(i, LedgerOp::AttestDeposit { chain: "eth".into(), deposit: d.clone() }).await
     }
 
     /// Any registered device may carry a holder's signed instruction.
-    async fn holder(&self, op: LedgerOp) -> kalima_core::Result<Vec<kalima_core::Receipt>> {
+    pub(crate) async fn holder(&self, op: LedgerOp) -> kalima_core::Result<Vec<kalima_core::Receipt>> {
         self.t.ledger(op.instruction("wallet", String::new())).await
     }
 
-    fn ledger(&self) -> Ledger<'_> {
+    pub(crate) fn ledger(&self) -> Ledger<'_> {
         Ledger::new(self.t.chain.memcache())
     }
 
-    fn balance(&self, k: &SigningKey) -> u128 {
+    pub(crate) fn balance(&self, k: &SigningKey) -> u128 {
         self.ledger().account(&AccountKey::of(k)).balance
     }
 
     /// Sum of balances equals the supply in circulation, and the bridge totals agree.
-    fn assert_conserved(&self) {
+    pub(crate) fn assert_conserved(&self) {
         let l = self.ledger();
         let total: u128 = l.accounts().iter().map(|(_, a)| a.balance).sum();
         let supply = l.supply();
@@ -118,7 +118,7 @@ impl Bridge {
     }
 }
 
-fn deposit(nonce: u64, to: &SigningKey, amount: u128) -> Deposit {
+pub(crate) fn deposit(nonce: u64, to: &SigningKey, amount: u128) -> Deposit {
     Deposit {
         nonce,
         tx_hash: format!("0x{:064x}", 0xabc0 + nonce),
@@ -131,7 +131,7 @@ fn deposit(nonce: u64, to: &SigningKey, amount: u128) -> Deposit {
     }
 }
 
-async fn with_wallet(n: usize, threshold: u32) -> Bridge {
+pub(crate) async fn with_wallet(n: usize, threshold: u32) -> Bridge {
     let b = Bridge::start(n, threshold).await;
     b.t.register("wallet", &[]).await;
     b

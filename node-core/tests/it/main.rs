@@ -19,6 +19,7 @@ mod immutability;
 mod ingest;
 mod ledger;
 mod link;
+mod market;
 mod outbox;
 mod proofs;
 mod receipt;

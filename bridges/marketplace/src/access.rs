@@ -1,0 +1,54 @@
+//! Buyers' access tokens. A token is `<subscription id>.<secret>`, chosen by the buyer: the
+//! purchase carries only its SHA-256, so the node never stores a usable token, and any master
+//! checks it against the subscription recorded on the chain. Access ends with the period.
+
+use kalima_core::Chain;
+use kalima_core::ledger::market::{FEEDS_ADDRESS, Feed, SUBSCRIPTIONS_ADDRESS, Subscription, subscription_id};
+
+use crate::error::{Error, Result};
+
+/// A buyer's checked access to one feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// The subscription.
+    pub subscription: Subscription,
+    /// Its feed.
+    pub feed: Feed,
+}
+
+/// A new random token for `buyer`'s subscription to `feed` (what a buyer's client makes
+/// before signing a purchase with its hash).
+pub fn new_token(feed: &str, buyer: &str) -> String {
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    format!("{}.{}", subscription_id(feed, buyer), hex::encode(secret))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Checks `token` against the chain: a current subscription whose token it is, to a listed feed.
+pub fn authorize(chain: &Chain, token: &str) -> Result<Access> {
+    let (id, secret) = token.split_once('.').ok_or(Error::MalformedToken)?;
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.is_empty() {
+        return Err(Error::MalformedToken);
+    }
+    let read = |address: &str, key: &str| chain.memcache().get(address, key).map(|c| c.tx.content.body.clone());
+    let sub: Subscription = read(SUBSCRIPTIONS_ADDRESS, &id.to_ascii_lowercase())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or(Error::UnknownToken)?;
+    if !sub.token_matches(token) {
+        return Err(Error::UnknownToken);
+    }
+    let feed: Feed = read(FEEDS_ADDRESS, &sub.feed)
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| Error::UnknownFeed(sub.feed.clone()))?;
+    if !feed.listed {
+        return Err(Error::Delisted(feed.spec.id));
+    }
+    if sub.expires_at_ms <= now_ms() {
+        return Err(Error::Expired { feed: sub.feed.clone(), expired_at_ms: sub.expires_at_ms });
+    }
+    Ok(Access { subscription: sub, feed })
+}
