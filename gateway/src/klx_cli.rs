@@ -532,7 +532,7 @@ fn check_eth_address(s: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
+pub(crate) fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v).context("formatting JSON")?);
     Ok(())
 }
@@ -550,23 +550,23 @@ pub struct NodeError {
 }
 
 /// A client of one node's REST API.
-struct NodeClient {
+pub(crate) struct NodeClient {
     http: reqwest::Client,
-    base: String,
+    pub(crate) base: String,
     token: Option<String>,
 }
 
 impl NodeClient {
-    fn new(args: &NodeArgs) -> anyhow::Result<Self> {
+    pub(crate) fn new(args: &NodeArgs) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().context("building the HTTP client")?;
         Ok(Self { http, base: args.node.trim_end_matches('/').to_string(), token: resolve_token(args)? })
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.send(self.http.get(format!("{}{path}", self.base))).await
     }
 
-    async fn post(&self, path: &str, body: &impl Serialize) -> anyhow::Result<Value> {
+    pub(crate) async fn post(&self, path: &str, body: &impl Serialize) -> anyhow::Result<Value> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
     }
 
@@ -591,7 +591,7 @@ impl NodeClient {
 
     /// `given`, else the chain name the node reports with every account (the name holder
     /// signatures are bound to).
-    async fn chain_name(&self, given: Option<String>, account: &AccountKey) -> anyhow::Result<String> {
+    pub(crate) async fn chain_name(&self, given: Option<String>, account: &AccountKey) -> anyhow::Result<String> {
         if let Some(chain) = given {
             return Ok(chain);
         }
@@ -603,7 +603,7 @@ impl NodeClient {
     }
 
     /// The nonce the account's next instruction must carry.
-    async fn next_nonce(&self, account: &AccountKey) -> anyhow::Result<u64> {
+    pub(crate) async fn next_nonce(&self, account: &AccountKey) -> anyhow::Result<u64> {
         let answer = self.get(&format!("/api/v1/klx/accounts/{}", account.to_hex())).await?;
         let nonce = answer.get("nonce").and_then(Value::as_u64).context("the node's account answer has no nonce")?;
         nonce.checked_add(1).context("the account's nonce is exhausted")

@@ -13,5 +13,6 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod klx_cli;
+pub mod market_cli;
 pub mod node;
 pub mod receipt_cli;

@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         action: klx_cli::KlxCommand,
     },
+    /// Oracle marketplace, buyer side: buy a feed with a local account key.
+    Market {
+        #[command(subcommand)]
+        action: kalima_gateway::market_cli::MarketCommand,
+    },
     /// Check a transaction receipt (from GET /api/v1/tx/{id}/receipt) with no node running:
     /// proofs, checkpoint signatures, and its anchors on their public chains (--rpc).
     VerifyReceipt(kalima_gateway::receipt_cli::VerifyReceiptArgs),
@@ -260,6 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Klx { action } => klx_cli::run_klx(action).await,
         Command::Bridge { action } => klx_cli::run_bridge(action).await,
         Command::Bench { what } => bench::run(what).await.map(|_| ExitCode::SUCCESS),
+        Command::Market { action } => kalima_gateway::market_cli::run_market(action).await,
         Command::VerifyReceipt(args) => kalima_gateway::receipt_cli::verify_receipt(args).await,
         Command::Openapi => {
             print!("{}", kalima_gateway::api::openapi_json());

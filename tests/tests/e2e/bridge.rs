@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
-async fn deposit(anvil: &Anvil, token: Address, bridge: Address, amount: u128, to: &SigningKey) -> B256 {
+pub(crate) async fn deposit(anvil: &Anvil, token: Address, bridge: Address, amount: u128, to: &SigningKey) -> B256 {
     let provider = anvil.provider_for(&anvil.signer(5));
     let t = KlxTokenInstance::new(token, provider.clone());
     let b = KlxBridgeInstance::new(bridge, provider);
@@ -44,7 +44,7 @@ async fn erc20(token: &KlxTokenInstance<alloy::providers::DynProvider>, who: Add
 
 /// Token and bridge on `anvil` with `relayers` and `threshold`; the user (dev account 5)
 /// holds 500 KLX.
-async fn deploy(
+pub(crate) async fn deploy(
     anvil: &Anvil,
     relayers: Vec<Address>,
     threshold: u64,
@@ -69,7 +69,7 @@ async fn deploy(
 
 /// Gives the node in `dir` the relayer `device` with a fresh device key and Ethereum key
 /// `eth`, serving `bridge` on `anvil`; returns the device key.
-fn add_relayer(
+pub(crate) fn add_relayer(
     dir: &std::path::Path,
     device: &str,
     eth: &alloy::signers::local::PrivateKeySigner,
@@ -91,7 +91,13 @@ fn add_relayer(
 
 /// Polls `GET path` until `done` holds for the JSON answer; mines blocks meanwhile so the
 /// relayer's finalized head moves.
-async fn wait_json(node: &Node, anvil: &Anvil, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_json(
+    node: &Node,
+    anvil: &Anvil,
+    path: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let (status, v) = node.get_json(path).await;

@@ -12,6 +12,7 @@ mod demo;
 mod durability;
 mod keys;
 mod lorawan;
+mod market;
 mod modbus;
 mod mqtt;
 mod mqtt_external;

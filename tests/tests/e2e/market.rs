@@ -1,0 +1,276 @@
+//! The oracle marketplace through a real `kalima` process, as a buyer and a provider use it:
+//! the buyer's KLX comes over the bridge from a real anvil; the provider lists a feed; the
+//! buyer buys it with `kalima market buy` (signed locally, token kept locally), streams it
+//! over SSE and checks every reading's proof, then gets a receipt of one reading and checks
+//! it with `kalima verify-receipt`; the provider's statement and payout account show the
+//! revenue minus the gas split; delisting ends the stream; the chain verifies.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use ed25519_dalek::SigningKey;
+use futures::StreamExt;
+use kalima_bridge_ethereum::anvil::TestChain as Anvil;
+use kalima_core::ledger::{AccountKey, KLX};
+use kalima_core::merkle::{InclusionProof, leaf_hash};
+use kalima_e2e::{Node, assert_verifies, describe, kalima, stdout};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::bridge::{add_relayer, deploy, deposit, wait_json};
+
+/// One server-sent event.
+#[derive(Debug)]
+struct Sse {
+    event: String,
+    data: Value,
+}
+
+/// Reads server-sent events from a streaming response.
+struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl SseReader {
+    fn new(r: reqwest::Response) -> Self {
+        Self { body: r.bytes_stream().boxed(), buf: String::new() }
+    }
+
+    async fn next(&mut self) -> Sse {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut event, mut data) = (String::from("message"), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                return Sse { event, data: serde_json::from_str(&data).expect("event data is JSON") };
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.body.next())
+                .await
+                .expect("an event within 30 s")
+                .expect("the stream is open")
+                .expect("a chunk");
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+async fn device(node: &Node, id: &str, grants: &[(&str, bool, bool)]) -> String {
+    let (s, v) = node.post_json("/api/v1/devices", &json!({ "id": id })).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    for (prefix, read, write) in grants {
+        let (s, g) = node
+            .post_json(
+                &format!("/api/v1/devices/{id}/grants"),
+                &json!({"prefix": prefix, "read": read, "write": write}),
+            )
+            .await;
+        assert!(s.is_success(), "{g}");
+    }
+    v["token"].as_str().expect("token").to_string()
+}
+
+async fn call(
+    node: &Node,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut r = node.http().request(method, node.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("request");
+    let s = r.status();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn check_reading(reading: &Value) -> (String, u64) {
+    let bytes = B64.decode(reading["tx_bytes"].as_str().expect("tx_bytes")).expect("base64");
+    let id = hex::encode(leaf_hash(&bytes));
+    assert_eq!(reading["id"].as_str(), Some(id.as_str()), "the bytes hash to the id");
+    let proof: InclusionProof = serde_json::from_value(reading["proof"].clone()).expect("proof");
+    assert_eq!(proof.leaf_hash, id);
+    assert!(proof.verify(), "the inclusion proof verifies: {reading}");
+    let tx = kalima_core::tx::Transaction::decode(&bytes).expect("canonical bytes");
+    assert_eq!(serde_json::from_slice::<Value>(&tx.content.body).ok().as_ref(), Some(&reading["value"]));
+    (id, proof.tree_size)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_pays_in_klx_streams_a_feed_with_proofs_and_the_provider_is_paid_minus_the_gas_split() {
+    // KLX for the buyer, over the bridge from anvil.
+    let anvil = Anvil::spawn(31337);
+    let relayer_eth = anvil.signer(1);
+    let (token, bridge, _) = deploy(&anvil, vec![relayer_eth.address()], 1).await;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    Node::init(&dir).await;
+    let relayer_key = add_relayer(&dir, "relayer-1", &relayer_eth, &anvil, *token.address(), *bridge.address());
+    let node = Node::start(&dir, &[]).await;
+    let (s, v) =
+        node.post_json("/api/v1/devices", &json!({ "id": "relayer-1", "public_key": relayer_key.public_hex() })).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let bridge_config = json!({
+        "chain_id": 31337, "bridge": format!("{:#x}", bridge.address()), "token": format!("{:#x}", token.address()),
+        "relayers": [{ "device": "relayer-1", "eth_address": format!("{:#x}", relayer_eth.address()) }],
+        "threshold": 1, "release_ttl_secs": 3600, "max_withdrawal": (1_000 * KLX).to_string(),
+    });
+    let (s, v) =
+        call(&node, reqwest::Method::PUT, "/api/v1/bridge/chains/ethereum", node.token(), Some(bridge_config)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let key_file = tmp.path().join("buyer.key");
+    let o = kalima(&["klx", "keygen", "--out", key_file.to_str().expect("path")], &[]).await;
+    assert!(o.status.success(), "{}", describe(&o));
+    let seed = std::fs::read_to_string(&key_file).expect("key file");
+    let mut b = [0u8; 32];
+    hex::decode_to_slice(seed.trim(), &mut b).expect("hex seed");
+    let buyer = SigningKey::from_bytes(&b);
+    let buyer_hex = AccountKey::of(&buyer).to_hex();
+    deposit(&anvil, *token.address(), *bridge.address(), 50 * KLX, &buyer).await;
+    wait_json(&node, &anvil, &format!("/api/v1/klx/accounts/{buyer_hex}"), "the buyer's mint", |v| {
+        v["balance"] == (50 * KLX).to_string()
+    })
+    .await;
+
+    // The admin sets the economics; a provider lists the feed it writes.
+    let accounts: Vec<String> =
+        (0..4).map(|_| AccountKey::of(&SigningKey::generate(&mut rand::rngs::OsRng)).to_hex()).collect();
+    let (payout, foundation, masters, dapp) = (&accounts[0], &accounts[1], &accounts[2], &accounts[3]);
+    let economics = json!({
+        "klx_per_eur": (1000 * KLX).to_string(), "sats_per_eur": 1000, "burn_bps": 100,
+        "foundation": foundation, "masters": masters, "dapp_fund": dapp,
+    });
+    let (s, v) = call(&node, reqwest::Method::PUT, "/api/v1/market/config", node.token(), Some(economics)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let provider = device(&node, "acme-provider", &[("/plant-1", true, true)]).await;
+    let sensor = device(&node, "sensor-1", &[("/plant-1/line-1", false, true)]).await;
+    let buyer_device = device(&node, "buyer-1", &[]).await;
+    let feed = json!({
+        "id": "line-1-temp", "title": "Line 1 temperature", "description": "Measured every second",
+        "prefix": "/plant-1/line-1", "keys": ["temp"],
+        "prices": [{"period": "day", "currency": "klx", "amount": (5 * KLX).to_string()}],
+        "licence": "Research use", "sample": {"temp": 21.5}, "payout": payout,
+    });
+    let (s, v) = call(&node, reqwest::Method::POST, "/api/v1/feeds", &provider, Some(feed.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The sensor may write there but not sell it.
+    let (s, v) = call(&node, reqwest::Method::POST, "/api/v1/feeds", &sensor, Some(feed)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) =
+        call(&node, reqwest::Method::GET, "/api/v1/feeds?currency=klx&q=temperature", &buyer_device, None).await;
+    assert_eq!((s, v["feeds"][0]["id"].as_str()), (StatusCode::OK, Some("line-1-temp")), "{v}");
+
+    // The buyer buys a day with the CLI; the token stays on the buyer's side.
+    let token_file = tmp.path().join("line-1-temp.token");
+    let o = kalima(
+        &[
+            "market",
+            "buy",
+            "--key",
+            key_file.to_str().expect("path"),
+            "--feed",
+            "line-1-temp",
+            "--period",
+            "day",
+            "--token-out",
+            token_file.to_str().expect("path"),
+            "--node",
+            &node.url(""),
+            "--token",
+            &buyer_device,
+        ],
+        &[],
+    )
+    .await;
+    assert!(o.status.success(), "{}", describe(&o));
+    let bought: Value = serde_json::from_str(&stdout(&o)).expect("JSON answer");
+    let access = std::fs::read_to_string(&token_file).expect("token file").trim().to_string();
+    assert!(access.starts_with(bought["subscription"]["id"].as_str().expect("subscription id")), "{bought}");
+    assert!(!stdout(&o).contains(&access), "the token itself never went to the node");
+
+    // A wrong token is refused, and counted.
+    let r = node.http().get(node.url("/api/v1/feeds/line-1-temp/stream")).bearer_auth("nope").send().await;
+    assert_eq!(r.expect("stream").status(), StatusCode::UNAUTHORIZED);
+
+    // Streaming: every reading of the feed, with a proof that checks out; other keys are not sent.
+    let r = node.http().get(node.url("/api/v1/feeds/line-1-temp/stream")).bearer_auth(&access).send().await;
+    let r = r.expect("stream");
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut events = SseReader::new(r);
+    for (i, key) in ["temp", "humidity", "temp", "temp"].iter().enumerate() {
+        let body = json!({"address": "/plant-1/line-1", "key": key, "body": 20.0 + i as f64});
+        let (s, v) = call(&node, reqwest::Method::POST, "/api/v1/tx", &sensor, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let mut held = Vec::new();
+    for expected in [20.0, 22.0, 23.0] {
+        let e = events.next().await;
+        assert_eq!(e.event, "reading", "{e:?}");
+        assert_eq!(e.data["reading"]["key"], "temp");
+        assert_eq!(e.data["reading"]["value"], json!(expected));
+        held.push(check_reading(&e.data["reading"]));
+    }
+
+    // A receipt of the first reading joins the buyer's proof to a signed checkpoint.
+    let (s, cp) = call(&node, reqwest::Method::POST, "/api/v1/checkpoints", node.token(), None).await;
+    assert_eq!(s, StatusCode::OK, "{cp}");
+    let (id, size) = &held[0];
+    let (s, receipt) =
+        call(&node, reqwest::Method::GET, &format!("/api/v1/tx/{id}/receipt?tree_size={size}"), node.token(), None)
+            .await;
+    assert_eq!(s, StatusCode::OK, "{receipt}");
+    let file = tmp.path().join("receipt.json");
+    std::fs::write(&file, receipt.to_string()).expect("receipt file");
+    let signer = cp["signatures"][0]["signer"].as_str().expect("signer").to_string();
+    let o = kalima(&["verify-receipt", file.to_str().expect("path"), "--trust", &signer], &[]).await;
+    assert!(o.status.success() && stdout(&o).contains("VERIFIED"), "{}", describe(&o));
+
+    // The provider's statement: 5 KLX gross, 0.25 KLX of gas (1 kB), 1% of it burned.
+    let (s, st) = call(&node, reqwest::Method::GET, "/api/v1/market/statements/acme-provider", &provider, None).await;
+    assert_eq!(s, StatusCode::OK, "{st}");
+    let gas = KLX / 4;
+    assert_eq!(st["totals"]["klx"]["gross"], (5 * KLX).to_string(), "{st}");
+    assert_eq!(st["totals"]["klx"]["gas"], gas.to_string(), "{st}");
+    assert_eq!(st["totals"]["klx"]["burned"], (gas / 100).to_string(), "{st}");
+    assert_eq!(st["purchases"].as_array().map(Vec::len), Some(1), "{st}");
+    let (s, _) =
+        call(&node, reqwest::Method::GET, "/api/v1/market/statements/acme-provider", &buyer_device, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "only the provider reads its statement");
+    let balance = |v: &Value| v["balance"].as_str().expect("balance").parse::<u128>().expect("number");
+    let (_, a) = node.get_json(&format!("/api/v1/klx/accounts/{payout}")).await;
+    assert_eq!(balance(&a), 5 * KLX - gas, "the payout account holds the net revenue");
+    let (_, a) = node.get_json(&format!("/api/v1/klx/accounts/{buyer_hex}")).await;
+    assert_eq!(balance(&a), 45 * KLX);
+
+    // Delisting ends the stream; the deliveries were recorded and count in the reputation.
+    let (s, v) = call(&node, reqwest::Method::DELETE, "/api/v1/feeds/line-1-temp", &provider, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let e = events.next().await;
+    assert_eq!((e.event.as_str(), e.data["reason"].as_str()), ("end", Some("delisted")), "{e:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = call(&node, reqwest::Method::GET, "/api/v1/feeds/line-1-temp", &buyer_device, None).await;
+        if v["reputation"]["readings_delivered"] == json!(3) {
+            assert_eq!(v["reputation"]["purchases"], json!(1), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "deliveries never recorded: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = node.http().get(node.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(text.contains("kalima_market_access_refused_total"), "refusals are counted");
+    node.stop().await;
+    assert_verifies(&dir, &[]).await;
+}
