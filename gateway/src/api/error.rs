@@ -118,7 +118,9 @@ pub fn ledger_status(e: &LedgerError) -> StatusCode {
         LedgerError::UnknownBridge(_) | LedgerError::UnknownWithdrawal(_) | LedgerError::UnknownFeed(_) => {
             StatusCode::NOT_FOUND
         }
-        LedgerError::PriceMismatch { .. } | LedgerError::MarketNotConfigured => StatusCode::CONFLICT,
+        LedgerError::PriceMismatch { .. } | LedgerError::MarketNotConfigured | LedgerError::AlreadySettled(_) => {
+            StatusCode::CONFLICT
+        }
         LedgerError::BadNonce { .. }
         | LedgerError::AlreadyMinted { .. }
         | LedgerError::AlreadyAttested { .. }

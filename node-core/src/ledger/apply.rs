@@ -9,9 +9,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::market::{
-    Currency, FEEDS_ADDRESS, Feed, MARKET_CONFIG_ADDRESS, MARKET_CONFIG_KEY, MAX_PERIODS, MarketConfig,
-    PURCHASES_ADDRESS, PurchaseRecord, STATEMENTS_ADDRESS, SUBSCRIPTIONS_ADDRESS, SignedPurchase, Statement,
-    Subscription, subscription_id,
+    Currency, FEEDS_ADDRESS, Feed, INVOICES_ADDRESS, InvoiceRecord, InvoiceSettled, MARKET_CONFIG_ADDRESS,
+    MARKET_CONFIG_KEY, MAX_PERIODS, MarketConfig, PURCHASES_ADDRESS, PurchaseRecord, STATEMENTS_ADDRESS,
+    SUBSCRIPTIONS_ADDRESS, Settlement, SignedPurchase, Statement, Subscription, subscription_id,
 };
 use super::ops::{AccountKey, LedgerOp, eth_address, eth_bytes, withdrawal_id};
 use super::records::{
@@ -188,6 +188,27 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
         .map_err(|e| Rejection::Malformed(format!("ledger instruction does not parse: {e}")))?;
     if op.placement(&instr.device_id) != (instr.address.clone(), instr.key.clone()) {
         return Err(LedgerError::Invalid("instruction written at the wrong address or key".into()).into());
+    }
+    if let LedgerOp::SettleInvoice(settled) = &op {
+        // The node's own report of its payment backend; no device may write one.
+        if instr.device_id != NODE_DEVICE_ID {
+            return Err(LedgerError::Invalid("only the node reports invoice settlements".into()).into());
+        }
+        let mut d = Draft {
+            cache: ctx.cache,
+            base: overlay,
+            order: Vec::new(),
+            writes: HashMap::new(),
+            timestamp_ms: ctx.timestamp_ms,
+            new_exchanges: 0,
+        };
+        settle_invoice(&mut d, settled, instr.body.len())?;
+        let (written, values) = d.finish();
+        overlay.values.extend(values);
+        let mut items = Vec::with_capacity(written.len() + 1);
+        items.push(instr.clone());
+        items.extend(written);
+        return Ok(items);
     }
     let device = ctx.registry.get(&instr.device_id).ok_or(Rejection::UnknownDevice)?;
     if device.record.revoked {
@@ -447,6 +468,9 @@ pub(crate) fn expand(instr: &TxContent, ctx: &Context<'_>, overlay: &mut Overlay
             let buyer = op.verify_holder(ctx.chain)?;
             purchase(&mut d, &buyer, p, instr.body.len())?;
         }
+        LedgerOp::SettleInvoice(_) => {
+            return Err(LedgerError::Invalid("only the node reports invoice settlements".into()).into());
+        }
     }
     let new_exchanges = d.new_exchanges;
     let (written, values) = d.finish();
@@ -665,6 +689,64 @@ fn quorum(rec: &DepositRecord, cfg: &BridgeChain) -> Option<Deposit> {
         }
     }
     counts.into_iter().find(|(_, n)| *n >= cfg.threshold).map(|(d, _)| d.clone())
+}
+
+/// A settled Lightning invoice: once per payment hash, and only for the full amount, it
+/// extends the buyer's subscription and adds the sats to the provider's statement (the gas
+/// split is computed in sats at `sats_per_eur`; the sats themselves stay with the node's
+/// Lightning wallet, owed to the provider).
+fn settle_invoice(d: &mut Draft<'_>, s: &InvoiceSettled, bytes: usize) -> Result<(), LedgerError> {
+    let mut inv: InvoiceRecord = d
+        .get(INVOICES_ADDRESS, &s.payment_hash)?
+        .ok_or_else(|| LedgerError::Invalid(format!("no invoice {} was issued for a purchase", s.payment_hash)))?;
+    if inv.settled.is_some() {
+        return Err(LedgerError::AlreadySettled(s.payment_hash.clone()));
+    }
+    if s.amt_paid_msat < inv.amount_msat {
+        return Err(LedgerError::Invalid(format!(
+            "invoice {} was paid {} msat of {}",
+            s.payment_hash, s.amt_paid_msat, inv.amount_msat
+        )));
+    }
+    let feed: Feed = d.get(FEEDS_ADDRESS, &inv.feed)?.ok_or_else(|| LedgerError::UnknownFeed(inv.feed.clone()))?;
+    let config: MarketConfig =
+        d.get(MARKET_CONFIG_ADDRESS, MARKET_CONFIG_KEY)?.ok_or(LedgerError::MarketNotConfigured)?;
+    let split = config.split(Currency::Sats, bytes, u128::from(inv.amount_msat / 1000));
+    let now = d.timestamp_ms;
+    inv.settled = Some(Settlement { settle_index: s.settle_index, amt_paid_msat: s.amt_paid_msat, at_ms: now });
+    d.put(INVOICES_ADDRESS, &s.payment_hash, &inv, FINISHED_RECORD_TTL_SECS);
+    // Paid is paid: a delisting between the invoice and its payment still grants the period.
+    let id = subscription_id(&inv.feed, &inv.buyer);
+    let mut sub = d.get::<Subscription>(SUBSCRIPTIONS_ADDRESS, &id)?.unwrap_or(Subscription {
+        id: id.clone(),
+        feed: inv.feed.clone(),
+        buyer: inv.buyer.clone(),
+        token_hash: String::new(),
+        expires_at_ms: now,
+        purchases: 0,
+    });
+    sub.expires_at_ms =
+        sub.expires_at_ms.max(now).saturating_add(inv.period.millis().saturating_mul(i64::from(inv.count)));
+    sub.token_hash = inv.token_hash.clone();
+    sub.purchases += 1;
+    d.put(SUBSCRIPTIONS_ADDRESS, &id, &sub, 0);
+    let record = PurchaseRecord {
+        subscription: id,
+        feed: inv.feed.clone(),
+        buyer: inv.buyer.clone(),
+        period: inv.period,
+        count: inv.count,
+        currency: Currency::Sats,
+        split: split.clone(),
+        expires_at_ms: sub.expires_at_ms,
+        at_ms: now,
+    };
+    d.put(PURCHASES_ADDRESS, &feed.provider, &record, 0);
+    let mut st: Statement = d.get(STATEMENTS_ADDRESS, &feed.provider)?.unwrap_or_default();
+    st.sats.add(&split);
+    st.purchases += 1;
+    d.put(STATEMENTS_ADDRESS, &feed.provider, &st, 0);
+    Ok(())
 }
 
 /// A KLX purchase: the buyer pays the feed's price; the gas of the instruction is burned in

@@ -115,6 +115,9 @@ pub enum LedgerError {
         /// What was offered.
         got: String,
     },
+    /// The invoice's settlement was recorded already.
+    #[error("invoice {0} is already settled")]
+    AlreadySettled(String),
     /// The admin has not set the marketplace's economics yet.
     #[error("the marketplace's economics are not configured yet (PUT /api/v1/market/config)")]
     MarketNotConfigured,
@@ -142,6 +145,7 @@ impl LedgerError {
             LedgerError::NotProvider { .. } => "not_provider",
             LedgerError::PriceMismatch { .. } => "price_mismatch",
             LedgerError::MarketNotConfigured => "market_not_configured",
+            LedgerError::AlreadySettled(_) => "already_settled",
         }
     }
 }

@@ -30,6 +30,10 @@ pub const PURCHASES_ADDRESS: &str = "/_kalima/market/purchases";
 pub const STATEMENTS_ADDRESS: &str = "/_kalima/market/statements";
 /// Address of delivery records (key = subscription id; history = every batch delivered).
 pub const DELIVERIES_ADDRESS: &str = "/_kalima/market/deliveries";
+/// Address of Lightning invoices issued for purchases (key = payment hash, hex).
+pub const INVOICES_ADDRESS: &str = "/_kalima/market/invoices";
+/// Prefix of the buyer of a Lightning purchase, before the buyer's chosen id.
+pub const LIGHTNING_BUYER_PREFIX: &str = "ln:";
 /// Most periods one purchase may pay for.
 pub const MAX_PERIODS: u32 = 24;
 /// Most keys a feed may name.
@@ -371,6 +375,63 @@ pub fn subscription_id(feed: &str, buyer: &str) -> String {
     h.update((buyer.len() as u16).to_be_bytes());
     h.update(buyer.as_bytes());
     hex::encode(h.finalize())
+}
+
+/// A Lightning invoice issued for a purchase, and what it paid for once settled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InvoiceRecord {
+    /// Payment hash (64 hex).
+    pub payment_hash: String,
+    /// The BOLT11 payment request.
+    pub payment_request: String,
+    /// Feed id.
+    pub feed: String,
+    /// Period bought.
+    pub period: Period,
+    /// Periods bought.
+    pub count: u32,
+    /// Buyer (`ln:` + the buyer's chosen id).
+    pub buyer: String,
+    /// SHA-256 (hex) of the access token the buyer chose.
+    pub token_hash: String,
+    /// Amount due, in millisatoshis.
+    pub amount_msat: u64,
+    /// When the invoice expires (ms).
+    pub expires_at_ms: i64,
+    /// Set once the payment settled (and the subscription was extended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<Settlement>,
+}
+
+/// A settled Lightning payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Settlement {
+    /// The payment backend's settle index.
+    pub settle_index: u64,
+    /// Paid, in millisatoshis.
+    pub amt_paid_msat: u64,
+    /// When it was recorded (ms).
+    pub at_ms: i64,
+}
+
+/// The node's report of a settled Lightning invoice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvoiceSettled {
+    /// Payment hash (64 hex).
+    pub payment_hash: String,
+    /// The payment backend's settle index.
+    pub settle_index: u64,
+    /// Paid, in millisatoshis.
+    pub amt_paid_msat: u64,
+}
+
+/// Checks a Lightning buyer's chosen id: 1..=64 of `a-z`, `0-9`, `-`, `_`.
+pub fn validate_buyer_id(id: &str) -> Result<(), LedgerError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'));
+    if ok { Ok(()) } else { Err(LedgerError::Invalid(format!("buyer {id:?} must be 1..=64 of a-z, 0-9, '-', '_'"))) }
 }
 
 /// A buyer's access to a feed.

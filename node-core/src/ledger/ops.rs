@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use super::market::{FeedSpec, MARKET_OPS_ADDRESS, MarketConfig, SignedPurchase, purchase_bytes};
+use super::market::{
+    FeedSpec, INVOICES_ADDRESS, InvoiceSettled, MARKET_OPS_ADDRESS, MarketConfig, SignedPurchase, purchase_bytes,
+};
 use super::records::{BridgeChain, Deposit, amount};
 use super::{ADMIN_OPS_ADDRESS, LedgerError, OPS_ADDRESS, bridge_address};
 use crate::keys::NodeKey;
@@ -224,6 +226,8 @@ pub enum LedgerOp {
     },
     /// A buyer pays for periods of a feed in KLX.
     Purchase(SignedPurchase),
+    /// The node saw a Lightning invoice of a purchase settle (idempotent on the payment hash).
+    SettleInvoice(InvoiceSettled),
 }
 
 impl LedgerOp {
@@ -233,6 +237,7 @@ impl LedgerOp {
             LedgerOp::Transfer(t) => (OPS_ADDRESS.into(), t.from.clone()),
             LedgerOp::Withdraw(w) => (OPS_ADDRESS.into(), w.from.clone()),
             LedgerOp::Purchase(p) => (OPS_ADDRESS.into(), p.buyer.clone()),
+            LedgerOp::SettleInvoice(s) => (format!("{INVOICES_ADDRESS}/settlements"), s.payment_hash.clone()),
             LedgerOp::ListFeed { .. } | LedgerOp::DelistFeed { .. } => (MARKET_OPS_ADDRESS.into(), device.to_string()),
             LedgerOp::ConfigureMarket { .. }
             | LedgerOp::ConfigureBridge { .. }

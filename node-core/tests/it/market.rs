@@ -200,3 +200,71 @@ async fn a_purchase_pays_the_provider_minus_the_gas_split_and_extends_the_subscr
         kalima_core::verify::verify_chain(m.b.t.chain.store(), CHAIN, |_| {}).await.expect("the chain verifies");
     assert!(report.transactions > 20, "{report:?}");
 }
+
+#[tokio::test]
+async fn a_settled_lightning_invoice_grants_its_period_once_and_only_when_fully_paid() {
+    use kalima_core::ledger::market::{INVOICES_ADDRESS, InvoiceRecord, InvoiceSettled, PURCHASES_ADDRESS};
+    use kalima_core::registry::NODE_DEVICE_ID;
+    let m = Market::start().await;
+    m.provider("provider", LedgerOp::ListFeed { feed: spec("line-1-temp", "/plant-1/line-1", &m.payout, 5 * KLX) })
+        .await
+        .expect("listed");
+    m.b.admin(LedgerOp::ConfigureMarket { config: m.config() }).await.expect("configured");
+    let hash = "ab".repeat(32);
+    let token = "buyer-token";
+    let invoice = InvoiceRecord {
+        payment_hash: hash.clone(),
+        payment_request: "lnbcrt5u1...".into(),
+        feed: "line-1-temp".into(),
+        period: Period::Hour,
+        count: 2,
+        buyer: "ln:alice".into(),
+        token_hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes())),
+        amount_msat: 1_000_000,
+        expires_at_ms: i64::MAX,
+        settled: None,
+    };
+    let record = kalima_core::tx::TxContent {
+        device_id: NODE_DEVICE_ID.into(),
+        address: INVOICES_ADDRESS.into(),
+        key: hash.clone(),
+        body: serde_json::to_vec(&invoice).expect("json"),
+        ..Default::default()
+    };
+    m.b.t.chain.submit(vec![record], None).await.expect("invoice recorded");
+    let settle = |paid: u64| {
+        LedgerOp::SettleInvoice(InvoiceSettled { payment_hash: hash.clone(), settle_index: 7, amt_paid_msat: paid })
+    };
+
+    // Only the node reports settlements; an underpayment grants nothing.
+    let err = ledger_refusal(m.provider("provider", settle(1_000_000)).await);
+    assert!(matches!(&err, LedgerError::Invalid(msg) if msg.contains("only the node")), "{err:?}");
+    let err = ledger_refusal(m.b.t.ledger(settle(999_000).instruction(NODE_DEVICE_ID, String::new())).await);
+    assert!(matches!(&err, LedgerError::Invalid(msg) if msg.contains("paid")), "{err:?}");
+
+    m.b.t.ledger(settle(1_000_000).instruction(NODE_DEVICE_ID, String::new())).await.expect("settled");
+    let sub: Subscription =
+        m.read(SUBSCRIPTIONS_ADDRESS, &subscription_id("line-1-temp", "ln:alice")).expect("subscription");
+    assert!(sub.token_matches(token));
+    assert_eq!(sub.purchases, 1);
+    let inv: InvoiceRecord = m.read(INVOICES_ADDRESS, &hash).expect("invoice");
+    assert_eq!(inv.settled.as_ref().map(|s| s.settle_index), Some(7));
+    let st: Statement = m.read(STATEMENTS_ADDRESS, "provider").expect("statement");
+    assert_eq!(st.sats.gross, 1_000);
+    assert_eq!(st.sats.provider + st.sats.gas, 1_000);
+    let p: kalima_core::ledger::market::PurchaseRecord = m.read(PURCHASES_ADDRESS, "provider").expect("purchase");
+    assert_eq!(p.currency, Currency::Sats);
+
+    // The same settlement seen again (a restart, another master) grants nothing more.
+    let err = ledger_refusal(m.b.t.ledger(settle(1_000_000).instruction(NODE_DEVICE_ID, String::new())).await);
+    assert_eq!(err, LedgerError::AlreadySettled(hash.clone()));
+    let again: Subscription = m.read(SUBSCRIPTIONS_ADDRESS, &sub.id).expect("subscription");
+    assert_eq!((again.expires_at_ms, again.purchases), (sub.expires_at_ms, 1));
+    // A settlement of an invoice the node never issued is refused.
+    let other =
+        LedgerOp::SettleInvoice(InvoiceSettled { payment_hash: "cd".repeat(32), settle_index: 8, amt_paid_msat: 5 });
+    let err = ledger_refusal(m.b.t.ledger(other.instruction(NODE_DEVICE_ID, String::new())).await);
+    assert!(matches!(&err, LedgerError::Invalid(msg) if msg.contains("no invoice")), "{err:?}");
+    m.b.assert_conserved();
+    kalima_core::verify::verify_chain(m.b.t.chain.store(), CHAIN, |_| {}).await.expect("the chain verifies");
+}
