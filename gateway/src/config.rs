@@ -42,6 +42,8 @@ pub struct Config {
     pub bridge: kalima_bridge_ethereum::BridgeSection,
     /// Public chains this node anchors its checkpoints on.
     pub anchor: kalima_bridge_ethereum::AnchorSection,
+    /// The oracle marketplace (webhook delivery).
+    pub marketplace: kalima_marketplace::MarketplaceSection,
 }
 
 /// `[node]`
@@ -156,9 +158,20 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 12] = [
-            "node", "api", "storage", "chain", "demo", "mqtt", "modbus", "lorawan", "cluster", "client", "bridge",
+        const SECTIONS: [&str; 13] = [
+            "node",
+            "api",
+            "storage",
+            "chain",
+            "demo",
+            "mqtt",
+            "modbus",
+            "lorawan",
+            "cluster",
+            "client",
+            "bridge",
             "anchor",
+            "marketplace",
         ];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
@@ -180,6 +193,7 @@ impl Config {
             client: section(&fig, "client", &mut errs),
             bridge: section(&fig, "bridge", &mut errs),
             anchor: section(&fig, "anchor", &mut errs),
+            marketplace: section(&fig, "marketplace", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -222,6 +236,7 @@ impl Config {
         errs.extend(self.lorawan.validate());
         errs.extend(self.bridge.validate());
         errs.extend(self.anchor.validate());
+        errs.extend(self.marketplace.validate());
         if self.cluster.role == crate::cluster::Role::Client && self.bridge.relayer_device.is_some() {
             errs.push("[bridge] relayer_device: a client node cannot run a relayer; run it on a master".into());
         }

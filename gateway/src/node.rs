@@ -147,6 +147,7 @@ pub struct Running {
     cluster: Option<Arc<Cluster>>,
     relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
     anchors: Option<Arc<kalima_core::anchor::AnchorService>>,
+    webhooks: Option<kalima_marketplace::WebhookService>,
 }
 
 /// Listeners of the API and the field protocols, bound before any state is touched so a
@@ -259,6 +260,9 @@ impl Running {
         if let Some(a) = &self.anchors {
             a.shutdown().await;
         }
+        if let Some(w) = &self.webhooks {
+            w.shutdown().await;
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -361,6 +365,10 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     let anchors =
         (!anchorers.is_empty()).then(|| Arc::new(kalima_core::anchor::AnchorService::start(chain.clone(), anchorers)));
     state.anchors = anchors.clone();
+    let webhooks = config
+        .marketplace
+        .webhooks
+        .then(|| kalima_marketplace::WebhookService::start(chain.clone(), config.marketplace.options()));
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);
@@ -372,7 +380,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster, relayer, anchors })
+    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster, relayer, anchors, webhooks })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

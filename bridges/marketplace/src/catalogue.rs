@@ -15,6 +15,7 @@ use crate::delivery::DeliveryRecord;
 
 /// What buyers filter the catalogue by (all optional, combined with AND).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub struct FeedFilter {
     /// Feeds whose prefix lies under this address prefix (or covers it).
     pub prefix: Option<String>,
@@ -72,6 +73,8 @@ fn now_ms() -> i64 {
 fn reputations(chain: &Chain, feeds: &[Feed]) -> HashMap<String, Reputation> {
     let mut out: HashMap<String, Reputation> = HashMap::new();
     let provider_of: HashMap<&str, &str> = feeds.iter().map(|f| (f.spec.id.as_str(), f.provider.as_str())).collect();
+    let listed: std::collections::HashSet<&str> =
+        feeds.iter().filter(|f| f.listed).map(|f| f.spec.id.as_str()).collect();
     for f in feeds.iter().filter(|f| f.listed) {
         out.entry(f.provider.clone()).or_default().listed_feeds += 1;
     }
@@ -86,7 +89,8 @@ fn reputations(chain: &Chain, feeds: &[Feed]) -> HashMap<String, Reputation> {
         let Some(p) = provider_of.get(s.feed.as_str()) else { continue };
         let r = out.entry((*p).to_string()).or_default();
         r.renewed_subscriptions += u64::from(s.purchases > 1);
-        r.active_subscriptions += u64::from(s.expires_at_ms > now);
+        // A delisted feed's subscriptions no longer give access.
+        r.active_subscriptions += u64::from(s.expires_at_ms > now && listed.contains(s.feed.as_str()));
     }
     for c in chain.memcache().values(DELIVERIES_ADDRESS) {
         let Some(d) = parse::<DeliveryRecord>(&c.tx.content.body) else { continue };

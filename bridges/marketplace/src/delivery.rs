@@ -197,6 +197,26 @@ struct Recorder {
     record: DeliveryRecord,
     every: Duration,
     last_flush: tokio::time::Instant,
+    /// Held from reading the subscription's totals to committing the new ones: several streams
+    /// of one subscription (a buyer on two channels) would otherwise each add its batch to the
+    /// same prior totals, and all but one batch would be lost.
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The lock of each subscription's delivery record, shared by its streams in this process.
+fn record_lock(subscription: &str) -> Arc<tokio::sync::Mutex<()>> {
+    type Locks = std::collections::HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>;
+    static LOCKS: std::sync::LazyLock<std::sync::Mutex<Locks>> = std::sync::LazyLock::new(Default::default);
+    let mut locks = LOCKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(lock) = locks.get(subscription).and_then(std::sync::Weak::upgrade) {
+        return lock;
+    }
+    // Subscriptions without a stream left drop out here, so the map stays as small as the
+    // set of streamed subscriptions.
+    locks.retain(|_, l| l.strong_count() > 0);
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    locks.insert(subscription.to_string(), Arc::downgrade(&lock));
+    lock
 }
 
 impl Recorder {
@@ -214,6 +234,7 @@ impl Recorder {
             return;
         }
         self.last_flush = tokio::time::Instant::now();
+        let _serial = self.lock.lock().await;
         let sub = self.record.subscription.clone();
         let prior: DeliveryRecord = self
             .chain
@@ -268,6 +289,7 @@ pub fn follow(
             },
             every: record_every,
             last_flush: tokio::time::Instant::now(),
+            lock: record_lock(&sub_id),
         };
         metrics::gauge!("kalima_market_streams", "channel" => channel).increment(1.0);
         let reason = run(&chain, &tx, &mut bus, &mut subscription, &mut feed, after, &mut rec).await;
@@ -284,15 +306,20 @@ async fn send(
     rec: &mut Recorder,
     d: Delivered,
 ) -> Result<(), EndReason> {
-    rec.count(&d);
-    match tx.try_send(Ok(d)) {
-        Ok(()) => {
-            metrics::counter!("kalima_market_delivered_total", "channel" => rec.record.channel.clone()).increment(1);
-            Ok(())
-        }
-        Err(mpsc::error::TrySendError::Full(_)) => Err("slow_client"),
-        Err(mpsc::error::TrySendError::Closed(_)) => Err("closed"),
+    // The last slot is kept for the end, so a buyer cut off for being slow is told why.
+    if tx.capacity() <= 1 && !tx.is_closed() {
+        return Err("slow_client");
     }
+    let permit = match tx.try_reserve() {
+        Ok(p) => p,
+        Err(mpsc::error::TrySendError::Full(())) => return Err("slow_client"),
+        Err(mpsc::error::TrySendError::Closed(())) => return Err("closed"),
+    };
+    // Counted (and so recorded) only when it is handed to the buyer.
+    rec.count(&d);
+    permit.send(Ok(d));
+    metrics::counter!("kalima_market_delivered_total", "channel" => rec.record.channel.clone()).increment(1);
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -449,4 +476,61 @@ fn wanted(feed: &Feed, c: &CommittedTx) -> bool {
 
 fn read<T: serde::de::DeserializeOwned>(chain: &Chain, address: &str, key: &str) -> Option<T> {
     chain.memcache().get(address, key).and_then(|c| serde_json::from_slice(&c.tx.content.body).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(global_sequence: u64) -> Delivered {
+        let proof = InclusionProof {
+            leaf_index: global_sequence,
+            tree_size: global_sequence + 1,
+            leaf_hash: String::new(),
+            audit_path: Vec::new(),
+            root: String::new(),
+        };
+        let reading = Source {
+            id: String::new(),
+            global_sequence,
+            address: "/a".into(),
+            key: "k".into(),
+            timestamp_ms: 0,
+            value: None,
+            tx_bytes: String::new(),
+            proof,
+        };
+        Delivered::Reading { feed: "f".into(), reading }
+    }
+
+    #[tokio::test]
+    async fn a_slow_buyer_is_told_why_and_only_what_it_got_is_counted() {
+        let t = kalima_core::testing::TestChain::start("delivery-unit").await;
+        let mut rec = Recorder {
+            chain: t.chain.clone(),
+            record: DeliveryRecord::default(),
+            every: Duration::from_secs(3600),
+            last_flush: tokio::time::Instant::now(),
+            lock: record_lock("unit"),
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut sent = 0;
+        let reason = loop {
+            match send(&tx, &mut rec, reading(sent)).await {
+                Ok(()) => sent += 1,
+                Err(r) => break r,
+            }
+        };
+        assert_eq!((reason, sent), ("slow_client", 3), "one slot is kept for the end");
+        assert_eq!((rec.record.items, rec.record.readings, rec.record.last_sequence), (3, 3, 2));
+        tx.try_send(Err(reason)).expect("the end has its slot");
+        for i in 0..3 {
+            assert!(matches!(rx.recv().await, Some(Ok(d)) if d.last_sequence() == i));
+        }
+        assert_eq!(rx.recv().await, Some(Err("slow_client")));
+
+        drop(rx);
+        assert_eq!(send(&tx, &mut rec, reading(9)).await, Err("closed"));
+        assert_eq!(rec.record.items, 3, "nothing is counted for a buyer who is gone");
+    }
 }

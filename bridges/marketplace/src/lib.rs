@@ -8,8 +8,10 @@ pub mod access;
 pub mod catalogue;
 pub mod delivery;
 mod error;
+pub mod webhook;
 
 pub use access::{Access, authorize, new_token};
 pub use catalogue::{FeedFilter, FeedView, Reputation, catalogue, feed_view};
 pub use delivery::{Delivered, DeliveryRecord, FeedStream, Source, follow};
 pub use error::{Error, Result};
+pub use webhook::{MarketplaceSection, Webhook, WebhookOptions, WebhookService};

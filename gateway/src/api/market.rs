@@ -43,6 +43,7 @@ pub fn router() -> axum::Router<AppState> {
         .route("/feeds/{id}/stream", get(stream))
         .route("/feeds/{id}/ws", get(ws))
         .route("/market/subscriptions/{id}", get(subscription))
+        .route("/market/subscriptions/{id}/webhook", axum::routing::put(set_webhook).delete(remove_webhook))
         .route("/market/statements/{provider}", get(statement))
         .route("/market/config", get(config).put(set_config))
 }
@@ -135,6 +136,8 @@ pub async fn list(
     ApiQuery(q): ApiQuery<FeedQuery>,
 ) -> Result<Json<FeedList>, ApiError> {
     let max_price = match q.max_price {
+        // KLX base units and sats are not comparable: a price bound names its currency.
+        Some(_) if q.currency.is_none() => return Err(bad("max_price needs currency (klx or sats)")),
         Some(p) => Some(kalima_core::ledger::amount::parse(&p).map_err(bad)?),
         None => None,
     };
@@ -336,6 +339,84 @@ async fn pump(mut socket: WebSocket, mut s: FeedStream) {
             },
         }
     }
+}
+
+/// A webhook to register.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    /// Where deliveries are POSTed (http or https).
+    pub url: String,
+    /// HMAC-SHA256 key (16..=128 bytes) the node signs each delivery with.
+    pub secret: String,
+}
+
+fn bearer_token(headers: &HeaderMap) -> String {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().strip_prefix("Bearer ").unwrap_or(v.trim()).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The subscription `id` when `headers` carry its access token (expired or not).
+fn own_subscription(state: &AppState, headers: &HeaderMap, id: &str) -> Result<Subscription, ApiError> {
+    let token = bearer_token(headers);
+    read::<Subscription>(state, SUBSCRIPTIONS_ADDRESS, id).filter(|s| s.token_matches(&token)).ok_or_else(|| {
+        metrics::counter!("kalima_market_access_refused_total", "reason" => "unknown_token").increment(1);
+        ApiError::Unauthorized("unknown_token", "the access token matches no such subscription".into())
+    })
+}
+
+async fn write_webhook(state: &AppState, id: &str, body: Vec<u8>) -> Result<TxReceipt, ApiError> {
+    let content = kalima_core::tx::TxContent {
+        device_id: kalima_core::registry::NODE_DEVICE_ID.into(),
+        address: kalima_marketplace::webhook::WEBHOOKS_ADDRESS.into(),
+        key: id.to_string(),
+        body,
+        ..Default::default()
+    };
+    let receipts = state.chain.submit(vec![content], None).await?;
+    receipts.first().map(TxReceipt::from).ok_or_else(|| ApiError::Internal("no receipt".into()))
+}
+
+/// Registers (or replaces) the webhook of a subscription (with its access token). Each
+/// delivery is POSTed as JSON with `Kalima-Delivery-Id`, `Kalima-Timestamp` and
+/// `Kalima-Signature: v1=<hex HMAC-SHA256(secret, timestamp "." body)>`, retried with
+/// backoff until a 2xx answer, in order; drop repeats by delivery id.
+#[utoipa::path(put, path = "/api/v1/market/subscriptions/{id}/webhook", tag = "marketplace",
+    params(("id" = String, Path, description = "Subscription id")), request_body = WebhookRequest,
+    responses((status = 200, body = TxReceipt), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("access_token" = [])))]
+pub async fn set_webhook(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<WebhookRequest>,
+) -> Result<Json<TxReceipt>, ApiError> {
+    let sub = own_subscription(&state, &headers, &id)?;
+    kalima_marketplace::webhook::validate(&req.url, &req.secret).map_err(bad)?;
+    let after = state.chain.tree_size().saturating_sub(1);
+    let hook = kalima_marketplace::Webhook { subscription: sub.id, url: req.url, secret: req.secret, after };
+    let body = serde_json::to_vec(&hook).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(write_webhook(&state, &id, body).await?))
+}
+
+/// Removes the webhook of a subscription (with its access token).
+#[utoipa::path(delete, path = "/api/v1/market/subscriptions/{id}/webhook", tag = "marketplace",
+    params(("id" = String, Path, description = "Subscription id")),
+    responses((status = 200, body = TxReceipt), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("access_token" = [])))]
+pub async fn remove_webhook(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Json<TxReceipt>, ApiError> {
+    own_subscription(&state, &headers, &id)?;
+    if state.chain.memcache().get(kalima_marketplace::webhook::WEBHOOKS_ADDRESS, &id).is_none() {
+        return Err(ApiError::NotFound(format!("subscription {id} has no webhook")));
+    }
+    Ok(Json(write_webhook(&state, &id, Vec::new()).await?))
 }
 
 /// A subscription, shown to the holder of its access token (expired or not).

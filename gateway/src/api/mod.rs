@@ -269,7 +269,7 @@ impl utoipa::Modify for SecurityAddon {
         bridge::withdraw, bridge::withdrawal, bridge::status,
         anchors::list, anchors::anchor_now,
         market::list, market::one, market::list_feed, market::delist, market::purchase, market::stream, market::ws,
-        market::subscription, market::statement, market::config, market::set_config,
+        market::subscription, market::set_webhook, market::remove_webhook, market::statement, market::config, market::set_config,
         bridge::register_exchange, bridge::exchange, bridge::add_addresses, bridge::exchange_address,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),
