@@ -41,9 +41,42 @@ pub struct Config {
     /// The relayer of the Ethereum/Polygon bridge run by this node.
     pub bridge: kalima_bridge_ethereum::BridgeSection,
     /// Public chains this node anchors its checkpoints on.
-    pub anchor: kalima_bridge_ethereum::AnchorSection,
+    pub anchor: AnchorConfig,
     /// The oracle marketplace (webhook delivery).
     pub marketplace: kalima_marketplace::MarketplaceSection,
+}
+
+/// `[anchor]`: the public chains this node anchors its checkpoints on; off while both lists
+/// are empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnchorConfig {
+    /// `[[anchor.targets]]`: EVM chains (Ethereum, Polygon) with a `KlxAnchor` contract.
+    pub targets: Vec<kalima_bridge_ethereum::AnchorTarget>,
+    /// `[[anchor.tezos]]`: Tezos with the anchoring contract.
+    pub tezos: Vec<kalima_bridge_tezos::TezosTarget>,
+}
+
+impl AnchorConfig {
+    /// The EVM part, as the Ethereum crate reads it.
+    pub fn ethereum(&self) -> kalima_bridge_ethereum::AnchorSection {
+        kalima_bridge_ethereum::AnchorSection { targets: self.targets.clone() }
+    }
+
+    /// Every problem with the section, one message each; target names are unique across
+    /// chains (they key the anchor records).
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = self.ethereum().validate();
+        for t in &self.tezos {
+            errs.extend(t.validate());
+            if self.targets.iter().any(|e| e.name == t.name)
+                || self.tezos.iter().filter(|x| x.name == t.name).count() > 1
+            {
+                errs.push(format!("[anchor] target name {} is used twice", t.name));
+            }
+        }
+        errs
+    }
 }
 
 /// `[node]`

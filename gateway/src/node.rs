@@ -360,8 +360,14 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         .context("starting the bridge relayer")?
         .map(Arc::new);
     state.relayer = relayer.clone();
-    let anchorers =
-        kalima_bridge_ethereum::anchor::anchorers(&config.anchor, dir).context("starting checkpoint anchoring")?;
+    let mut anchorers = kalima_bridge_ethereum::anchor::anchorers(&config.anchor.ethereum(), dir)
+        .context("starting checkpoint anchoring")?;
+    for t in &config.anchor.tezos {
+        let a = kalima_bridge_tezos::TezosAnchorer::new(t, dir)
+            .with_context(|| format!("starting checkpoint anchoring on {}", t.name))?;
+        tracing::info!(target: "bridge::tezos", anchor = %t.name, from = %a.address(), contract = %t.contract, "Anchoring checkpoints.");
+        anchorers.push((Arc::new(a), std::time::Duration::from_secs(t.interval_secs)));
+    }
     let anchors =
         (!anchorers.is_empty()).then(|| Arc::new(kalima_core::anchor::AnchorService::start(chain.clone(), anchorers)));
     state.anchors = anchors.clone();

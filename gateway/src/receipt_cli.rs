@@ -102,7 +102,34 @@ async fn check_anchor(
                 found.block_number, found.confirmations, found.anchorer
             )))
         }
-        AnchorKind::Tezos => anyhow::bail!("reading Tezos anchors is not supported by this build"),
+        AnchorKind::Tezos => {
+            let found = kalima_bridge_tezos::read_anchor(url, &a.tx_hash, a.block_number)
+                .await
+                .with_context(|| format!("reading {} at level {} on {url}", a.tx_hash, a.block_number))?
+                .with_context(|| format!("block {} on {url} holds no operation {}", a.block_number, a.tx_hash))?;
+            anyhow::ensure!(
+                found.network == a.network,
+                "{url} is chain {}, the anchor is on {}",
+                found.network,
+                a.network
+            );
+            anyhow::ensure!(
+                found.contract == a.contract,
+                "the operation called {}, not {}",
+                found.contract,
+                a.contract
+            );
+            anyhow::ensure!(
+                (found.chain.as_str(), found.tree_size, found.root, found.height)
+                    == (v.chain.as_str(), v.tree_size, v.root, a.height),
+                "the operation holds chain {} size {} root {} height {}, not the checkpoint",
+                found.chain,
+                found.tree_size,
+                hex::encode(found.root),
+                found.height
+            );
+            Ok(Some(format!("level {}, anchored by {}", a.block_number, found.source)))
+        }
     }
 }
 

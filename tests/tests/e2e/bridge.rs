@@ -470,3 +470,83 @@ async fn a_node_anchors_its_checkpoint_on_demand_and_serves_the_anchor() {
     let o = check(vec![file_arg.into(), "--rpc".into(), format!("ethereum={}", other.endpoint())]).await;
     assert!(!o.status.success() && stdout(&o).contains("anchor ethereum: "), "{}", describe(&o));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_is_verified_against_anchors_on_ethereum_and_on_a_tezos_stand_in() {
+    use kalima_bridge_tezos::standin::{Faults, StandInConfig, StandInOctez};
+    let anvil = Anvil::spawn(31337);
+    let anchor_key = anvil.signer(2);
+    let contract = kalima_bridge_ethereum::contracts::KlxAnchor::deploy(anvil.provider(), vec![anchor_key.address()])
+        .await
+        .expect("deploy KlxAnchor");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    Node::init(&dir).await;
+    std::fs::write(dir.join("anchor-eth.key"), format!("0x{}\n", hex::encode(anchor_key.to_bytes()))).expect("key");
+    // The node's Tezos key, made first so the stand-in's contract can name it its admin.
+    let tezos_key = kalima_bridge_tezos::TezosKey::load_or_create(&dir.join("anchor-tezos.key")).expect("tezos key");
+    let tz1 = tezos_key.address_b58();
+    let octez = StandInOctez::start(
+        StandInConfig { admin: tz1.clone(), accounts: vec![(tz1.clone(), 0)], ..StandInConfig::default() },
+        Faults::default(),
+    )
+    .await
+    .expect("the Octez stand-in starts");
+    let kt1 = kalima_bridge_tezos::standin::RECORDED_CONTRACT;
+    let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
+    toml.push_str(&format!(
+        "\n[[anchor.targets]]\nname = \"ethereum\"\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\nconfirmations = 2\n\n[[anchor.tezos]]\nname = \"tezos\"\nrpc_url = \"{}\"\ncontract = \"{kt1}\"\nconfirmations = 2\npoll_interval_ms = 50\n",
+        anvil.endpoint(),
+        contract.address(),
+        octez.url,
+    ));
+    std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+    let node = Node::start(&dir, &[]).await;
+    let written = node.put("/plant-1/line-1", "temp", json!(21.5)).await;
+    let id = written["id"].as_str().expect("transaction id").to_string();
+
+    let (s, v) = node.post_json("/api/v1/anchors", &json!({})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let size = v["tree_size"].as_u64().expect("tree size");
+    let anchors = wait_json(&node, &anvil, "/api/v1/anchors", "both anchors", |v| {
+        v["anchors"].as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|x| x["tree_size"].as_u64() == Some(size)))
+    })
+    .await;
+    let tezos = anchors["anchors"].as_array().and_then(|a| a.iter().find(|x| x["kind"] == "tezos")).expect("tezos");
+    assert_eq!(tezos["contract"], kt1, "{tezos}");
+    assert!(tezos["tx_hash"].as_str().is_some_and(|h| h.starts_with('o')), "an operation hash: {tezos}");
+    assert!(octez.problems().is_empty(), "the stand-in found faults in what it received: {:?}", octez.problems());
+
+    // One receipt, anchored on both, checked against both public chains with the node stopped.
+    let (s, receipt) = node.get_json(&format!("/api/v1/tx/{id}/receipt")).await;
+    assert_eq!(s, StatusCode::OK, "{receipt}");
+    assert_eq!(receipt["anchors"].as_array().map(Vec::len), Some(2), "{receipt}");
+    node.stop().await;
+    let file = tmp.path().join("receipt.json");
+    std::fs::write(&file, receipt.to_string()).expect("receipt file");
+    let args = [
+        "verify-receipt".to_string(),
+        file.to_str().expect("path").into(),
+        "--rpc".into(),
+        format!("ethereum={}", anvil.endpoint()),
+        "--rpc".into(),
+        format!("tezos={}", octez.url),
+        "--require-anchor".into(),
+    ];
+    let o = kalima(&args, &[]).await;
+    let out = stdout(&o);
+    assert!(o.status.success() && out.contains("VERIFIED"), "{}", describe(&o));
+    assert_eq!(out.matches("verified on the public chain").count(), 2, "{out}");
+    assert!(out.contains(&format!("anchored by {tz1}")), "{out}");
+
+    // A receipt whose Tezos anchor names another operation fails on that anchor.
+    let mut forged = receipt.clone();
+    if let Some(a) = forged["anchors"].as_array_mut().and_then(|a| a.iter_mut().find(|x| x["kind"] == "tezos")) {
+        a["tx_hash"] = json!("ooZ7y2yDxT9MJ3jM8fe2tGgYoMN1y6dr5QgCZr8Gum2xz9Vabc4");
+    }
+    std::fs::write(&file, forged.to_string()).expect("receipt file");
+    let mut args = args.to_vec();
+    args.truncate(6);
+    let o = kalima(&args, &[]).await;
+    assert!(!o.status.success() && stdout(&o).contains("anchor tezos"), "{}", describe(&o));
+}
