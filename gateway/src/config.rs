@@ -44,6 +44,8 @@ pub struct Config {
     pub anchor: AnchorConfig,
     /// The oracle marketplace (webhook delivery).
     pub marketplace: kalima_marketplace::MarketplaceSection,
+    /// The LND node that issues Lightning invoices for feed purchases.
+    pub lightning: kalima_bridge_lightning::LightningSection,
 }
 
 /// `[anchor]`: the public chains this node anchors its checkpoints on; off while both lists
@@ -191,7 +193,7 @@ impl Config {
                 }
             }
         }
-        const SECTIONS: [&str; 13] = [
+        const SECTIONS: [&str; 14] = [
             "node",
             "api",
             "storage",
@@ -205,6 +207,7 @@ impl Config {
             "bridge",
             "anchor",
             "marketplace",
+            "lightning",
         ];
         if let Ok(data) = figment::Provider::data(&fig) {
             for dict in data.values() {
@@ -227,6 +230,7 @@ impl Config {
             bridge: section(&fig, "bridge", &mut errs),
             anchor: section(&fig, "anchor", &mut errs),
             marketplace: section(&fig, "marketplace", &mut errs),
+            lightning: section(&fig, "lightning", &mut errs),
         };
         if cfg.storage.url.is_empty() {
             cfg.storage.url = format!("sqlite://{}", dir.join("kalima.db").display());
@@ -270,6 +274,7 @@ impl Config {
         errs.extend(self.bridge.validate());
         errs.extend(self.anchor.validate());
         errs.extend(self.marketplace.validate());
+        errs.extend(self.lightning.validate());
         if self.cluster.role == crate::cluster::Role::Client && self.bridge.relayer_device.is_some() {
             errs.push("[bridge] relayer_device: a client node cannot run a relayer; run it on a master".into());
         }

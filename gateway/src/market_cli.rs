@@ -40,6 +40,30 @@ pub enum MarketCommand {
         #[arg(long)]
         chain: Option<String>,
     },
+    /// Ask for a Lightning invoice for periods of a feed: makes the access token here (written
+    /// to a 0600 file; only its hash is sent) and prints the BOLT11 request to pay.
+    Invoice {
+        /// Feed id.
+        #[arg(long)]
+        feed: String,
+        /// Period bought: hour, day or month.
+        #[arg(long, value_parser = parse_period)]
+        period: Period,
+        /// Number of periods (1..=24).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Your buyer id (1..=64 of a-z, 0-9, '-', '_'); your subscription is this id's.
+        #[arg(long)]
+        buyer: String,
+        /// To renew a running subscription: the file holding its current access token.
+        #[arg(long)]
+        renew: Option<PathBuf>,
+        /// Where to write the new access token (default: ./<feed>.token).
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 fn parse_period(s: &str) -> Result<Period, String> {
@@ -101,6 +125,30 @@ pub async fn run_market(cmd: MarketCommand) -> anyhow::Result<ExitCode> {
                 path.display(),
                 client.base
             );
+        }
+        MarketCommand::Invoice { feed, period, count, buyer, renew, token_out, node } => {
+            let client = NodeClient::new(&node)?;
+            let current = match renew {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
+                ),
+                None => None,
+            };
+            let lightning_buyer = format!("{}{buyer}", kalima_core::ledger::market::LIGHTNING_BUYER_PREFIX);
+            let token = kalima_marketplace::new_token(&feed, &lightning_buyer);
+            let path = token_out.unwrap_or_else(|| PathBuf::from(format!("{feed}.token")));
+            let token_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+            let body = serde_json::json!({
+                "period": period, "count": count, "buyer": buyer, "token_hash": token_hash, "current_token": current,
+            });
+            let answer = client.post(&format!("/api/v1/feeds/{feed}/invoices"), &body).await?;
+            // Written only once the node accepted the request, so a refused one keeps the old token.
+            write_secret(&path, &token)?;
+            print_json(&answer)?;
+            if let Some(req) = answer.get("payment_request").and_then(Value::as_str) {
+                eprintln!("Pay this BOLT11 invoice with your Lightning wallet:\n{req}");
+            }
+            eprintln!("Access token written to {} (valid once the payment is seen).", path.display());
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -148,6 +148,7 @@ pub struct Running {
     relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
     anchors: Option<Arc<kalima_core::anchor::AnchorService>>,
     webhooks: Option<kalima_marketplace::WebhookService>,
+    settlements: parking_lot::Mutex<Option<kalima_bridge_lightning::SettlementWatcher>>,
 }
 
 /// Listeners of the API and the field protocols, bound before any state is touched so a
@@ -263,6 +264,10 @@ impl Running {
         if let Some(w) = &self.webhooks {
             w.shutdown().await;
         }
+        let settlements = self.settlements.lock().take();
+        if let Some(s) = settlements {
+            let _ = s.shutdown().await;
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -375,6 +380,19 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
         .marketplace
         .webhooks
         .then(|| kalima_marketplace::WebhookService::start(chain.clone(), config.marketplace.options()));
+    let mut settlements = None;
+    if config.lightning.enabled {
+        let lnd = kalima_bridge_lightning::LndRest::from_section(&config.lightning, dir)
+            .context("[lightning]: connecting to LND")?;
+        let backend: Arc<dyn kalima_bridge_lightning::InvoiceBackend> = Arc::new(lnd);
+        let options = kalima_bridge_lightning::WatcherOptions::from_section(&config.lightning);
+        settlements = Some(
+            kalima_marketplace::lightning::watch_settlements(chain.clone(), backend.clone(), options)
+                .await
+                .context("following Lightning settlements")?,
+        );
+        state.invoices = Some(backend);
+    }
     let stop = state.shutdown.clone();
     let mut stopped = stop.subscribe();
     let router = app(state);
@@ -386,7 +404,20 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
             .await
     });
     tracing::info!(target: "node", api = %api_addr, chain = %config.node.chain, node = %chain.node_id(), storage = %redact(&config.storage.url), "Node started.");
-    Ok(Running { chain, api_addr, server, sequencer, stop, tasks, adapters, cluster, relayer, anchors, webhooks })
+    Ok(Running {
+        chain,
+        api_addr,
+        server,
+        sequencer,
+        stop,
+        tasks,
+        adapters,
+        cluster,
+        relayer,
+        anchors,
+        webhooks,
+        settlements: parking_lot::Mutex::new(settlements),
+    })
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -8,6 +8,7 @@ pub mod access;
 pub mod catalogue;
 pub mod delivery;
 mod error;
+pub mod lightning;
 pub mod webhook;
 
 pub use access::{Access, authorize, new_token};

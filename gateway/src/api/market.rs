@@ -40,6 +40,8 @@ pub fn router() -> axum::Router<AppState> {
         .route("/feeds", get(list).post(list_feed))
         .route("/feeds/{id}", get(one).delete(delist))
         .route("/feeds/{id}/purchases", post(purchase))
+        .route("/feeds/{id}/invoices", post(invoice))
+        .route("/market/invoices/{hash}", get(invoice_status))
         .route("/feeds/{id}/stream", get(stream))
         .route("/feeds/{id}/ws", get(ws))
         .route("/market/subscriptions/{id}", get(subscription))
@@ -233,6 +235,142 @@ pub async fn purchase(
         .filter(|p: &PurchaseRecord| p.subscription == subscription.id)
         .ok_or_else(|| ApiError::Internal("purchase not readable after its commit".into()))?;
     Ok(Json(PurchaseDone { subscription, purchase, receipt }))
+}
+
+/// A Lightning purchase to invoice.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvoiceBody {
+    /// Period bought.
+    pub period: Period,
+    /// Number of periods (1..=24, default 1).
+    pub count: Option<u32>,
+    /// The buyer's chosen id (1..=64 of a-z, 0-9, '-', '_'); the subscription is this id's.
+    pub buyer: String,
+    /// SHA-256 (64 hex) of the access token the buyer chose (`<subscription id>.<secret>`).
+    pub token_hash: String,
+    /// To renew a running subscription: its current access token (a renewal replaces it).
+    pub current_token: Option<String>,
+}
+
+/// An invoice to pay.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvoiceIssued {
+    /// The BOLT11 payment request.
+    pub payment_request: String,
+    /// Its payment hash (hex): follow it at `GET /api/v1/market/invoices/{hash}`.
+    pub payment_hash: String,
+    /// Amount, in millisatoshis.
+    pub amount_msat: u64,
+    /// Pay before (ms); an expired invoice grants nothing.
+    pub expires_at_ms: i64,
+    /// The subscription it extends once paid.
+    pub subscription: String,
+}
+
+/// An invoice's state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvoiceStatus {
+    /// `open`, `settled` (the subscription was extended), `expired`, `canceled`, or
+    /// `paid_not_recorded_yet` (settled on the Lightning node; recorded within moments).
+    pub status: String,
+    /// The invoice as recorded.
+    pub invoice: kalima_core::ledger::market::InvoiceRecord,
+}
+
+/// Invoices a purchase over Lightning (BOLT11). Paying it extends the buyer's subscription
+/// (`ln:<buyer>`) once the node sees the settlement; its access token is the one whose hash
+/// this request carries. A running subscription is renewed only with its current token.
+#[utoipa::path(post, path = "/api/v1/feeds/{id}/invoices", tag = "marketplace", params(("id" = String, Path, description = "Feed id")),
+    request_body = InvoiceBody,
+    responses((status = 201, body = InvoiceIssued), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "No listed feed, or this node takes no Lightning payments", body = ErrorBody),
+        (status = 503, description = "The Lightning node did not answer", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn invoice(
+    State(state): State<AppState>,
+    _auth: Auth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<InvoiceBody>,
+) -> Result<(StatusCode, Json<InvoiceIssued>), ApiError> {
+    use kalima_marketplace::lightning::{InvoiceError, InvoiceRequest, invoice_subscription, open_invoice};
+    let backend = state
+        .invoices
+        .clone()
+        .ok_or_else(|| ApiError::NotFound("this node takes no Lightning payments ([lightning] enabled)".into()))?;
+    let req = InvoiceRequest {
+        feed: id,
+        period: body.period,
+        count: body.count.unwrap_or(1),
+        buyer: body.buyer,
+        token_hash: body.token_hash.to_ascii_lowercase(),
+    };
+    let sub_id = invoice_subscription(&req);
+    if let Some(sub) = read::<Subscription>(&state, SUBSCRIPTIONS_ADDRESS, &sub_id)
+        && sub.expires_at_ms > now_ms()
+        && !body.current_token.as_deref().is_some_and(|t| sub.token_matches(t))
+    {
+        return Err(ApiError::Unauthorized(
+            "unknown_token",
+            format!("subscription {sub_id} is running: renew it with its current token (current_token)"),
+        ));
+    }
+    let record = open_invoice(&state.chain, backend.as_ref(), &req, state.config.lightning.invoice_expiry_secs)
+        .await
+        .map_err(|e| match e {
+        InvoiceError::Invalid(m) => bad(m),
+        InvoiceError::UnknownFeed(f) => ApiError::NotFound(format!("no listed feed {f}")),
+        InvoiceError::Backend(e) => ApiError::Unavailable(format!("the Lightning node: {e}")),
+        InvoiceError::Chain(e) => e.into(),
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(InvoiceIssued {
+            payment_request: record.payment_request,
+            payment_hash: record.payment_hash,
+            amount_msat: record.amount_msat,
+            expires_at_ms: record.expires_at_ms,
+            subscription: sub_id,
+        }),
+    ))
+}
+
+/// A Lightning purchase's invoice: open, settled (the subscription was extended) or expired.
+#[utoipa::path(get, path = "/api/v1/market/invoices/{hash}", tag = "marketplace", params(("hash" = String, Path, description = "Payment hash (hex)")),
+    responses((status = 200, body = InvoiceStatus), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn invoice_status(
+    State(state): State<AppState>,
+    _auth: Auth,
+    ApiPath(hash): ApiPath<String>,
+) -> Result<Json<InvoiceStatus>, ApiError> {
+    let invoice: kalima_core::ledger::market::InvoiceRecord =
+        read(&state, kalima_core::ledger::market::INVOICES_ADDRESS, &hash.to_ascii_lowercase())
+            .ok_or_else(|| ApiError::NotFound(format!("no purchase invoice {hash}")))?;
+    let mut status = if invoice.settled.is_some() {
+        "settled"
+    } else if kalima_marketplace::lightning::is_expired(&invoice) {
+        "expired"
+    } else {
+        "open"
+    };
+    // The Lightning node knows of cancellations (and of a payment not recorded yet).
+    if status == "open"
+        && let (Some(backend), Ok(hash)) =
+            (&state.invoices, invoice.payment_hash.parse::<kalima_bridge_lightning::PaymentHash>())
+        && let Ok(Some(live)) = backend.lookup_invoice(&hash).await
+    {
+        match live.state {
+            kalima_bridge_lightning::InvoiceState::Canceled => status = "canceled",
+            kalima_bridge_lightning::InvoiceState::Settled => status = "paid_not_recorded_yet",
+            _ => {}
+        }
+    }
+    Ok(Json(InvoiceStatus { status: status.into(), invoice }))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn read<T: serde::de::DeserializeOwned>(state: &AppState, address: &str, key: &str) -> Option<T> {

@@ -61,6 +61,8 @@ pub struct AppState {
     pub relayer: Option<Arc<kalima_bridge_ethereum::Relayer>>,
     /// Checkpoint anchoring, when `[anchor]` names targets.
     pub anchors: Option<Arc<kalima_core::anchor::AnchorService>>,
+    /// The Lightning payment backend, when `[lightning] enabled`.
+    pub invoices: Option<Arc<dyn kalima_bridge_lightning::InvoiceBackend>>,
 }
 
 impl AppState {
@@ -79,6 +81,7 @@ impl AppState {
             cluster: None,
             relayer: None,
             anchors: None,
+            invoices: None,
         }
     }
 }
@@ -269,7 +272,7 @@ impl utoipa::Modify for SecurityAddon {
         bridge::withdraw, bridge::withdrawal, bridge::status,
         anchors::list, anchors::anchor_now,
         market::list, market::one, market::list_feed, market::delist, market::purchase, market::stream, market::ws,
-        market::subscription, market::set_webhook, market::remove_webhook, market::statement, market::config, market::set_config,
+        market::invoice, market::invoice_status, market::subscription, market::set_webhook, market::remove_webhook, market::statement, market::config, market::set_config,
         bridge::register_exchange, bridge::exchange, bridge::add_addresses, bridge::exchange_address,
         ops::healthz, ops::readyz, ops::metrics_text,
     ),

@@ -358,3 +358,178 @@ async fn a_buyer_pays_in_klx_streams_a_feed_with_proofs_and_the_provider_is_paid
     node.stop().await;
     assert_verifies(&dir, &[]).await;
 }
+
+/// A subscription's record, read with its access token.
+async fn subscription(node: &Node, id: &str, token: &str) -> (StatusCode, Value) {
+    call(node, reqwest::Method::GET, &format!("/api/v1/market/subscriptions/{id}"), token, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_bought_over_lightning_is_granted_once_when_the_lnd_rest_standin_settles_it() {
+    use kalima_bridge_lightning::lnd_standin::LndStandin;
+    use kalima_bridge_lightning::{InvoiceBackend as _, PaymentHash};
+    let lnd = LndStandin::start().await.expect("the LND REST stand-in starts");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    Node::init(&dir).await;
+    let (cert, macaroon) = lnd.write_lnd_files(&dir).expect("LND files");
+    let mut toml = std::fs::read_to_string(dir.join("kalima.toml")).expect("kalima.toml");
+    toml.push_str(&format!(
+        "\n[lightning]\nenabled = true\nlnd_url = \"{}\"\nmacaroon_file = \"{}\"\ntls_cert_file = \"{}\"\ninvoice_expiry_secs = 600\n",
+        lnd.url(),
+        macaroon.display(),
+        cert.display()
+    ));
+    std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
+    let mut node = Node::start(&dir, &[]).await;
+
+    let accounts: Vec<String> =
+        (0..4).map(|_| AccountKey::of(&SigningKey::generate(&mut rand::rngs::OsRng)).to_hex()).collect();
+    let economics = json!({
+        "klx_per_eur": (1000 * KLX).to_string(), "sats_per_eur": 1000, "burn_bps": 100,
+        "foundation": accounts[1], "masters": accounts[2], "dapp_fund": accounts[3],
+    });
+    let (s, v) = call(&node, reqwest::Method::PUT, "/api/v1/market/config", node.token(), Some(economics)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let provider = device(&node, "acme-provider", &[("/plant-1", true, true)]).await;
+    let buyer_device = device(&node, "buyer-1", &[]).await;
+    let feed = json!({
+        "id": "line-1-temp", "title": "Line 1 temperature", "prefix": "/plant-1/line-1", "keys": ["temp"],
+        "prices": [{"period": "hour", "currency": "sats", "amount": "500"}],
+        "licence": "Research use", "payout": accounts[0],
+    });
+    let (s, v) = call(&node, reqwest::Method::POST, "/api/v1/feeds", &provider, Some(feed)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // Bob asks for an invoice for two hours; the token stays his, only its hash is sent.
+    let sub_id = kalima_core::ledger::market::subscription_id("line-1-temp", "ln:bob");
+    let token_file = tmp.path().join("bob.token");
+    let o = kalima(
+        &[
+            "market",
+            "invoice",
+            "--feed",
+            "line-1-temp",
+            "--period",
+            "hour",
+            "--count",
+            "2",
+            "--buyer",
+            "bob",
+            "--token-out",
+            token_file.to_str().expect("path"),
+            "--node",
+            &node.url(""),
+            "--token",
+            &buyer_device,
+        ],
+        &[],
+    )
+    .await;
+    assert!(o.status.success(), "{}", describe(&o));
+    let inv: Value = serde_json::from_str(&stdout(&o)).expect("JSON answer");
+    let token = std::fs::read_to_string(&token_file).expect("token file").trim().to_string();
+    assert!(token.starts_with(&sub_id), "the token names the subscription");
+    let token_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    let ask = json!({"period": "hour", "count": 2, "buyer": "bob", "token_hash": token_hash});
+    assert_eq!((inv["amount_msat"].as_u64(), inv["subscription"].as_str()), (Some(1_000_000), Some(sub_id.as_str())));
+    let request = inv["payment_request"].as_str().expect("BOLT11");
+    assert!(request.starts_with("lnbcrt10u1"), "a regtest BOLT11 request for 1,000 sats: {request}");
+    let hash: PaymentHash = inv["payment_hash"].as_str().expect("hash").parse().expect("hex hash");
+    let status = format!("/api/v1/market/invoices/{}", inv["payment_hash"].as_str().expect("hash"));
+
+    // Unpaid: nothing granted.
+    let (s, v) = call(&node, reqwest::Method::GET, &status, &buyer_device, None).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("open")), "{v}");
+    let r = node.http().get(node.url("/api/v1/feeds/line-1-temp/stream")).bearer_auth(&token).send().await;
+    assert_eq!(r.expect("stream").status(), StatusCode::UNAUTHORIZED);
+
+    // Paid: granted once, and the stream opens.
+    lnd.settle(&hash).expect("settle");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = call(&node, reqwest::Method::GET, &status, &buyer_device, None).await;
+        if v["status"] == "settled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the settlement was never recorded: {v}\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, sub) = subscription(&node, &sub_id, &token).await;
+    assert_eq!((s, sub["purchases"].as_u64()), (StatusCode::OK, Some(1)), "{sub}");
+    let r = node.http().get(node.url("/api/v1/feeds/line-1-temp/stream")).bearer_auth(&token).send().await;
+    let mut events = SseReader::new(r.expect("stream"));
+    let (s, v) = call(
+        &node,
+        reqwest::Method::POST,
+        "/api/v1/tx",
+        &provider,
+        Some(json!({"address": "/plant-1/line-1", "key": "temp", "body": 19.5})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let e = events.next().await;
+    assert_eq!(e.data["reading"]["value"], json!(19.5), "{e:?}");
+    check_reading(&e.data["reading"]);
+    drop(events);
+
+    // A running subscription is renewed only with its current token.
+    let (s, v) =
+        call(&node, reqwest::Method::POST, "/api/v1/feeds/line-1-temp/invoices", &buyer_device, Some(ask.clone()))
+            .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+
+    // Restarted, the node resumes from its settle index: nothing is granted twice, and a
+    // payment settled while it was down is granted after the restart.
+    node.stop().await;
+    let mut renew = ask.clone();
+    renew["current_token"] = json!(token);
+    renew["count"] = json!(1);
+    node = Node::start(&dir, &[]).await;
+    let (s, inv2) =
+        call(&node, reqwest::Method::POST, "/api/v1/feeds/line-1-temp/invoices", &buyer_device, Some(renew)).await;
+    assert_eq!(s, StatusCode::CREATED, "{inv2}");
+    node.stop().await;
+    let hash2: PaymentHash = inv2["payment_hash"].as_str().expect("hash").parse().expect("hex hash");
+    lnd.settle(&hash2).expect("settle while the node is down");
+    // A payment to the same wallet that is not a purchase is ignored.
+    let foreign = lnd
+        .client()
+        .expect("client")
+        .create_invoice(kalima_bridge_lightning::NewInvoice::new(5_000, "tip", 600))
+        .await
+        .expect("foreign invoice");
+    lnd.settle(&foreign.payment_hash).expect("settle the foreign invoice");
+    node = Node::start(&dir, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, sub) = subscription(&node, &sub_id, &token).await;
+        if sub["purchases"].as_u64() == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the payment made while down was not granted: {sub}\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, st) = call(&node, reqwest::Method::GET, "/api/v1/market/statements/acme-provider", &provider, None).await;
+    assert_eq!(s, StatusCode::OK, "{st}");
+    assert_eq!(st["totals"]["purchases"].as_u64(), Some(2), "two purchases, no repeat: {st}");
+    assert_eq!(st["totals"]["sats"]["gross"], "1500", "{st}");
+    assert_eq!(st["totals"]["klx"]["gross"], "0", "{st}");
+
+    // A cancelled invoice grants nothing.
+    let mut third = ask.clone();
+    third["buyer"] = json!("carol");
+    let (s, inv3) =
+        call(&node, reqwest::Method::POST, "/api/v1/feeds/line-1-temp/invoices", &buyer_device, Some(third)).await;
+    assert_eq!(s, StatusCode::CREATED, "{inv3}");
+    let hash3: PaymentHash = inv3["payment_hash"].as_str().expect("hash").parse().expect("hex hash");
+    lnd.cancel(&hash3).expect("cancel");
+    let path3 = format!("/api/v1/market/invoices/{}", inv3["payment_hash"].as_str().expect("hash"));
+    let (s, v) = call(&node, reqwest::Method::GET, &path3, &buyer_device, None).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("canceled")), "{v}");
+    let carol = kalima_core::ledger::market::subscription_id("line-1-temp", "ln:carol");
+    let (s, _) = subscription(&node, &carol, &token).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "no subscription for a cancelled invoice");
+    node.stop().await;
+    assert_verifies(&dir, &[]).await;
+}
