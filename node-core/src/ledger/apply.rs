@@ -716,36 +716,62 @@ fn settle_invoice(d: &mut Draft<'_>, s: &InvoiceSettled, bytes: usize) -> Result
     inv.settled = Some(Settlement { settle_index: s.settle_index, amt_paid_msat: s.amt_paid_msat, at_ms: now });
     d.put(INVOICES_ADDRESS, &s.payment_hash, &inv, FINISHED_RECORD_TTL_SECS);
     // Paid is paid: a delisting between the invoice and its payment still grants the period.
-    let id = subscription_id(&inv.feed, &inv.buyer);
+    let what =
+        Bought { feed: &feed, buyer: &inv.buyer, period: inv.period, count: inv.count, token_hash: &inv.token_hash };
+    grant(d, &what, Currency::Sats, split)
+}
+
+/// What one purchase buys.
+struct Bought<'a> {
+    feed: &'a Feed,
+    buyer: &'a str,
+    period: super::market::Period,
+    count: u32,
+    token_hash: &'a str,
+}
+
+/// Extends the buyer's subscription from its current expiry (or from now) with the new token,
+/// and records the purchase in the provider's statement.
+fn grant(
+    d: &mut Draft<'_>,
+    b: &Bought<'_>,
+    currency: Currency,
+    split: super::market::Split,
+) -> Result<(), LedgerError> {
+    let (feed_id, provider) = (&b.feed.spec.id, &b.feed.provider);
+    let id = subscription_id(feed_id, b.buyer);
+    let now = d.timestamp_ms;
     let mut sub = d.get::<Subscription>(SUBSCRIPTIONS_ADDRESS, &id)?.unwrap_or(Subscription {
         id: id.clone(),
-        feed: inv.feed.clone(),
-        buyer: inv.buyer.clone(),
+        feed: feed_id.clone(),
+        buyer: b.buyer.to_string(),
         token_hash: String::new(),
         expires_at_ms: now,
         purchases: 0,
     });
-    sub.expires_at_ms =
-        sub.expires_at_ms.max(now).saturating_add(inv.period.millis().saturating_mul(i64::from(inv.count)));
-    sub.token_hash = inv.token_hash.clone();
+    sub.expires_at_ms = sub.expires_at_ms.max(now).saturating_add(b.period.millis().saturating_mul(i64::from(b.count)));
+    sub.token_hash = b.token_hash.to_ascii_lowercase();
     sub.purchases += 1;
     d.put(SUBSCRIPTIONS_ADDRESS, &id, &sub, 0);
     let record = PurchaseRecord {
         subscription: id,
-        feed: inv.feed.clone(),
-        buyer: inv.buyer.clone(),
-        period: inv.period,
-        count: inv.count,
-        currency: Currency::Sats,
+        feed: feed_id.clone(),
+        buyer: b.buyer.to_string(),
+        period: b.period,
+        count: b.count,
+        currency,
         split: split.clone(),
         expires_at_ms: sub.expires_at_ms,
         at_ms: now,
     };
-    d.put(PURCHASES_ADDRESS, &feed.provider, &record, 0);
-    let mut st: Statement = d.get(STATEMENTS_ADDRESS, &feed.provider)?.unwrap_or_default();
-    st.sats.add(&split);
+    d.put(PURCHASES_ADDRESS, provider, &record, 0);
+    let mut st: Statement = d.get(STATEMENTS_ADDRESS, provider)?.unwrap_or_default();
+    match currency {
+        Currency::Klx => st.klx.add(&split),
+        Currency::Sats => st.sats.add(&split),
+    }
     st.purchases += 1;
-    d.put(STATEMENTS_ADDRESS, &feed.provider, &st, 0);
+    d.put(STATEMENTS_ADDRESS, provider, &st, 0);
     Ok(())
 }
 
@@ -792,35 +818,6 @@ fn purchase(d: &mut Draft<'_>, buyer: &AccountKey, p: &SignedPurchase, bytes: us
         supply.fees_burned = supply.fees_burned.saturating_add(split.burned);
         d.put(SUPPLY_ADDRESS, SUPPLY_KEY, &supply, 0);
     }
-    let id = subscription_id(&p.feed, &p.buyer);
-    let now = d.timestamp_ms;
-    let mut sub = d.get::<Subscription>(SUBSCRIPTIONS_ADDRESS, &id)?.unwrap_or(Subscription {
-        id: id.clone(),
-        feed: p.feed.clone(),
-        buyer: p.buyer.clone(),
-        token_hash: String::new(),
-        expires_at_ms: now,
-        purchases: 0,
-    });
-    sub.expires_at_ms = sub.expires_at_ms.max(now).saturating_add(p.period.millis().saturating_mul(i64::from(p.count)));
-    sub.token_hash = p.token_hash.to_ascii_lowercase();
-    sub.purchases += 1;
-    d.put(SUBSCRIPTIONS_ADDRESS, &id, &sub, 0);
-    let record = PurchaseRecord {
-        subscription: id,
-        feed: p.feed.clone(),
-        buyer: p.buyer.clone(),
-        period: p.period,
-        count: p.count,
-        currency: Currency::Klx,
-        split: split.clone(),
-        expires_at_ms: sub.expires_at_ms,
-        at_ms: now,
-    };
-    d.put(PURCHASES_ADDRESS, &feed.provider, &record, 0);
-    let mut st: Statement = d.get(STATEMENTS_ADDRESS, &feed.provider)?.unwrap_or_default();
-    st.klx.add(&split);
-    st.purchases += 1;
-    d.put(STATEMENTS_ADDRESS, &feed.provider, &st, 0);
-    Ok(())
+    let what = Bought { feed: &feed, buyer: &p.buyer, period: p.period, count: p.count, token_hash: &p.token_hash };
+    grant(d, &what, Currency::Klx, split)
 }
