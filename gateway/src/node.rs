@@ -206,11 +206,17 @@ impl Adapters {
         config: &Config,
         ingest: &kalima_core::Ingest,
         listeners: &mut Listeners,
+        feeds: Option<Arc<dyn kalima_core::feeds::FeedGate>>,
     ) -> anyhow::Result<Self> {
         let modbus = (!config.modbus.devices.is_empty())
             .then(|| Arc::new(kalima_adapter_modbus::ModbusAdapter::start(&config.modbus, ingest.clone())));
         let mqtt = match listeners.mqtt.take() {
-            Some(l) => Some(Arc::new(kalima_adapter_mqtt::MqttServer::serve(l, &config.mqtt, ingest.clone())?)),
+            Some(l) => Some(Arc::new(kalima_adapter_mqtt::MqttServer::serve_with_feeds(
+                l,
+                &config.mqtt,
+                ingest.clone(),
+                feeds,
+            )?)),
             None => None,
         };
         let mqtt_external = config.mqtt.external.enabled().then(|| {
@@ -357,7 +363,9 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<Running> {
     let mut state = AppState::new(chain.clone(), config.clone());
     state.cluster = cluster.clone();
     // Adapters start after the chain and before the API, so the status route sees them.
-    let adapters = Adapters::start(dir, &config, &state.ingest, &mut listeners)?;
+    // Marketplace buyers log in to the MQTT server with their subscription and token.
+    let gate = kalima_marketplace::MarketGate::new(chain.clone(), std::time::Duration::from_secs(30));
+    let adapters = Adapters::start(dir, &config, &state.ingest, &mut listeners, Some(Arc::new(gate)))?;
     state.modbus = adapters.modbus.clone();
     state.lorawan = adapters.lorawan.clone();
     // Bridges start after the chain, like adapters: they write through it.

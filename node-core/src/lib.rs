@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod cluster;
 pub mod error;
+pub mod feeds;
 pub mod ingest;
 pub mod keys;
 pub mod ledger;

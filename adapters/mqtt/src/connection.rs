@@ -100,6 +100,22 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         return;
     };
     let (user, password) = login.unwrap_or_default();
+    // A marketplace buyer: its subscription id and access token open one feed, read-only.
+    if let Some(gate) = shared.feeds.clone()
+        && user.len() == 64
+        && let Some(feed) = gate.open(&user, &password)
+    {
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= shared.config.max_connections {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            count("refused_busy");
+            refuse(version, &mut wr, ConnRefusal::ServerBusy).await;
+            return;
+        }
+        let buyer = crate::buyer::Buyer { gate, user, password, feed, version };
+        buyer.run(shared.clone(), rd, wr, buf, keep_alive).await;
+        shared.connections.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
     let device = match shared.ingest.authenticate(INTERFACE, Some(&password)) {
         Ok(d) if d.id == user => d,
         Ok(_) | Err(_) => {

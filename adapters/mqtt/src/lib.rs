@@ -1,8 +1,10 @@
 //! The MQTT front door: an MQTT 3.1.1 and 5 server on `[mqtt] listen`. Devices log in with
 //! their id and token, publish to `kalima/<address>/<key>`, and get PUBACK (QoS 1) or PUBREC
 //! (QoS 2) only after the reading is durably committed; committed data is republished on
-//! `kalima/out/<address>/<key>` to subscribers holding a read grant.
+//! `kalima/out/<address>/<key>` to subscribers holding a read grant. Marketplace buyers log in
+//! with their subscription and token and receive their feed on `kalima/feeds/<feed>/...`.
 
+pub mod buyer;
 pub mod codec;
 mod connection;
 pub mod external;
@@ -110,6 +112,8 @@ pub(crate) struct Shared {
     pub(crate) connections: AtomicUsize,
     /// Refusals, by device, for `kalima/errors/<device>` subscribers.
     pub(crate) errors: tokio::sync::broadcast::Sender<(String, Bytes)>,
+    /// Marketplace buyers' logins and feeds, when the node sells feeds.
+    pub(crate) feeds: Option<Arc<dyn kalima_core::feeds::FeedGate>>,
 }
 
 /// The running MQTT server.
@@ -133,12 +137,23 @@ impl MqttServer {
 
     /// Serves clients on an already bound listener.
     pub fn serve(listener: TcpListener, section: &MqttSection, ingest: Ingest) -> std::io::Result<MqttServer> {
+        Self::serve_with_feeds(listener, section, ingest, None)
+    }
+
+    /// Serves clients, and marketplace buyers through `feeds` (see `kalima/feeds/...`).
+    pub fn serve_with_feeds(
+        listener: TcpListener,
+        section: &MqttSection,
+        ingest: Ingest,
+        feeds: Option<Arc<dyn kalima_core::feeds::FeedGate>>,
+    ) -> std::io::Result<MqttServer> {
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             ingest,
             config: section.clone(),
             connections: AtomicUsize::new(0),
             errors: tokio::sync::broadcast::channel(1024).0,
+            feeds,
         });
         let task = tokio::spawn(async move {
             loop {

@@ -52,3 +52,50 @@ pub fn authorize(chain: &Chain, token: &str) -> Result<Access> {
     }
     Ok(Access { subscription: sub, feed })
 }
+
+/// The marketplace's [`kalima_core::feeds::FeedGate`]: buyers log in to a front door with
+/// their subscription id and access token and receive their feed.
+pub struct MarketGate {
+    chain: Chain,
+    record_every: std::time::Duration,
+}
+
+impl MarketGate {
+    /// A gate over `chain`, recording delivery batches every `record_every`.
+    pub fn new(chain: Chain, record_every: std::time::Duration) -> Self {
+        Self { chain, record_every }
+    }
+
+    fn access(&self, user: &str, password: &str) -> Option<Access> {
+        let a = authorize(&self.chain, password).ok()?;
+        (a.subscription.id == user.to_ascii_lowercase()).then_some(a)
+    }
+}
+
+impl kalima_core::feeds::FeedGate for MarketGate {
+    fn open(&self, user: &str, password: &str) -> Option<String> {
+        self.access(user, password).map(|a| a.feed.spec.id)
+    }
+
+    fn follow(&self, user: &str, password: &str, channel: &'static str) -> Option<kalima_core::feeds::FeedReceiver> {
+        let access = self.access(user, password)?;
+        let mut stream = crate::delivery::follow(&self.chain, access, None, channel, self.record_every);
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let out = item.map(|d| {
+                    let (address, key) = match &d {
+                        crate::Delivered::Reading { reading, .. } => (reading.address.clone(), reading.key.clone()),
+                        crate::Delivered::Aggregate { address, key, .. } => (address.clone(), key.clone()),
+                    };
+                    kalima_core::feeds::FeedItem { address, key, payload: serde_json::to_vec(&d).unwrap_or_default() }
+                });
+                let end = out.is_err();
+                if tx.send(out).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Some(rx)
+    }
+}

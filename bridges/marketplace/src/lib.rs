@@ -11,7 +11,7 @@ mod error;
 pub mod lightning;
 pub mod webhook;
 
-pub use access::{Access, authorize, new_token};
+pub use access::{Access, MarketGate, authorize, new_token};
 pub use catalogue::{FeedFilter, FeedView, Reputation, catalogue, feed_view};
 pub use delivery::{Delivered, DeliveryRecord, FeedStream, Source, follow};
 pub use error::{Error, Result};

@@ -148,7 +148,7 @@ pub async fn start(dir: &Path, config: Config) -> anyhow::Result<RunningClient> 
     };
     let node = ClientNode::start(dir, link_key.clone(), keys, core).await.context("starting the client node")?;
     let ingest = Ingest::client(node.clone(), config.api.max_body_bytes);
-    let adapters = Adapters::start(dir, &config, &ingest, &mut listeners)?;
+    let adapters = Adapters::start(dir, &config, &ingest, &mut listeners, None)?;
     let stop = Arc::new(tokio::sync::watch::channel(false).0);
     let state = api::ClientApi { node: node.clone(), ingest, metrics: crate::api::metrics_handle() };
     let router = api::router(state, &config);

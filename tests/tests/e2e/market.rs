@@ -359,6 +359,68 @@ async fn a_buyer_pays_in_klx_streams_a_feed_with_proofs_and_the_provider_is_paid
     assert_verifies(&dir, &[]).await;
 }
 
+/// An MQTT 5 buyer (paho-mqtt, an independent client): logs in with the subscription id and
+/// token, subscribes to its feed and to another, tries to publish, and prints every event as
+/// one JSON line.
+const MQTT_BUYER: &str = r#"
+import json, sys, time
+import paho.mqtt.client as mqtt
+a = json.loads(sys.argv[1])
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="buyer", protocol=mqtt.MQTTv5)
+c.username_pw_set(a["user"], a["password"])
+def out(d):
+    print(json.dumps(d), flush=True)
+def on_connect(c, u, f, rc, p):
+    out({"connect": rc.value})
+    if rc.value == 0:
+        c.subscribe([(a["own"], 1), (a["other"], 1)])
+def on_subscribe(c, u, mid, rcs, p):
+    out({"suback": [r.value for r in rcs]})
+    c.publish("kalima/plant-1/line-1/temp", "99", qos=1)
+def on_publish(c, u, mid, rc, p):
+    out({"puback": rc.value})
+def on_message(c, u, m):
+    out({"topic": m.topic, "payload": m.payload.decode()})
+c.on_connect, c.on_subscribe, c.on_publish, c.on_message = on_connect, on_subscribe, on_publish, on_message
+c.connect("127.0.0.1", a["port"])
+c.loop_start()
+time.sleep(a["seconds"])
+"#;
+
+/// Runs [`MQTT_BUYER`] and returns its stdout lines as they come.
+fn mqtt_buyer(
+    port: u16,
+    user: &str,
+    password: &str,
+    feed: &str,
+    seconds: u64,
+) -> (tokio::process::Child, tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>) {
+    use tokio::io::AsyncBufReadExt;
+    let args = json!({
+        "port": port, "user": user, "password": password, "seconds": seconds,
+        "own": format!("kalima/feeds/{feed}/#"), "other": "kalima/feeds/another/#",
+    });
+    let mut child = tokio::process::Command::new(kalima_e2e::peers_python())
+        .arg("-c")
+        .arg(MQTT_BUYER)
+        .arg(args.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python with paho-mqtt (scripts/peers/install)");
+    let out = child.stdout.take().expect("stdout");
+    (child, tokio::io::BufReader::new(out).lines())
+}
+
+async fn next_line(lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>) -> Value {
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the MQTT buyer answers within 30 s")
+        .expect("read")
+        .expect("the MQTT buyer ended early (is paho-mqtt installed? scripts/peers/install)");
+    serde_json::from_str(&line).expect("JSON line")
+}
+
 /// A subscription's record, read with its access token.
 async fn subscription(node: &Node, id: &str, token: &str) -> (StatusCode, Value) {
     call(node, reqwest::Method::GET, &format!("/api/v1/market/subscriptions/{id}"), token, None).await
@@ -381,7 +443,9 @@ async fn a_feed_bought_over_lightning_is_granted_once_when_the_lnd_rest_standin_
         cert.display()
     ));
     std::fs::write(dir.join("kalima.toml"), toml).expect("writing kalima.toml");
-    let mut node = Node::start(&dir, &[]).await;
+    let mqtt_port = kalima_e2e::free_port();
+    let mqtt_listen = format!("127.0.0.1:{mqtt_port}");
+    let mut node = Node::start(&dir, &[("KALIMA_MQTT__LISTEN", &mqtt_listen)]).await;
 
     let accounts: Vec<String> =
         (0..4).map(|_| AccountKey::of(&SigningKey::generate(&mut rand::rngs::OsRng)).to_hex()).collect();
@@ -472,6 +536,30 @@ async fn a_feed_bought_over_lightning_is_granted_once_when_the_lnd_rest_standin_
     assert_eq!(e.data["reading"]["value"], json!(19.5), "{e:?}");
     check_reading(&e.data["reading"]);
     drop(events);
+
+    // The same feed over MQTT to an independent client: its own feed only, read-only, with proofs.
+    let (_wrong, mut lines) = mqtt_buyer(mqtt_port, &sub_id, "not-the-token", "line-1-temp", 3);
+    let refused = next_line(&mut lines).await;
+    assert_ne!(refused["connect"], json!(0), "a wrong token is refused at CONNECT: {refused}");
+    let (_buyer, mut lines) = mqtt_buyer(mqtt_port, &sub_id, &token, "line-1-temp", 20);
+    assert_eq!(next_line(&mut lines).await, json!({"connect": 0}));
+    assert_eq!(next_line(&mut lines).await, json!({"suback": [1, 135]}), "its own feed only (0x87 for the other)");
+    assert_eq!(next_line(&mut lines).await, json!({"puback": 135}), "a buyer may not publish (0x87)");
+    let (s, v) = call(
+        &node,
+        reqwest::Method::POST,
+        "/api/v1/tx",
+        &provider,
+        Some(json!({"address": "/plant-1/line-1", "key": "temp", "body": 18.25})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let m = next_line(&mut lines).await;
+    assert_eq!(m["topic"], "kalima/feeds/line-1-temp/plant-1/line-1/temp", "{m}");
+    let d: Value = serde_json::from_str(m["payload"].as_str().expect("payload")).expect("JSON delivery");
+    assert_eq!(d["reading"]["value"], json!(18.25));
+    check_reading(&d["reading"]);
+    drop(lines);
 
     // A running subscription is renewed only with its current token.
     let (s, v) =
