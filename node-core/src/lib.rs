@@ -25,7 +25,7 @@ pub mod testing;
 pub mod tx;
 pub mod verify;
 
-pub use chain::{Chain, ChainConfig, Receipt};
+pub use chain::{Chain, ChainConfig, Receipt, now_ms};
 pub use error::{Error, Rejection, Result};
 pub use ingest::Ingest;
 pub use store::{CommittedTx, Store};

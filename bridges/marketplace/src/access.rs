@@ -6,6 +6,7 @@ use kalima_core::Chain;
 use kalima_core::ledger::market::{FEEDS_ADDRESS, Feed, SUBSCRIPTIONS_ADDRESS, Subscription, subscription_id};
 
 use crate::error::{Error, Result};
+use kalima_core::now_ms;
 
 /// A buyer's checked access to one feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,10 +23,6 @@ pub fn new_token(feed: &str, buyer: &str) -> String {
     let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
     format!("{}.{}", subscription_id(feed, buyer), hex::encode(secret))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Checks `token` against the chain: a current subscription whose token it is, to a listed feed.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::delivery::DeliveryRecord;
+use kalima_core::now_ms;
 
 /// What buyers filter the catalogue by (all optional, combined with AND).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -63,10 +64,6 @@ pub struct FeedView {
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
     serde_json::from_slice(body).ok()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Every provider's reputation.

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use utoipa::ToSchema;
 
 use crate::access::Access;
+use kalima_core::now_ms;
 
 /// Items buffered per buyer before it counts as too slow and is cut off.
 const BUFFER: usize = 4096;
@@ -141,10 +142,6 @@ impl FeedStream {
     pub async fn next(&mut self) -> Option<Result<Delivered, EndReason>> {
         self.rx.recv().await
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 async fn source(chain: &Chain, c: &CommittedTx) -> Option<Source> {

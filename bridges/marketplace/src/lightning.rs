@@ -14,6 +14,7 @@ use kalima_core::ledger::market::{
     MAX_PERIODS, Period, subscription_id, validate_buyer_id,
 };
 use kalima_core::ledger::{LedgerError, LedgerOp};
+use kalima_core::now_ms;
 use kalima_core::registry::NODE_DEVICE_ID;
 use kalima_core::tx::TxContent;
 use kalima_core::{Chain, Error as CoreError, Rejection};
@@ -51,10 +52,6 @@ pub enum InvoiceError {
     /// Recording the invoice failed.
     #[error(transparent)]
     Chain(#[from] CoreError),
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Issues an invoice for `req` through `backend` and records it on the chain.

@@ -18,6 +18,7 @@ use utoipa::ToSchema;
 
 use crate::access::Access;
 use crate::delivery::{Delivered, follow};
+use kalima_core::now_ms;
 
 /// Address of webhook registrations (key = subscription id).
 pub const WEBHOOKS_ADDRESS: &str = "/_kalima/market/webhooks";
@@ -98,10 +99,6 @@ pub fn validate(url: &str, secret: &str) -> Result<(), String> {
 
 fn state_name(sub: &str) -> String {
     format!("market/webhook/{sub}")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The worker that runs one delivery task per registered webhook of a current subscription.

@@ -30,6 +30,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Auth};
 use super::klx::submit;
 use super::model::TxReceipt;
+use kalima_core::now_ms;
 
 /// How often delivery batches are recorded on the chain.
 const RECORD_EVERY: Duration = Duration::from_secs(30);
@@ -367,10 +368,6 @@ pub async fn invoice_status(
         }
     }
     Ok(Json(InvoiceStatus { status: status.into(), invoice }))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn read<T: serde::de::DeserializeOwned>(state: &AppState, address: &str, key: &str) -> Option<T> {

@@ -151,7 +151,8 @@ impl std::fmt::Debug for Chain {
     }
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock time in ms since the Unix epoch (0 before 1970).
+pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
