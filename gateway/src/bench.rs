@@ -31,6 +31,8 @@ pub enum BenchCommand {
     Cluster(crate::bench_cluster::ClusterArgs),
     /// Holder-signed KLX transfers over REST: committed transfers/s and latency.
     Klx(crate::bench_klx::KlxArgs),
+    /// Oracle marketplace: feed readings delivered over SSE to buyers, latency, receipts/s.
+    Market(crate::bench_market::MarketArgs),
     /// The simulated Modbus devices of `bench modbus` (run in their own process).
     #[command(hide = true)]
     ModbusSim(crate::bench_modbus::SimArgs),
@@ -89,6 +91,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Mqtt(a) => crate::bench_mqtt::run(a).await,
         BenchCommand::Cluster(a) => crate::bench_cluster::run(a).await,
         BenchCommand::Klx(a) => crate::bench_klx::run(a).await,
+        BenchCommand::Market(a) => crate::bench_market::run(a).await,
         BenchCommand::ModbusSim(a) => crate::bench_modbus::serve(a).await,
     }
 }

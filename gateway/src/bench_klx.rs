@@ -9,6 +9,7 @@ use anyhow::bail;
 use clap::Args;
 use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
+use kalima_core::Chain;
 use kalima_core::chain::Guard;
 use kalima_core::keys::NodeKey;
 use kalima_core::ledger::{
@@ -41,48 +42,9 @@ pub async fn run(a: KlxArgs) -> anyhow::Result<()> {
     let chain = running.chain.clone();
     let chain_name = chain.config().chain.clone();
 
-    // A one-relayer bridge funds every account with a deposit.
-    let relayer = NodeKey::generate();
-    let r = client
-        .post(format!("{base}/api/v1/devices"))
-        .bearer_auth(&token)
-        .json(&json!({ "id": "bench-relayer", "public_key": relayer.public_hex() }))
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        bail!("registering the relayer: {}", r.text().await.unwrap_or_default());
-    }
-    let config = BridgeChain {
-        chain_id: 31337,
-        bridge: "0x00000000000000000000000000000000000000b1".into(),
-        token: "0x00000000000000000000000000000000000000b2".into(),
-        relayers: vec![Relayer {
-            device: "bench-relayer".into(),
-            eth_address: "0x00000000000000000000000000000000000000b3".into(),
-        }],
-        threshold: 1,
-        release_ttl_secs: 3600,
-        max_withdrawal: 1_000 * KLX,
-    };
-    let op = LedgerOp::ConfigureBridge { name: "bench".into(), config };
-    chain.submit(vec![op.instruction("admin", String::new())], Some(Guard::Ledger)).await?;
     let total = a.concurrency * a.accounts;
     let keys: Vec<SigningKey> = (0..total).map(|_| SigningKey::generate(&mut rand::rngs::OsRng)).collect();
-    for (nonce, k) in keys.iter().enumerate() {
-        let deposit = Deposit {
-            nonce: nonce as u64,
-            tx_hash: format!("0x{nonce:064x}"),
-            log_index: 0,
-            block_number: 1,
-            from: "0x00000000000000000000000000000000000000b4".into(),
-            recipient: AccountKey::of(k).to_hex(),
-            amount: 1_000_000 * KLX,
-            token: "0x00000000000000000000000000000000000000b2".into(),
-        };
-        let op = LedgerOp::AttestDeposit { chain: "bench".into(), deposit };
-        let instr = relayer_instruction(&chain_name, &op, "bench-relayer", format!("fund-{nonce}"), &relayer);
-        chain.submit(vec![instr], Some(Guard::Ledger)).await?;
-    }
+    fund_accounts(&client, &base, &token, &chain, &keys).await?;
 
     let deadline = Instant::now() + Duration::from_secs(a.duration_secs);
     let started = Instant::now();
@@ -128,5 +90,58 @@ pub async fn run(a: KlxArgs) -> anyhow::Result<()> {
     );
     running.stop().await?;
     drop(dir);
+    Ok(())
+}
+
+/// Funds every account of `keys` with 1,000,000 KLX through a one-relayer bridge: registers
+/// the relayer device, configures the bridge, and has the relayer attest one deposit per
+/// account (each its own commit).
+pub(crate) async fn fund_accounts(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    chain: &Chain,
+    keys: &[SigningKey],
+) -> anyhow::Result<()> {
+    let chain_name = chain.config().chain.clone();
+    let relayer = NodeKey::generate();
+    let r = client
+        .post(format!("{base}/api/v1/devices"))
+        .bearer_auth(token)
+        .json(&json!({ "id": "bench-relayer", "public_key": relayer.public_hex() }))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("registering the relayer: {}", r.text().await.unwrap_or_default());
+    }
+    let config = BridgeChain {
+        chain_id: 31337,
+        bridge: "0x00000000000000000000000000000000000000b1".into(),
+        token: "0x00000000000000000000000000000000000000b2".into(),
+        relayers: vec![Relayer {
+            device: "bench-relayer".into(),
+            eth_address: "0x00000000000000000000000000000000000000b3".into(),
+        }],
+        threshold: 1,
+        release_ttl_secs: 3600,
+        max_withdrawal: 1_000 * KLX,
+    };
+    let op = LedgerOp::ConfigureBridge { name: "bench".into(), config };
+    chain.submit(vec![op.instruction("admin", String::new())], Some(Guard::Ledger)).await?;
+    for (nonce, k) in keys.iter().enumerate() {
+        let deposit = Deposit {
+            nonce: nonce as u64,
+            tx_hash: format!("0x{nonce:064x}"),
+            log_index: 0,
+            block_number: 1,
+            from: "0x00000000000000000000000000000000000000b4".into(),
+            recipient: AccountKey::of(k).to_hex(),
+            amount: 1_000_000 * KLX,
+            token: "0x00000000000000000000000000000000000000b2".into(),
+        };
+        let op = LedgerOp::AttestDeposit { chain: "bench".into(), deposit };
+        let instr = relayer_instruction(&chain_name, &op, "bench-relayer", format!("fund-{nonce}"), &relayer);
+        chain.submit(vec![instr], Some(Guard::Ledger)).await?;
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_cluster;
 pub mod bench_klx;
 pub mod bench_lorawan;
+pub mod bench_market;
 pub mod bench_modbus;
 pub mod bench_mqtt;
 pub mod client;
