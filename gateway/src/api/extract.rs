@@ -32,7 +32,12 @@ pub struct Auth(pub Arc<Device>);
 
 /// The token from an `Authorization` header, with or without the `Bearer` scheme.
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    let v = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.trim();
+    bearer_header(&parts.headers)
+}
+
+/// The token of an `Authorization` header in `headers`, with or without the `Bearer` scheme.
+pub fn bearer_header(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.trim();
     Some(v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim())
 }
 

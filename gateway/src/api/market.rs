@@ -375,10 +375,7 @@ fn read<T: serde::de::DeserializeOwned>(state: &AppState, address: &str, key: &s
 }
 
 fn access(state: &AppState, headers: &HeaderMap, feed: &str) -> Result<Access, ApiError> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().strip_prefix("Bearer ").unwrap_or(v.trim()).trim())
+    let token = super::extract::bearer_header(headers)
         .ok_or_else(|| market_error(kalima_marketplace::Error::MalformedToken))?;
     let a = kalima_marketplace::authorize(&state.chain, token).map_err(market_error)?;
     if a.feed.spec.id != feed {
@@ -486,18 +483,10 @@ pub struct WebhookRequest {
     pub secret: String,
 }
 
-fn bearer_token(headers: &HeaderMap) -> String {
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().strip_prefix("Bearer ").unwrap_or(v.trim()).trim().to_string())
-        .unwrap_or_default()
-}
-
 /// The subscription `id` when `headers` carry its access token (expired or not).
 fn own_subscription(state: &AppState, headers: &HeaderMap, id: &str) -> Result<Subscription, ApiError> {
-    let token = bearer_token(headers);
-    read::<Subscription>(state, SUBSCRIPTIONS_ADDRESS, id).filter(|s| s.token_matches(&token)).ok_or_else(|| {
+    let token = super::extract::bearer_header(headers).unwrap_or_default();
+    read::<Subscription>(state, SUBSCRIPTIONS_ADDRESS, id).filter(|s| s.token_matches(token)).ok_or_else(|| {
         metrics::counter!("kalima_market_access_refused_total", "reason" => "unknown_token").increment(1);
         ApiError::Unauthorized("unknown_token", "the access token matches no such subscription".into())
     })
@@ -563,21 +552,7 @@ pub async fn subscription(
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<Subscription>, ApiError> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().strip_prefix("Bearer ").unwrap_or(v.trim()).trim().to_string())
-        .unwrap_or_default();
-    let sub: Subscription = state
-        .chain
-        .memcache()
-        .get(SUBSCRIPTIONS_ADDRESS, &id)
-        .and_then(|c| serde_json::from_slice(&c.tx.content.body).ok())
-        .filter(|s: &Subscription| s.token_matches(&token))
-        .ok_or_else(|| {
-            ApiError::Unauthorized("unknown_token", "the access token matches no such subscription".into())
-        })?;
-    Ok(Json(sub))
+    Ok(Json(own_subscription(&state, &headers, &id)?))
 }
 
 /// A provider's statement: totals per currency (gross, gas, burn, the foundation / masters /
