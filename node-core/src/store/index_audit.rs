@@ -5,12 +5,26 @@ use super::{Backend, DIGEST_PAGE, Error, INDEX_TABLES, IndexDigest, Pool, Result
 impl Store {
     /// Digests of every index table as stored, under the key of `empty`, to compare with
     /// [`IndexDigest::add`] over the chain's transactions below global sequence `below_seq`.
+    /// Rows still in the index writer's overlay count from there: stored rows of the blocks
+    /// it holds may be in flight and are left out.
     pub async fn stored_index_digest(&self, below_seq: u64, empty: &IndexDigest) -> Result<IndexDigest> {
         let below = to_i64(below_seq);
+        // A commit reaches the overlay just after the database: wait for the one that made
+        // `below_seq` (bounded, in case the caller asks beyond the chain).
+        let mut mem = self.indexer.snapshot();
+        for _ in 0..5000 {
+            if mem.covered_below >= below_seq {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            mem = self.indexer.snapshot();
+        }
+        let span = mem.in_flight();
+        let in_flight = (to_i64(*span.start()), to_i64(*span.end()));
         let tables = (0..INDEX_TABLES.len()).map(|i| {
             let mut d = empty.empty_like();
             async move {
-                self.digest_table(i, below, &mut d).await?;
+                self.digest_table(i, below, in_flight, &mut d).await?;
                 Ok::<_, Error>(d)
             }
         });
@@ -18,13 +32,15 @@ impl Store {
         for d in futures::future::try_join_all(tables).await? {
             total.merge(&d);
         }
+        mem.digest(below, &mut total);
         Ok(total)
     }
 
-    /// Adds the rows of index table `i` with global sequence below `below` to `d`. Rows come
+    /// Adds the rows of index table `i` with global sequence below `below` to `d`, except
+    /// those of blocks in `in_flight` (inclusive). Rows come
     /// back as text in pages of [`DIGEST_PAGE`] (keyset-paged on the primary key): one
     /// database row per page instead of one per index row is what makes this fast.
-    async fn digest_table(&self, i: usize, below: i64, d: &mut IndexDigest) -> Result<()> {
+    async fn digest_table(&self, i: usize, below: i64, in_flight: (i64, i64), d: &mut IndexDigest) -> Result<()> {
         let (table, cols, key): (&str, &[&str], usize) = match i {
             0 => ("tx_ids", &["h", "global_seq", "height"], 2),
             1 => ("tx_by_stream", &["stream", "global_seq", "height"], 2),
@@ -66,7 +82,8 @@ impl Store {
                 if row.len() != cols.len() {
                     return Err(bad());
                 }
-                if row[gseq] < below {
+                let height = row[cols.len() - 1];
+                if row[gseq] < below && !(in_flight.0..=in_flight.1).contains(&height) {
                     d.add_row(i, &row);
                 }
                 if last.as_deref().is_none_or(|l| l < &row[..key]) {

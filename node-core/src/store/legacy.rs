@@ -105,7 +105,8 @@ pub(super) async fn repack(store: &Store) -> Result<()> {
             let shape: Vec<(u64, u64)> = blocks.iter().map(|b| (to_u64(b.0), to_u64(b.2))).collect();
             let items: Vec<(&CommittedTx, &[u8])> = opened.iter().map(|(c, b)| (c, b.as_slice())).collect();
             let packed = store.rows(&shape, &items)?;
-            write_rows!(dbtx, &packed);
+            // Index rows are rebuilt from the repacked bodies when the store opens.
+            write_bodies!(dbtx, &packed);
             repacked += opened.len() as u64;
             next = last.0 + 1;
         }

@@ -66,7 +66,13 @@ impl Store {
 
     /// The transaction with id `id`.
     pub async fn tx_by_id(&self, id: &Hash) -> Result<Option<CommittedTx>> {
-        let at = self.locate("SELECT global_seq, height FROM tx_ids WHERE h = $1", &[prefix_i64(id)]).await?;
+        let h = prefix_i64(id);
+        // The overlay is read before the tables: a row the index writer moves meanwhile is
+        // then seen twice (and deduplicated), never missed.
+        let mut at = self.indexer.snapshot().ids(h);
+        at.extend(self.locate("SELECT global_seq, height FROM tx_ids WHERE h = $1", &[h]).await?);
+        at.sort_unstable();
+        at.dedup();
         Ok(self.fetch(&at).await?.into_iter().find(|c| &c.id == id))
     }
 
@@ -140,14 +146,20 @@ impl Store {
     /// History of one address and key, newest first, strictly below `before` (global sequence).
     pub async fn history(&self, address: &str, key: &str, before: u64, limit: u32) -> Result<Vec<CommittedTx>> {
         let stream = self.index.stream(address, key);
+        let mem = &self.indexer.snapshot();
         let page = |before: i64| async move {
-            let at = self
-                .locate(
+            let mut at = mem.stream_before(stream, before);
+            at.extend(
+                self.locate(
                     "SELECT global_seq, height FROM tx_by_stream WHERE stream = $1 AND global_seq < $2 \
                      ORDER BY global_seq DESC LIMIT $3",
                     &[stream, before, i64::from(limit)],
                 )
-                .await?;
+                .await?,
+            );
+            at.sort_unstable_by(|a, b| b.cmp(a));
+            at.dedup();
+            at.truncate(limit as usize);
             let next = at.last().map(|a| to_i64(a.0)).unwrap_or(0);
             Ok((at, next))
         };
@@ -169,17 +181,26 @@ impl Store {
     ) -> Result<Vec<CommittedTx>> {
         let addr = self.index.address(address);
         let (after, before) = (to_i64(after), to_i64(before));
+        let mem = &self.indexer.snapshot();
         let page = |cursor: i64| async move {
             let (lo, hi, order) = if descending { (after, cursor, "DESC") } else { (cursor, before, "ASC") };
-            let at = self
-                .int_rows::<3>(
+            let mut at = mem.address_between(addr, lo, hi);
+            at.extend(
+                self.int_rows::<3>(
                     &format!(
                         "SELECT global_seq, height, seq FROM tx_by_address WHERE address = $1 AND seq > $2 \
                          AND seq < $3 ORDER BY seq {order}, global_seq LIMIT $4"
                     ),
                     &[addr, lo, hi, i64::from(limit)],
                 )
-                .await?;
+                .await?,
+            );
+            at.sort_unstable_by(|a, b| {
+                let by_seq = if descending { b[2].cmp(&a[2]) } else { a[2].cmp(&b[2]) };
+                by_seq.then(a[0].cmp(&b[0]))
+            });
+            at.dedup();
+            at.truncate(limit as usize);
             let next = at.last().map(|a| a[2]).unwrap_or(cursor);
             Ok((at.into_iter().map(|a| (to_u64(a[0]), to_u64(a[1]))).collect(), next))
         };
@@ -226,14 +247,22 @@ impl Store {
 
     /// The latest transaction of every (address, key), for restoring the memcache.
     pub async fn latest_per_key(&self) -> Result<Vec<CommittedTx>> {
-        let mut at = self
-            .locate(
-                "SELECT s.global_seq, s.height FROM tx_by_stream s JOIN \
+        let mut latest = self.indexer.snapshot().latest_per_stream();
+        let stored = self
+            .int_rows::<3>(
+                "SELECT s.stream, s.global_seq, s.height FROM tx_by_stream s JOIN \
                  (SELECT stream, MAX(global_seq) AS g FROM tx_by_stream GROUP BY stream) m \
                  ON s.stream = m.stream AND s.global_seq = m.g",
                 &[],
             )
             .await?;
+        for [stream, g, h] in stored {
+            let e = latest.entry(stream).or_insert((g, h));
+            if g > e.0 {
+                *e = (g, h);
+            }
+        }
+        let mut at: Vec<(u64, u64)> = latest.into_values().map(|(g, h)| (to_u64(g), to_u64(h))).collect();
         at.sort_unstable();
         let mut out = Vec::with_capacity(at.len());
         for chunk in at.chunks(10_000) {
@@ -244,9 +273,17 @@ impl Store {
 
     /// The `limit` most recent (device, idempotency key, transaction id), newest first.
     pub async fn recent_idempotency_keys(&self, limit: u64) -> Result<Vec<(String, String, Hash)>> {
-        let at = self
-            .locate("SELECT global_seq, height FROM tx_idempotency ORDER BY global_seq DESC LIMIT $1", &[to_i64(limit)])
-            .await?;
+        let mut at = self.indexer.snapshot().all_idempotency();
+        at.extend(
+            self.locate(
+                "SELECT global_seq, height FROM tx_idempotency ORDER BY global_seq DESC LIMIT $1",
+                &[to_i64(limit)],
+            )
+            .await?,
+        );
+        at.sort_unstable_by(|a, b| b.cmp(a));
+        at.dedup();
+        at.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let mut out = Vec::with_capacity(at.len());
         for chunk in at.chunks(10_000) {
             for c in self.fetch(chunk).await? {
@@ -262,7 +299,9 @@ impl Store {
         let mut found = Vec::new();
         for chunk in keys.chunks(IN_CHUNK) {
             let hashes: BTreeMap<i64, ()> = chunk.iter().map(|k| (self.index.idempotency(device, k), ())).collect();
-            let at: Vec<(i64, i64)> = on_pool!(&self.pool, |p| {
+            let mem = self.indexer.snapshot();
+            let mut at: Vec<(u64, u64)> = hashes.keys().flat_map(|h| mem.idempotency(*h)).collect();
+            let stored: Vec<(i64, i64)> = on_pool!(&self.pool, |p| {
                 let mut qb = QueryBuilder::new("SELECT global_seq, height FROM tx_idempotency WHERE h IN (");
                 let mut list = qb.separated(", ");
                 for h in hashes.keys() {
@@ -271,7 +310,9 @@ impl Store {
                 qb.push(")");
                 qb.build_query_as().fetch_all(p).await?
             });
-            let at: Vec<(u64, u64)> = at.into_iter().map(|(g, h)| (to_u64(g), to_u64(h))).collect();
+            at.extend(stored.into_iter().map(|(g, h)| (to_u64(g), to_u64(h))));
+            at.sort_unstable();
+            at.dedup();
             for c in self.fetch(&at).await? {
                 let content = &c.tx.content;
                 if content.device_id == device && chunk.contains(&content.idempotency_key.as_str()) {

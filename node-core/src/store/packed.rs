@@ -83,6 +83,11 @@ impl IndexKeys {
         Self { salt }
     }
 
+    /// The salt.
+    pub fn salt(&self) -> &[u8; 32] {
+        &self.salt
+    }
+
     fn hash(&self, tag: u8, fields: &[&str]) -> i64 {
         let mut h = Sha256::new();
         h.update(self.salt);

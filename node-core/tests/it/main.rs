@@ -16,6 +16,7 @@ mod bus;
 mod chain;
 mod encryption;
 mod immutability;
+mod index;
 mod ingest;
 mod ledger;
 mod link;

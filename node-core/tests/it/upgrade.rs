@@ -187,5 +187,13 @@ async fn damaged_v1_row_stops_the_upgrade(db: TestDb) {
     };
     assert_eq!(count("SELECT COUNT(*) FROM txs").await, 218);
     assert_eq!(count("SELECT COUNT(*) FROM block_txs").await, 0);
-    assert_eq!(count("SELECT COUNT(*) FROM tx_by_stream").await, 0);
+    // Nor was anything indexed: SQLite keeps the lookup indexes in their own file.
+    let indexed = match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&format!("{url}-index")).await.unwrap();
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tx_by_stream").fetch_one(&mut c).await.unwrap()
+        }
+        Backend::Postgres => count("SELECT COUNT(*) FROM tx_by_stream").await,
+    };
+    assert_eq!(indexed, 0);
 }
