@@ -317,6 +317,7 @@ async fn verify(dir: PathBuf) -> anyhow::Result<ExitCode> {
         }
     })
     .await;
+    store.close().await;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

@@ -170,32 +170,39 @@ async fn immutability_triggers() {
     let dir = tmp.path().join("data");
     small_chain(&dir).await;
     let db = dir.join("kalima.db");
+    // The lookup indexes live in their own file beside the chain's.
+    let index = dir.join("kalima.db-index");
     let counts = "SELECT (SELECT count(*) FROM blocks) || ' ' || (SELECT count(*) FROM block_txs) || ' ' || \
-                  (SELECT count(*) FROM tx_by_stream) || ' ' || (SELECT count(*) FROM checkpoints)";
+                  (SELECT count(*) FROM checkpoints)";
+    let index_counts = "SELECT (SELECT count(*) FROM tx_ids) || ' ' || (SELECT count(*) FROM tx_by_stream) || ' ' || \
+                        (SELECT count(*) FROM tx_by_address)";
     let before = sqlite3_query(&db, counts).await;
+    let index_before = sqlite3_query(&index, index_counts).await;
+    assert!(!index_before.starts_with("0 "), "the index file holds rows: {index_before}");
     let statements = [
-        "UPDATE blocks SET tx_count = tx_count + 1 WHERE height = 1",
-        "UPDATE blocks SET hash = zeroblob(32)",
-        "DELETE FROM blocks WHERE height = (SELECT max(height) FROM blocks)",
-        "DELETE FROM blocks",
-        "UPDATE block_txs SET key_id = 9 WHERE height = 2",
-        "UPDATE block_txs SET sealed = X'00'",
-        "DELETE FROM block_txs WHERE height = (SELECT max(height) FROM block_txs)",
-        "DELETE FROM block_txs",
-        "UPDATE tx_by_stream SET height = 0 WHERE global_seq = 2",
-        "DELETE FROM tx_by_address",
-        "DELETE FROM tx_ids WHERE global_seq = 1",
-        "UPDATE checkpoints SET root = zeroblob(32)",
-        "DELETE FROM checkpoints",
+        (&db, "UPDATE blocks SET tx_count = tx_count + 1 WHERE height = 1"),
+        (&db, "UPDATE blocks SET hash = zeroblob(32)"),
+        (&db, "DELETE FROM blocks WHERE height = (SELECT max(height) FROM blocks)"),
+        (&db, "DELETE FROM blocks"),
+        (&db, "UPDATE block_txs SET key_id = 9 WHERE height = 2"),
+        (&db, "UPDATE block_txs SET sealed = X'00'"),
+        (&db, "DELETE FROM block_txs WHERE height = (SELECT max(height) FROM block_txs)"),
+        (&db, "DELETE FROM block_txs"),
+        (&index, "UPDATE tx_by_stream SET height = 0 WHERE global_seq = 2"),
+        (&index, "DELETE FROM tx_by_address"),
+        (&index, "DELETE FROM tx_ids WHERE global_seq = 1"),
+        (&db, "UPDATE checkpoints SET root = zeroblob(32)"),
+        (&db, "DELETE FROM checkpoints"),
     ];
     let mut failures = Vec::new();
-    for sql in statements {
-        let o = sqlite3(&db, sql).await;
+    for (file, sql) in statements {
+        let o = sqlite3(file, sql).await;
         if o.status.success() || !stderr(&o).contains("immutable") {
             failures.push(format!("`{sql}` was not refused as immutable:\n{}", describe(&o)));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert_eq!(sqlite3_query(&db, counts).await, before, "rows changed");
+    assert_eq!(sqlite3_query(&index, index_counts).await, index_before, "index rows changed");
     assert_verifies(&dir, &[]).await;
 }
