@@ -19,10 +19,10 @@ impl Store {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             mem = self.indexer.snapshot();
         }
-        let span = mem.in_flight();
-        let in_flight = (to_i64(*span.start()), to_i64(*span.end()));
+        let in_flight = mem.in_flight().map(|r| to_i64(*r.start())..=to_i64(*r.end()));
         let tables = (0..INDEX_TABLES.len()).map(|i| {
             let mut d = empty.empty_like();
+            let in_flight = in_flight.clone();
             async move {
                 self.digest_table(i, below, in_flight, &mut d).await?;
                 Ok::<_, Error>(d)
@@ -40,7 +40,13 @@ impl Store {
     /// those of blocks in `in_flight` (inclusive). Rows come
     /// back as text in pages of [`DIGEST_PAGE`] (keyset-paged on the primary key): one
     /// database row per page instead of one per index row is what makes this fast.
-    async fn digest_table(&self, i: usize, below: i64, in_flight: (i64, i64), d: &mut IndexDigest) -> Result<()> {
+    async fn digest_table(
+        &self,
+        i: usize,
+        below: i64,
+        in_flight: Option<std::ops::RangeInclusive<i64>>,
+        d: &mut IndexDigest,
+    ) -> Result<()> {
         let (table, cols, key): (&str, &[&str], usize) = match i {
             0 => ("tx_ids", &["h", "global_seq", "height"], 2),
             1 => ("tx_by_stream", &["stream", "global_seq", "height"], 2),
@@ -83,7 +89,7 @@ impl Store {
                     return Err(bad());
                 }
                 let height = row[cols.len() - 1];
-                if row[gseq] < below && !(in_flight.0..=in_flight.1).contains(&height) {
+                if row[gseq] < below && !in_flight.as_ref().is_some_and(|r| r.contains(&height)) {
                     d.add_row(i, &row);
                 }
                 if last.as_deref().is_none_or(|l| l < &row[..key]) {

@@ -189,12 +189,9 @@ impl Snapshot {
         out
     }
 
-    /// Heights (inclusive) of the blocks whose rows the snapshot holds; empty when it is.
-    pub(super) fn in_flight(&self) -> std::ops::RangeInclusive<u64> {
-        match self.batches.last() {
-            Some(b) => self.indexed..=b.top.0,
-            None => 1..=0,
-        }
+    /// Heights (inclusive) of the blocks whose rows the snapshot holds, if any.
+    pub(super) fn in_flight(&self) -> Option<std::ops::RangeInclusive<u64>> {
+        self.batches.last().map(|b| self.indexed..=b.top.0)
     }
 
     /// Adds the rows with global sequence below `below` to `d`.
@@ -617,6 +614,6 @@ mod tests {
         assert_eq!(s.address_between(3, 1, 4), vec![[2, 1, 2], [3, 2, 3]]);
         assert_eq!(s.idempotency(11), vec![(3, 2)]);
         assert_eq!(s.latest_per_stream().get(&7), Some(&(3, 2)));
-        assert_eq!(s.in_flight(), 0..=2);
+        assert_eq!(s.in_flight(), Some(0..=2));
     }
 }

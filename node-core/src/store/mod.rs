@@ -1,8 +1,8 @@
 //! Storage of the chain with sqlx: SQLite (WAL) embedded by default, PostgreSQL by URL.
 //! Migrations are embedded in the binary. Each block's transactions are packed and sealed
-//! with the data key ring into one row, so a group commit writes one row per block plus
-//! compact integer index rows, in one database transaction (one fsync). Nothing here ever
-//! updates or deletes a chain row.
+//! with the data key ring into one row, so a group commit writes one row per block in one
+//! database transaction (one fsync); the lookup index rows follow behind (`indexer`).
+//! Nothing here ever updates or deletes a chain row.
 
 mod digest;
 pub mod packed;
