@@ -28,6 +28,12 @@ use crate::merkle::Hash;
 pub(super) const OVERLAY_CAP: usize = 1_000_000;
 /// Transactions per index write transaction, at most.
 const WRITE_MAX: usize = 250_000;
+/// The writer waits up to [`LINGER`] for this many transactions before writing: a write of
+/// many rows dirties each index page once for several of them, where small writes would
+/// rewrite a page per row (the WAL traffic is most of the index's cost).
+const MIN_WRITE: usize = 50_000;
+/// Longest wait for [`MIN_WRITE`] transactions.
+const LINGER: Duration = Duration::from_millis(250);
 /// Transactions per batch while rebuilding from the bodies.
 const REBUILD_BATCH: usize = 100_000;
 
@@ -224,6 +230,8 @@ pub(super) struct Indexer {
     written: Notify,
     closing: AtomicBool,
     stopped: AtomicBool,
+    /// Callers waiting in [`Indexer::flush`]: the writer does not linger for them.
+    hurry: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Indexer {
@@ -242,6 +250,7 @@ impl Indexer {
             written: Notify::new(),
             closing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            hurry: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -288,6 +297,11 @@ impl Indexer {
 
     /// Waits until every pushed row is in the tables (or the writer stopped).
     pub(super) async fn flush(&self) {
+        self.hurry.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_one();
+        let _done = scopeguard(|| {
+            self.hurry.fetch_sub(1, Ordering::AcqRel);
+        });
         loop {
             let written = self.written.notified();
             tokio::pin!(written);
@@ -323,6 +337,7 @@ impl Indexer {
         let me = self.clone();
         tokio::spawn(async move {
             let mut failures = 0u32;
+            let mut lingered_since: Option<tokio::time::Instant> = None;
             loop {
                 let wake = me.wake.notified();
                 tokio::pin!(wake);
@@ -345,8 +360,20 @@ impl Indexer {
                         break;
                     }
                     wake.await;
+                    lingered_since.get_or_insert_with(tokio::time::Instant::now);
                     continue;
                 }
+                let pending: usize = batch.iter().map(|b| b.txs()).sum();
+                let since = *lingered_since.get_or_insert_with(tokio::time::Instant::now);
+                if pending < MIN_WRITE
+                    && me.hurry.load(Ordering::Acquire) == 0
+                    && !me.closing.load(Ordering::Acquire)
+                    && since.elapsed() < LINGER
+                {
+                    let _ = tokio::time::timeout_at(since + LINGER, wake).await;
+                    continue;
+                }
+                lingered_since = None;
                 let started = std::time::Instant::now();
                 match me.write(&batch).await {
                     Ok(()) => {
@@ -453,6 +480,19 @@ impl Indexer {
 /// unclean close look like a restart.
 fn boot_id() -> Option<Vec<u8>> {
     std::fs::read("/proc/sys/kernel/random/boot_id").ok().filter(|b| !b.is_empty())
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// What ties an index to its store's salt, without revealing the salt.
