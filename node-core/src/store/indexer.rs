@@ -301,7 +301,7 @@ impl Indexer {
     pub(super) async fn flush(&self) {
         self.hurry.fetch_add(1, Ordering::AcqRel);
         self.wake.notify_one();
-        let _done = scopeguard(|| {
+        let _done = scopeguard::guard((), |()| {
             self.hurry.fetch_sub(1, Ordering::AcqRel);
         });
         loop {
@@ -315,11 +315,11 @@ impl Indexer {
         }
     }
 
-    /// Stops the writer after it has written everything pushed.
+    /// Stops the writer after it has written everything pushed (or failed three times in a
+    /// row: the rows are indexed again from the bodies at the next open).
     pub(super) async fn close(&self) {
-        self.flush().await;
         self.closing.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.flush().await;
         if let Pool::Sqlite(p) = &self.writer {
             let sealed = sqlx::raw_sql(
                 "PRAGMA synchronous = FULL; PRAGMA wal_checkpoint(TRUNCATE); \
@@ -482,19 +482,6 @@ impl Indexer {
 /// unclean close look like a restart.
 fn boot_id() -> Option<Vec<u8>> {
     std::fs::read("/proc/sys/kernel/random/boot_id").ok().filter(|b| !b.is_empty())
-}
-
-/// Runs `f` when dropped.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 /// What ties an index to its store's salt, without revealing the salt.
