@@ -20,7 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row};
 use tokio::sync::Notify;
 
-use super::{Error, INSERT_CHUNK, IndexDigest, Pool, Result, Store, to_i64, to_u64};
+use super::{Error, INSERT_CHUNK, IndexDigest, IndexRows, Pool, Result, Store, to_i64, to_u64};
 use crate::merkle::Hash;
 
 /// Transactions the overlay may hold before commits wait for the index writer (about 80
@@ -124,7 +124,16 @@ impl IndexBatch {
         self.ids.len()
     }
 
-    fn sort(&mut self) {
+    /// Adds one transaction's rows (unsorted until [`IndexBatch::sort`]).
+    pub(super) fn add(&mut self, r: IndexRows) {
+        self.ids.push(r.id);
+        self.streams.push(r.stream);
+        self.addresses.push(r.address);
+        self.idempotency.extend(r.idempotency);
+    }
+
+    /// Sorts every table's rows by key, as the overlay's lookups expect.
+    pub(super) fn sort(&mut self) {
         self.ids.sort_unstable();
         self.streams.sort_unstable();
         self.addresses.sort_unstable();
@@ -561,11 +570,7 @@ impl Store {
                         break;
                     }
                     for c in self.open_body(raw)? {
-                        let r = self.index_rows(&c);
-                        batch.ids.push(r.id);
-                        batch.streams.push(r.stream);
-                        batch.addresses.push(r.address);
-                        batch.idempotency.extend(r.idempotency);
+                        batch.add(self.index_rows(&c));
                     }
                     batch.top.0 = raw.height;
                     if batch.txs() >= REBUILD_BATCH {
@@ -609,22 +614,21 @@ impl Store {
     }
 }
 
-/// The rows of a commit, sorted, for the overlay.
-pub(super) fn batch_of(
-    ids: Vec<[i64; 3]>,
-    streams: Vec<[i64; 3]>,
-    addresses: Vec<[i64; 4]>,
-    idempotency: Vec<[i64; 3]>,
-    top: (u64, Hash),
-) -> IndexBatch {
-    let mut b = IndexBatch { ids, streams, addresses, idempotency, top };
-    b.sort();
-    b
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch_of(
+        ids: Vec<[i64; 3]>,
+        streams: Vec<[i64; 3]>,
+        addresses: Vec<[i64; 4]>,
+        idempotency: Vec<[i64; 3]>,
+        top: (u64, Hash),
+    ) -> IndexBatch {
+        let mut b = IndexBatch { ids, streams, addresses, idempotency, top };
+        b.sort();
+        b
+    }
 
     #[test]
     fn overlay_queries_find_rows_by_key_across_batches() {

@@ -130,10 +130,7 @@ type BodyRow = (i64, i64, i64, Vec<u8>, Vec<u8>);
 #[derive(Default)]
 struct Rows {
     bodies: Vec<BodyRow>,
-    ids: Vec<[i64; 3]>,
-    streams: Vec<[i64; 3]>,
-    addresses: Vec<[i64; 4]>,
-    idempotency: Vec<[i64; 3]>,
+    index: indexer::IndexBatch,
 }
 
 /// Index rows of one transaction: (key, global sequence, height), by index.
@@ -370,11 +367,7 @@ impl Store {
             let mut leaves = Vec::with_capacity(32 * mine.len());
             for (c, _) in mine {
                 leaves.extend_from_slice(&c.id);
-                let r = self.index_rows(c);
-                rows.ids.push(r.id);
-                rows.streams.push(r.stream);
-                rows.addresses.push(r.address);
-                rows.idempotency.extend(r.idempotency);
+                rows.index.add(self.index_rows(c));
             }
             rows.bodies.push((to_i64(height), to_i64(first_seq), i64::from(key_id), leaves, sealed));
         }
@@ -419,8 +412,10 @@ impl Store {
             dbtx.commit().await?;
         });
         if let Some(top) = blocks.last() {
-            let Rows { ids, streams, addresses, idempotency, .. } = rows;
-            self.indexer.push(indexer::batch_of(ids, streams, addresses, idempotency, (top.header.height, top.hash)));
+            let mut index = rows.index;
+            index.top = (top.header.height, top.hash);
+            index.sort();
+            self.indexer.push(index);
         }
         Ok(())
     }
