@@ -165,11 +165,36 @@ struct Conn {
 
 /// A put that passed the per-message checks, with the slot its acknowledgement goes into.
 struct Job {
+    /// Moved into the chain's queue; `payload` and `user_properties` rebuild it for a retry.
     content: TxContent,
+    payload: Bytes,
+    user_properties: Vec<(String, String)>,
     qos: u8,
     pkid: u16,
     topic: String,
     ack: Option<oneshot::Sender<Option<Outgoing>>>,
+}
+
+/// The transaction a put on `topic` makes (MQTT 5 user properties become props).
+fn content_of(
+    device_id: &str,
+    topic: &str,
+    payload: &[u8],
+    user_properties: Vec<(String, String)>,
+) -> Result<TxContent, Rejection> {
+    let (address, key) =
+        topic::parse_put(topic).map_err(|m| Rejection::Invalid(kalima_core::tx::FieldError::new("topic", m)))?;
+    let mut content =
+        TxContent { device_id: device_id.to_string(), address, key, body: payload.to_vec(), ..TxContent::default() };
+    for (k, v) in user_properties {
+        // One property makes retries exactly-once on the chain; the rest become props.
+        if k == "idempotency_key" {
+            content.idempotency_key = v;
+        } else {
+            content.props.insert(k, v);
+        }
+    }
+    Ok(content)
 }
 
 /// Closes the connection from any task (a slow subscriber, a failed write).
@@ -252,8 +277,8 @@ impl Conn {
                         } else {
                             None
                         };
-                        match self.check(&topic, payload, user_properties, &batch) {
-                            Ok(content) => batch.push(Job { content, qos, pkid, topic, ack }),
+                        match self.check(&topic, &payload, user_properties.clone(), &batch) {
+                            Ok(content) => batch.push(Job { content, payload, user_properties, qos, pkid, topic, ack }),
                             Err(r) => {
                                 kalima_core::ingest::count_rejection(INTERFACE, &r);
                                 report(&self.shared, &self.device.id, &[topic.as_str()], &r);
@@ -313,27 +338,11 @@ impl Conn {
     fn check(
         &self,
         topic: &str,
-        payload: Bytes,
+        payload: &[u8],
         user_properties: Vec<(String, String)>,
         batch: &[Job],
     ) -> Result<TxContent, Rejection> {
-        let (address, key) =
-            topic::parse_put(topic).map_err(|m| Rejection::Invalid(kalima_core::tx::FieldError::new("topic", m)))?;
-        let mut content = TxContent {
-            device_id: self.device.id.clone(),
-            address,
-            key,
-            body: payload.to_vec(),
-            ..TxContent::default()
-        };
-        for (k, v) in user_properties {
-            // One property makes retries exactly-once on the chain; the rest become props.
-            if k == "idempotency_key" {
-                content.idempotency_key = v;
-            } else {
-                content.props.insert(k, v);
-            }
-        }
+        let content = content_of(&self.device.id, topic, payload, user_properties)?;
         self.shared.ingest.check(&self.device, &content)?;
         if !content.idempotency_key.is_empty()
             && batch.iter().any(|j| j.content.idempotency_key == content.idempotency_key)
@@ -456,7 +465,7 @@ async fn commit_loop(
             continue;
         }
         let Some(device) = shared.ingest.registry().get(&device_id) else { continue };
-        let items: Vec<TxContent> = jobs.iter().map(|j| j.content.clone()).collect();
+        let items: Vec<TxContent> = jobs.iter_mut().map(|j| std::mem::take(&mut j.content)).collect();
         let pending = shared.ingest.write_pipelined(INTERFACE, &device, items).await.map(|f| Box::pin(f) as Receipts);
         if inflight.send((jobs, pending)).await.is_err() {
             break;
@@ -480,7 +489,10 @@ async fn settle(
         Err(CoreError::Rejected(_)) if jobs.len() > 1 => {
             let Some(device) = shared.ingest.registry().get(device_id) else { return };
             for job in jobs {
-                let res = shared.ingest.write(INTERFACE, &device, vec![job.content.clone()]).await;
+                let res = match content_of(device_id, &job.topic, &job.payload, job.user_properties.clone()) {
+                    Ok(content) => shared.ingest.write(INTERFACE, &device, vec![content]).await,
+                    Err(r) => Err(CoreError::Rejected(r)),
+                };
                 let why = failure(shared, device_id, &[job.topic.as_str()], res.err());
                 finish(vec![job], why, version, qos2);
             }
@@ -567,6 +579,9 @@ async fn deliver(
     }
 }
 
+/// Bytes the writer gathers before writing them even while more packets are ready.
+const FLUSH_BYTES: usize = 64 * 1024;
+
 /// Writes packets in queue order; a pending acknowledgement holds back what follows it.
 async fn writer(version: Version, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, closed: Closer) {
     let mut out = BytesMut::with_capacity(16 * 1024);
@@ -575,16 +590,24 @@ async fn writer(version: Version, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver
         while let Some(p) = next.take() {
             let pkt = match p {
                 Pending::Now(p) => Some(p),
-                Pending::Later(r) => {
-                    if !out.is_empty() && wr.write_all(&out).await.is_err() {
-                        break 'outer;
-                    }
-                    out.clear();
-                    match r.await {
-                        Ok(Some(p)) => Some(p),
+                Pending::Later(mut r) => {
+                    // Acknowledgements of one commit are ready together: they leave in one
+                    // segment, and the socket is written only before waiting for the next commit.
+                    let ready = match r.try_recv() {
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                                break 'outer;
+                            }
+                            out.clear();
+                            r.await.ok()
+                        }
+                        other => other.ok(),
+                    };
+                    match ready {
+                        Some(Some(p)) => Some(p),
                         // The commit failed and MQTT 3.1.1 cannot say so: close the connection.
-                        Ok(None) => break 'outer,
-                        Err(_) => None,
+                        Some(None) => break 'outer,
+                        None => None,
                     }
                 }
             };
@@ -592,6 +615,12 @@ async fn writer(version: Version, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver
                 && version.write(&p, &mut out).is_err()
             {
                 break 'outer;
+            }
+            if out.len() >= FLUSH_BYTES {
+                if wr.write_all(&out).await.is_err() {
+                    break 'outer;
+                }
+                out.clear();
             }
             next = rx.try_recv().ok();
         }
