@@ -172,7 +172,7 @@ impl Outbox {
             .journal_mode(SqliteJournalMode::Wal)
             // An acknowledged local write must survive a power cut.
             .synchronous(SqliteSynchronous::Full);
-        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new().test_before_acquire(false).max_connections(2).connect_with(opts).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         let state = Self::check(&pool, &keys).await?;
         let (appends, rx) = mpsc::channel(1024);

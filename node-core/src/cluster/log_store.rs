@@ -53,7 +53,7 @@ impl LogStore {
             // A vote or an entry acknowledged to the leader must survive a crash.
             .synchronous(SqliteSynchronous::Full);
         // One connection: Raft requires log writes to be serialized anyway.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new().test_before_acquire(false).max_connections(1).connect_with(opts).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         Ok(Self { pool })
     }

@@ -103,7 +103,12 @@ pub(super) async fn open_sqlite_index(path: &std::path::Path) -> Result<sqlx::Sq
         .busy_timeout(Duration::from_secs(10))
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-65536");
-    let pool = SqlitePoolOptions::new().max_connections(1).min_connections(1).connect_with(opts).await?;
+    let pool = SqlitePoolOptions::new()
+        .test_before_acquire(false)
+        .max_connections(1)
+        .min_connections(1)
+        .connect_with(opts)
+        .await?;
     sqlx::raw_sql(SQLITE_INDEX_SCHEMA).execute(&pool).await?;
     Ok(pool)
 }

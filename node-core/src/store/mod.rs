@@ -251,8 +251,11 @@ impl Store {
                     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
                 // Page caches are per connection: the writer keeps the chain's B-trees hot (64 MB);
-                // readers mostly go through the memory map and stay small (8 MB each).
+                // readers mostly go through the memory map and stay small (8 MB each). A SQLite
+                // connection is a local file: no pool tests it before use (sqlx's default ping
+                // is one more round trip to the connection's thread per query).
                 let w = SqlitePoolOptions::new()
+                    .test_before_acquire(false)
                     .max_connections(1)
                     .min_connections(1)
                     .connect_with(opts.clone().pragma("cache_size", "-65536"))
@@ -264,6 +267,7 @@ impl Store {
                 // Readers see the index file's tables by their plain names.
                 let attach = index_path.to_string_lossy().into_owned();
                 let pool = SqlitePoolOptions::new()
+                    .test_before_acquire(false)
                     .max_connections(4)
                     .after_connect(move |conn, _| {
                         let attach = attach.clone();
