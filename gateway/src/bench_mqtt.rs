@@ -18,23 +18,33 @@ pub struct MqttArgs {
     /// Seconds of each throughput run.
     #[arg(long, default_value_t = 10)]
     duration_secs: u64,
-    /// Unacknowledged publishes the client keeps in flight.
-    #[arg(long, default_value_t = 1000)]
-    inflight: u16,
+    /// Unacknowledged publishes the client keeps in flight: one throughput run per value
+    /// (comma-separated), against each server. A durable commit takes milliseconds, so a
+    /// window too small to cover it measures the round trip rather than the server.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000u16, 10_000])]
+    inflight: Vec<u16>,
     /// Messages per second of the latency run.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
     /// Skip the Mosquitto baseline (when `mosquitto` is not installed).
     #[arg(long)]
     no_mosquitto: bool,
-    /// Start the latency run while the node still checkpoints the throughput run's WAL.
+    /// Start each run (the latency run included) while the node still checkpoints the
+    /// previous run's WAL.
     #[arg(long)]
     after_burst: bool,
 }
 
-async fn throughput(port: u16, login: Option<(&str, &str)>, topic: &str, a: &MqttArgs) -> anyhow::Result<f64> {
+/// Acknowledged publishes per second from one client keeping `inflight` publishes unacknowledged.
+async fn throughput(
+    port: u16,
+    login: Option<(&str, &str)>,
+    topic: &str,
+    inflight: u16,
+    a: &MqttArgs,
+) -> anyhow::Result<f64> {
     let mut opts = MqttOptions::new(format!("bench-{}", rand::random::<u32>()), "127.0.0.1", port);
-    opts.set_inflight(a.inflight).set_keep_alive(Duration::from_secs(30)).set_request_channel_capacity(10_000);
+    opts.set_inflight(inflight).set_keep_alive(Duration::from_secs(30)).set_request_channel_capacity(10_000);
     if let Some((u, p)) = login {
         opts.set_credentials(u, p);
     }
@@ -80,9 +90,23 @@ async fn throughput(port: u16, login: Option<(&str, &str)>, topic: &str, a: &Mqt
     Ok(n as f64 / secs)
 }
 
+/// One window's figures on the node.
+struct KalimaRun {
+    inflight: u16,
+    rate: f64,
+    /// Transactions the lookup indexes were behind at the end, and seconds to catch up.
+    lag: usize,
+    drained: f64,
+    /// Seconds to checkpoint the run's WAL afterwards.
+    settled: f64,
+}
+
 /// Runs the benchmark and prints its figures.
 pub async fn run(a: MqttArgs) -> anyhow::Result<()> {
-    let mut mosquitto_rate = None;
+    if a.inflight.is_empty() || a.inflight.contains(&0) {
+        bail!("--inflight needs one or more windows of at least 1");
+    }
+    let mut mosquitto_rates = Vec::new();
     if !a.no_mosquitto {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -96,30 +120,35 @@ pub async fn run(a: MqttArgs) -> anyhow::Result<()> {
             .spawn()
             .context("starting mosquitto (apt install mosquitto, or pass --no-mosquitto)")?;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        mosquitto_rate = Some(throughput(port, None, "bench/m", &a).await?);
+        for &w in &a.inflight {
+            mosquitto_rates.push(throughput(port, None, "bench/m", w, &a).await?);
+        }
         let _ = m.kill().await;
     }
 
     // The directory lives until the end: the node's files are in it.
     let (_dir, running, token) = crate::bench::temp_node(None).await?;
     let port = running.mqtt_addr().context("MQTT server not started")?.port();
-    let kalima_rate = throughput(port, Some(("admin", &token)), "kalima/bench/mqtt", &a).await?;
-    // Lookup indexes are written behind the chain: how far behind the run left them, and
-    // the rate at which a longer run would settle once they must keep up.
     let store = running.chain.store().clone();
-    let lag = store.index_lag();
-    let drain = Instant::now();
-    store.flush_index().await;
-    let drained = drain.elapsed().as_secs_f64();
-    let committed = kalima_rate * a.duration_secs as f64;
-    let sustained = committed / (a.duration_secs as f64 + drained);
-    // The latency run measures a steady 10k/s, not the node digesting the burst above: its
-    // WAL (hundreds of MB) is copied into the database first, and how long that took is shown.
-    let settle = Instant::now();
-    if !a.after_burst {
-        store.checkpoint_wal().await?;
+    let mut runs = Vec::new();
+    for &inflight in &a.inflight {
+        let rate = throughput(port, Some(("admin", &token)), "kalima/bench/mqtt", inflight, &a).await?;
+        // Lookup indexes are written behind the chain: how far behind the run left them, and
+        // the rate at which a longer run would settle once they must keep up.
+        let lag = store.index_lag();
+        let drain = Instant::now();
+        store.flush_index().await;
+        let drained = drain.elapsed().as_secs_f64();
+        // The next run (and the latency run) starts from a settled node, not one digesting the
+        // burst above: its WAL (hundreds of MB) is copied into the database first.
+        let settle = Instant::now();
+        if !a.after_burst {
+            store.checkpoint_wal().await?;
+        }
+        let settled = settle.elapsed().as_secs_f64();
+        runs.push(KalimaRun { inflight, rate, lag, drained, settled });
     }
-    let settled = settle.elapsed().as_secs_f64();
+    let latency_window = a.inflight[0];
 
     // Delivery latency: a subscriber on kalima/out sees each publish, paced at --rate.
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -141,7 +170,7 @@ pub async fn run(a: MqttArgs) -> anyhow::Result<()> {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut opts = MqttOptions::new("bench-lat", "127.0.0.1", port);
-    opts.set_credentials("admin", &token).set_inflight(a.inflight).set_keep_alive(Duration::from_secs(30));
+    opts.set_credentials("admin", &token).set_inflight(latency_window).set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(opts, 10_000);
     let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let started = Instant::now();
@@ -159,25 +188,31 @@ pub async fn run(a: MqttArgs) -> anyhow::Result<()> {
     sub_task.abort();
     poller.abort();
 
-    println!("bench mqtt: QoS 1, one client, {} in flight, {} s per run", a.inflight, a.duration_secs);
-    match mosquitto_rate {
-        Some(m) => println!(
-            "  mosquitto (acks from memory): {m:.0} msg/s; kalima (acks after durable commit): {kalima_rate:.0} msg/s; ratio {:.2}",
-            kalima_rate / m
-        ),
-        None => println!("  kalima (acks after durable commit): {kalima_rate:.0} msg/s"),
-    }
-    println!(
-        "  lookup indexes {lag} transactions behind at the end, written {drained:.2} s later: \
-         {sustained:.0} msg/s with the indexes caught up{}",
-        mosquitto_rate.map(|m| format!(" (ratio {:.2})", sustained / m)).unwrap_or_default()
-    );
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    if !a.after_burst {
+    println!("bench mqtt: QoS 1, one client, {} s per run", a.duration_secs);
+    for (i, r) in runs.iter().enumerate() {
+        let mosquitto = mosquitto_rates.get(i).copied();
+        match mosquitto {
+            Some(m) => println!(
+                "  {} in flight: mosquitto (acks from memory) {m:.0} msg/s; kalima (acks after durable commit) {:.0} msg/s; ratio {:.2}",
+                r.inflight,
+                r.rate,
+                r.rate / m
+            ),
+            None => println!("  {} in flight: kalima (acks after durable commit) {:.0} msg/s", r.inflight, r.rate),
+        }
+        let sustained = r.rate * a.duration_secs as f64 / (a.duration_secs as f64 + r.drained);
         println!(
-            "  WAL of the throughput run checkpointed in {settled:.2} s before the latency run (--after-burst: not)"
+            "    lookup indexes {} transactions behind at the end, written {:.2} s later: \
+             {sustained:.0} msg/s with the indexes caught up{}",
+            r.lag,
+            r.drained,
+            mosquitto.map(|m| format!(" (ratio {:.2})", sustained / m)).unwrap_or_default()
         );
+        if !a.after_burst {
+            println!("    WAL of the run checkpointed in {:.2} s before the next run (--after-burst: not)", r.settled);
+        }
     }
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "  publish -> kalima/out delivery at {} msg/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({} delivered, {missing} not seen)",
         a.rate,
