@@ -67,8 +67,7 @@ pub(super) async fn repack(store: &Store) -> Result<()> {
         Pool::Postgres(_) => "DROP TABLE txs;",
     };
     let mut repacked = 0u64;
-    on_pool!(&store.write_pool(), |pool| {
-        let mut dbtx = pool.begin().await?;
+    in_write_txn!(store, |dbtx| {
         let mut next = 0i64;
         loop {
             let blocks: Vec<(i64, i64, i64)> = sqlx::query_as(
@@ -118,8 +117,6 @@ pub(super) async fn repack(store: &Store) -> Result<()> {
             });
         }
         sqlx::raw_sql(drop_sql).execute(&mut *dbtx).await?;
-        dbtx.commit().await?;
-        Ok::<_, Error>(())
     })?;
     tracing::info!(
         target: "core::store",

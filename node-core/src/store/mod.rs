@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, QueryBuilder, Row, SqlitePool};
+use sqlx::{ConnectOptions, Connection, PgPool, QueryBuilder, Row, SqliteConnection, SqlitePool};
 
 use crate::block::BlockHeader;
 use crate::checkpoint::Checkpoint;
@@ -171,13 +171,59 @@ macro_rules! on_pool {
     };
 }
 
+/// Runs `$body` inside one database transaction on the chain's writing connection, and
+/// commits it: the held SQLite writer, or a pooled PostgreSQL connection.
+macro_rules! in_write_txn {
+    ($store:expr, |$dbtx:ident| $body:expr) => {
+        match &$store.writer {
+            Some(w) => {
+                let mut held = w.conn.lock().await;
+                let outcome: Result<_> = async {
+                    let conn = match &mut *held {
+                        Some(c) => c,
+                        None if w.closed.load(std::sync::atomic::Ordering::Acquire) => {
+                            return Err(sqlx::Error::PoolClosed.into());
+                        }
+                        None => held.insert(sqlx::ConnectOptions::connect(&w.opts).await?),
+                    };
+                    let mut $dbtx = sqlx::Connection::begin(conn).await?;
+                    let r = $body;
+                    $dbtx.commit().await?;
+                    Ok(r)
+                }
+                .await;
+                if outcome.is_err() {
+                    // Its state after a failure is unknown: the next write opens a new one.
+                    *held = None;
+                }
+                outcome
+            }
+            None => on_pool!(&$store.pool, |pool| {
+                let mut $dbtx = pool.begin().await?;
+                let r = $body;
+                $dbtx.commit().await?;
+                Ok(r)
+            }),
+        }
+    };
+}
+
+/// SQLite's one writing connection. It is held, not pooled: a pooled connection goes back
+/// through a spawned task and a round trip to its thread (sqlx pings it on release), once per
+/// commit. Its page cache stays warm across commits.
+#[derive(Debug)]
+struct SqliteWriter {
+    conn: tokio::sync::Mutex<Option<SqliteConnection>>,
+    opts: SqliteConnectOptions,
+    /// Set by [`Store::close`]: no new connection is opened after it.
+    closed: std::sync::atomic::AtomicBool,
+}
+
 /// The chain store.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
-    // SQLite: one dedicated writer connection whose page cache stays warm across commits
-    // (the read pool's connections each have their own cache).
-    writer: Option<SqlitePool>,
+    writer: Option<Arc<SqliteWriter>>,
     keys: Arc<DataKeys>,
     index: IndexKeys,
     indexer: Arc<indexer::Indexer>,
@@ -254,14 +300,14 @@ impl Store {
                 // readers mostly go through the memory map and stay small (8 MB each). A SQLite
                 // connection is a local file: no pool tests it before use (sqlx's default ping
                 // is one more round trip to the connection's thread per query).
-                let w = SqlitePoolOptions::new()
-                    .test_before_acquire(false)
-                    .max_connections(1)
-                    .min_connections(1)
-                    .connect_with(opts.clone().pragma("cache_size", "-65536"))
-                    .await?;
-                SQLITE_MIGRATIONS.run(&w).await?;
-                writer = Some(w);
+                let writer_opts = opts.clone().pragma("cache_size", "-65536");
+                let mut w = writer_opts.connect().await?;
+                SQLITE_MIGRATIONS.run(&mut w).await?;
+                writer = Some(Arc::new(SqliteWriter {
+                    conn: tokio::sync::Mutex::new(Some(w)),
+                    opts: writer_opts,
+                    closed: std::sync::atomic::AtomicBool::new(false),
+                }));
                 let index_path = indexer::sqlite_index_path(opts.get_filename());
                 let index_writer = indexer::open_sqlite_index(&index_path).await?;
                 // Readers see the index file's tables by their plain names.
@@ -302,13 +348,6 @@ impl Store {
         Ok(store)
     }
 
-    fn write_pool(&self) -> Pool {
-        match (&self.pool, &self.writer) {
-            (Pool::Sqlite(_), Some(w)) => Pool::Sqlite(w.clone()),
-            (p, _) => p.clone(),
-        }
-    }
-
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         match self.pool {
@@ -329,7 +368,11 @@ impl Store {
             w.close().await;
         }
         if let Some(w) = &self.writer {
-            w.close().await;
+            let mut held = w.conn.lock().await;
+            w.closed.store(true, std::sync::atomic::Ordering::Release);
+            if let Some(c) = held.take() {
+                let _ = c.close().await;
+            }
         }
         on_pool!(&self.pool, |p| p.close().await)
     }
@@ -399,8 +442,7 @@ impl Store {
         let items: Vec<(&CommittedTx, &[u8])> = txs.iter().map(|p| (&*p.committed, p.bytes.as_slice())).collect();
         let rows = self.rows(&shape, &items)?;
         self.indexer.room().await;
-        on_pool!(&self.write_pool(), |pool| {
-            let mut dbtx = pool.begin().await?;
+        in_write_txn!(self, |dbtx| {
             insert_rows!(dbtx, "blocks", "height, hash, header, timestamp_ms, tree_size, tx_count", blocks, |b, r| {
                 b.push_bind(to_i64(r.header.height))
                     .push_bind(r.hash.to_vec())
@@ -413,8 +455,7 @@ impl Store {
             for (name, value) in state {
                 sqlx::query(node_state::UPSERT).bind(*name).bind(value.clone()).execute(&mut *dbtx).await?;
             }
-            dbtx.commit().await?;
-        });
+        })?;
         if let Some(top) = blocks.last() {
             let mut index = rows.index;
             index.top = (top.header.height, top.hash);

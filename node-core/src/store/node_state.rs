@@ -10,13 +10,10 @@ pub(super) const UPSERT: &str =
 impl Store {
     /// Sets `state` rows in one database transaction, without writing chain data.
     pub async fn put_node_state(&self, state: &[(&str, Vec<u8>)]) -> Result<()> {
-        on_pool!(&self.write_pool(), |pool| {
-            let mut dbtx = pool.begin().await?;
+        in_write_txn!(self, |dbtx| {
             for (name, value) in state {
                 sqlx::query(UPSERT).bind(*name).bind(value.clone()).execute(&mut *dbtx).await?;
             }
-            dbtx.commit().await?;
-            Ok(())
         })
     }
 

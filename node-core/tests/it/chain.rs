@@ -27,6 +27,8 @@ backend_tests!(
     registry_guards,
     shutdown_commits_queued_work_then_stops,
     dropping_every_handle_stops_the_sequencer,
+    a_failed_commit_is_not_built_upon,
+    ttl_deletes_are_issued_under_continuous_writes,
 );
 
 /// Checks the sequencing invariants over the whole stored chain: global sequence gap-free
@@ -302,8 +304,15 @@ async fn duplicate_idempotency_key_is_rejected(db: TestDb) {
     let results = join_all(racing).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(ok, 1, "{results:?}");
+    let winner = results.iter().find_map(|r| r.as_ref().ok()).map(|r| hex::encode(r[0].id));
     for r in results.iter().filter(|r| r.is_err()) {
-        assert!(matches!(r, Err(Error::Rejected(Rejection::DuplicateIdempotencyKey { .. }))), "{r:?}");
+        // Each names the one that committed, or was refused in the same commit as it.
+        match r {
+            Err(Error::Rejected(Rejection::DuplicateIdempotencyKey { existing, .. })) => {
+                assert!(Some(existing) == winner.as_ref() || existing == "in the same commit", "{r:?}");
+            }
+            other => panic!("expected DuplicateIdempotencyKey, got {other:?}"),
+        }
     }
     let keys = chain.store().recent_idempotency_keys(u64::MAX >> 1).await.unwrap();
     assert_eq!(keys.iter().filter(|(d, k, _)| d == "sensor-3" && k == "retry").count(), 1);
@@ -418,4 +427,159 @@ async fn revocation_and_grant_removal_apply_to_queued_writes(db: TestDb) {
     assert!(matches!(err, Error::Rejected(Rejection::Revoked(_))), "{err:?}");
     assert_eq!(chain.memcache().get("/plant-1", "temp").map(|t| t.tx.content.body.clone()), Some(b"1".to_vec()));
     c.stop().await;
+}
+
+/// Makes every commit fail inside the database (a trigger refuses new blocks) while a row is
+/// in `fail_writes`, as a full disk or a lost connection would.
+fn failing_writes_sql(backend: kalima_core::store::Backend) -> &'static str {
+    match backend {
+        kalima_core::store::Backend::Sqlite => {
+            "CREATE TABLE fail_writes (x INTEGER);
+             CREATE TRIGGER fail_blocks BEFORE INSERT ON blocks WHEN EXISTS (SELECT 1 FROM fail_writes)
+             BEGIN SELECT RAISE(ABORT, 'writes are failing'); END;"
+        }
+        kalima_core::store::Backend::Postgres => {
+            "CREATE TABLE fail_writes (x INTEGER);
+             CREATE FUNCTION fail_blocks() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF EXISTS (SELECT 1 FROM fail_writes) THEN RAISE EXCEPTION 'writes are failing'; END IF;
+             RETURN NEW; END $$;
+             CREATE TRIGGER fail_blocks BEFORE INSERT ON blocks FOR EACH ROW EXECUTE FUNCTION fail_blocks();"
+        }
+    }
+}
+
+/// (idempotency key, outcome) of every write one writer made.
+type Outcomes = Vec<(String, kalima_core::Result<Vec<kalima_core::chain::Receipt>>)>;
+
+/// Writers that keep the queue busy until stopped or until the chain stops.
+fn continuous_writers(
+    chain: &kalima_core::Chain,
+    writers: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failures: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Outcomes>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    (0..writers)
+        .map(|w| {
+            let (chain, stop, failures) = (chain.clone(), stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                let mut i = 0;
+                while !stop.load(Relaxed) {
+                    let key = format!("w{w}-{i}");
+                    let item = TxContent {
+                        idempotency_key: key.clone(),
+                        ..put("admin", &format!("/load-{}", w % 3), &format!("k{}", i % 4), key.as_bytes())
+                    };
+                    let r = chain.submit(vec![item], None).await;
+                    let stopped = matches!(r, Err(ref e) if !matches!(e, Error::CommitFailed(_)));
+                    if r.is_err() {
+                        failures.fetch_add(1, Relaxed);
+                    }
+                    out.push((key, r));
+                    if stopped {
+                        // The chain stopped: the test reports the error.
+                        break;
+                    }
+                    i += 1;
+                }
+                out
+            })
+        })
+        .collect()
+}
+
+/// Commits that fail inside the database while writers keep the queue full: their writers
+/// are told the write was not stored, and no sequence, `previous` link or idempotency key of
+/// a failed commit leaks into the commits after it. The store's writing connection is
+/// replaced after each failure, and writes resume once the database accepts them.
+async fn a_failed_commit_is_not_built_upon(db: TestDb) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    let c = db.chain().await;
+    let chain = c.chain.clone();
+    let store = chain.store().clone();
+    store.execute_raw(failing_writes_sql(store.backend())).await.expect("install the failing trigger");
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let writers = continuous_writers(&chain, 16, &stop, &failures);
+
+    poll_until(Duration::from_secs(20), || (chain.tree_size() > 300).then_some(())).await.expect("writes land");
+    store.execute_raw("INSERT INTO fail_writes VALUES (1)").await.expect("fail writes");
+    poll_until(Duration::from_secs(20), || (failures.load(Relaxed) >= 40).then_some(()))
+        .await
+        .expect("writes fail while the trigger refuses blocks");
+    store.execute_raw("DELETE FROM fail_writes").await.expect("let writes through");
+    let resumed = chain.tree_size();
+    poll_until(Duration::from_secs(20), || (chain.tree_size() > resumed + 300).then_some(()))
+        .await
+        .expect("writes land again once the store accepts them");
+    stop.store(true, Relaxed);
+    let mut outcomes = Vec::new();
+    for w in writers {
+        outcomes.extend(w.await.expect("writer panicked"));
+    }
+
+    let stored: HashMap<String, kalima_core::CommittedTx> = all_txs(&store)
+        .await
+        .into_iter()
+        .filter(|t| !t.tx.content.idempotency_key.is_empty())
+        .map(|t| (t.tx.content.idempotency_key.clone(), t))
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for (key, r) in &outcomes {
+        match r {
+            Ok(receipts) => {
+                ok += 1;
+                let t = stored.get(key).unwrap_or_else(|| panic!("{key} was acknowledged but is not stored"));
+                assert_eq!(receipts.len(), 1);
+                assert_eq!(
+                    (receipts[0].id, receipts[0].global_sequence, receipts[0].height),
+                    (t.id, t.tx.global_sequence, t.height),
+                    "{key}: the receipt names where it is stored"
+                );
+            }
+            Err(Error::CommitFailed(why)) => {
+                failed += 1;
+                assert!(why.contains("not stored"), "{key}: a rolled-back write is reported as not stored: {why}");
+                assert!(!stored.contains_key(key), "{key} was reported as not stored but is on the chain");
+            }
+            Err(other) => panic!("{key}: unexpected error {other:?}"),
+        }
+    }
+    assert!(failed >= 40, "{failed} writes failed");
+    assert_eq!(stored.len(), ok, "the chain holds exactly the acknowledged writes");
+    assert_eq!(chain.tree_size(), store.tx_count().await.unwrap(), "memory and store agree");
+    assert_sequencing(&store).await;
+    kalima_core::verify::verify_chain(&store, crate::common::CHAIN, |_| {}).await.unwrap();
+    submit_one(&chain, put("admin", "/load-0", "after", b"1")).await;
+    assert_sequencing(&store).await;
+}
+
+/// TTL deletes are issued even when the queue never empties.
+async fn ttl_deletes_are_issued_under_continuous_writes(db: TestDb) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    let c = db.chain().await;
+    let chain = c.chain.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let writers = continuous_writers(&chain, 16, &stop, &failures);
+    let a = "/plant-1/line-2";
+    let gone = submit_one(&chain, TxContent { ttl_secs: 1, ..put("admin", a, "gone", b"42") }).await;
+    let deleted = poll_until(Duration::from_secs(6), || {
+        chain.memcache().last(a, "gone").filter(|l| l.tx.content.body.is_empty())
+    })
+    .await;
+    let before_stop = chain.tree_size();
+    stop.store(true, Relaxed);
+    for w in writers {
+        w.await.expect("writer panicked");
+    }
+    let deleted = deleted.expect("the node did not delete the TTL value within 6 s of continuous writes");
+    assert_eq!(deleted.tx.previous, gone.id);
+    assert_eq!(deleted.tx.content.device_id, NODE_DEVICE_ID);
+    assert!(before_stop > gone.global_sequence + 100, "writes kept flowing: {before_stop}");
+    assert_eq!(failures.load(Relaxed), 0);
+    assert_sequencing(chain.store()).await;
 }
