@@ -379,9 +379,16 @@ impl Store {
 
     /// Copies the whole WAL into the database files and empties it (SQLite; nothing on
     /// PostgreSQL). Writers wait meanwhile: for quiet moments, such as between benchmark runs.
+    /// The index file, written without syncs, is synced too: otherwise the kernel writes its
+    /// pages back later, and a commit's sync waits behind them.
     pub async fn checkpoint_wal(&self) -> Result<()> {
         if let Pool::Sqlite(p) = &self.pool {
             sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(p).await?;
+        }
+        if let Pool::Sqlite(w) = self.indexer.writer() {
+            sqlx::raw_sql("PRAGMA synchronous = FULL; PRAGMA wal_checkpoint(TRUNCATE); PRAGMA synchronous = OFF;")
+                .execute(w)
+                .await?;
         }
         Ok(())
     }
