@@ -27,7 +27,7 @@ backend_tests!(
     registry_guards,
     shutdown_commits_queued_work_then_stops,
     dropping_every_handle_stops_the_sequencer,
-    a_failed_commit_is_not_built_upon,
+    failed_commits_leave_nothing_behind_under_load,
     ttl_deletes_are_issued_under_continuous_writes,
 );
 
@@ -493,7 +493,7 @@ fn continuous_writers(
 /// are told the write was not stored, and no sequence, `previous` link or idempotency key of
 /// a failed commit leaks into the commits after it. The store's writing connection is
 /// replaced after each failure, and writes resume once the database accepts them.
-async fn a_failed_commit_is_not_built_upon(db: TestDb) {
+async fn failed_commits_leave_nothing_behind_under_load(db: TestDb) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     let c = db.chain().await;
