@@ -94,6 +94,9 @@ pub(super) fn sqlite_index_path(db: &std::path::Path) -> std::path::PathBuf {
 /// kernel already has, and after a power loss or an OS crash, which may leave the file torn,
 /// the next open finds the file still marked open under another boot and rebuilds it from
 /// the chain. A clean close syncs it and clears the mark.
+/// Syncs the index file: checkpoints its WAL with syncs on (the connection runs without).
+const SYNC_FILE: &str = "PRAGMA synchronous = FULL; PRAGMA wal_checkpoint(TRUNCATE);";
+
 pub(super) async fn open_sqlite_index(path: &std::path::Path) -> Result<sqlx::SqlitePool> {
     let opts = SqliteConnectOptions::new()
         .filename(path)
@@ -329,18 +332,24 @@ impl Indexer {
         }
     }
 
+    /// Copies the index file's WAL into it and syncs both (SQLite). The file is written
+    /// without syncs, so its pages may otherwise be written back later, while commits sync.
+    pub(super) async fn checkpoint(&self) -> Result<()> {
+        if let Pool::Sqlite(p) = &self.writer {
+            sqlx::raw_sql(SYNC_FILE).execute(p).await?;
+            sqlx::raw_sql("PRAGMA synchronous = OFF;").execute(p).await?;
+        }
+        Ok(())
+    }
+
     /// Stops the writer after it has written everything pushed (or failed three times in a
     /// row: the rows are indexed again from the bodies at the next open).
     pub(super) async fn close(&self) {
         self.closing.store(true, Ordering::Release);
         self.flush().await;
         if let Pool::Sqlite(p) = &self.writer {
-            let sealed = sqlx::raw_sql(
-                "PRAGMA synchronous = FULL; PRAGMA wal_checkpoint(TRUNCATE); \
-                 UPDATE index_state SET open_on_boot = NULL WHERE id = 0;",
-            )
-            .execute(p)
-            .await;
+            let sql = format!("{SYNC_FILE} UPDATE index_state SET open_on_boot = NULL WHERE id = 0;");
+            let sealed = sqlx::raw_sql(&sql).execute(p).await;
             if let Err(e) = sealed {
                 tracing::warn!(target: "core::store", error = %e, "Index file not closed cleanly; it is rebuilt if the machine restarts first.");
             }

@@ -370,8 +370,10 @@ impl Store {
         if let Some(w) = &self.writer {
             let mut held = w.conn.lock().await;
             w.closed.store(true, std::sync::atomic::Ordering::Release);
-            if let Some(c) = held.take() {
-                let _ = c.close().await;
+            if let Some(c) = held.take()
+                && let Err(e) = c.close().await
+            {
+                tracing::warn!(target: "core::store", error = %e, "The chain's writing connection did not close cleanly.");
             }
         }
         on_pool!(&self.pool, |p| p.close().await)
@@ -379,18 +381,12 @@ impl Store {
 
     /// Copies the whole WAL into the database files and empties it (SQLite; nothing on
     /// PostgreSQL). Writers wait meanwhile: for quiet moments, such as between benchmark runs.
-    /// The index file, written without syncs, is synced too: otherwise the kernel writes its
-    /// pages back later, and a commit's sync waits behind them.
+    /// The index file is synced too.
     pub async fn checkpoint_wal(&self) -> Result<()> {
         if let Pool::Sqlite(p) = &self.pool {
             sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(p).await?;
         }
-        if let Pool::Sqlite(w) = self.indexer.writer() {
-            sqlx::raw_sql("PRAGMA synchronous = FULL; PRAGMA wal_checkpoint(TRUNCATE); PRAGMA synchronous = OFF;")
-                .execute(w)
-                .await?;
-        }
-        Ok(())
+        self.indexer.checkpoint().await
     }
 
     /// The index rows `c` must have.
